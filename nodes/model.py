@@ -1,0 +1,312 @@
+"""Model loader and stream settings nodes."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import threading
+from collections import OrderedDict
+from typing import Any
+
+from . import host
+from ._core import core
+from .common import CATEGORY, MODEL, SETTINGS, ModelHandle
+
+logger = logging.getLogger("StreamDiT.nodes")
+
+BUNDLED = "streamdit-bundled (default)"
+"""Combo entry for the model shipped inside the pack; always listed, needs no download."""
+
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+ATTENTION = ("auto", "sdpa", "math", "flash_attn")
+
+_CACHE_SIZE = 2
+_cache: OrderedDict[tuple[Any, ...], ModelHandle] = OrderedDict()
+_cache_lock = threading.Lock()
+
+
+def _model_help() -> str:
+    dirs = host.model_search_dirs()
+    where = dirs[0] if dirs else os.path.join("ComfyUI", "models", host.MODEL_FOLDER)
+    return (
+        f"StreamDiT checkpoints (.safetensors) go in {where} (or a 'streamdit:' entry of extra_model_paths.yaml); "
+        f"restart or refresh ComfyUI after copying, or pick {BUNDLED!r}, which is always available"
+    )
+
+
+def _resolve_dtype(name: str, device: Any) -> Any:
+    import torch
+
+    if name not in DTYPES:
+        raise ValueError(f"dtype {name!r} is not one of {list(DTYPES)}")
+    if name == "auto":
+        if getattr(device, "type", str(device)) == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32
+    return getattr(torch, name)
+
+
+def load_model(model: str, dtype: str = "auto", attention: str = "auto") -> ModelHandle:
+    """Load (or reuse) a pipeline. ``model`` is :data:`BUNDLED` or a file name from the StreamDiT model folder."""
+    if attention not in ATTENTION:
+        raise ValueError(f"attention {attention!r} is not one of {list(ATTENTION)}")
+    device = host.torch_device()
+    torch_dtype = _resolve_dtype(dtype, device)
+    if model == BUNDLED:
+        path = None
+        stamp: tuple[Any, ...] = ()
+    else:
+        if not model.lower().endswith(tuple(host.MODEL_EXTENSIONS)):
+            raise ValueError(f"model {model!r} is not a .safetensors file. {_model_help()}")
+        path = host.model_file_path(model)
+        if path is None:
+            raise FileNotFoundError(f"model {model!r} was not found. {_model_help()}")
+        st = os.stat(path)
+        stamp = (st.st_mtime_ns, st.st_size)
+    key = (model, path, stamp, str(torch_dtype), str(device), attention)
+    with _cache_lock:
+        found = _cache.get(key)
+        if found is not None:
+            _cache.move_to_end(key)
+            return found
+    pipeline_mod = core("pipeline")
+    try:
+        pipeline = pipeline_mod.load_pipeline(path, device=device, dtype=torch_dtype, attention=attention)
+    except FileNotFoundError as exc:
+        raise FileNotFoundError(f"{exc}. {_model_help()}") from exc
+    except (ValueError, KeyError) as exc:
+        if path is None:
+            raise
+        raise ValueError(f"{model!r} is not a usable StreamDiT checkpoint: {exc}. {_model_help()}") from exc
+    handle = ModelHandle(
+        pipeline=pipeline,
+        name=model,
+        path=path,
+        dtype=str(torch_dtype).removeprefix("torch."),
+        attention=attention,
+        device=str(device),
+        key=key,
+    )
+    logger.info("loaded StreamDiT model %s (%s, %s, attention=%s)", model, handle.dtype, handle.device, attention)
+    with _cache_lock:
+        _cache[key] = handle
+        while len(_cache) > _CACHE_SIZE:
+            _cache.popitem(last=False)
+    return handle
+
+
+class StreamDiTModelLoader:
+    """Loads a StreamDiT model; the bundled default needs no download."""
+
+    DESCRIPTION = (
+        "Loads a StreamDiT video model. 'streamdit-bundled (default)' is the small model shipped with the pack "
+        "and always works; other checkpoints (.safetensors) are read from ComfyUI/models/streamdit."
+    )
+    CATEGORY = f"{CATEGORY}/loaders"
+    RETURN_TYPES = (MODEL,)
+    RETURN_NAMES = ("model",)
+    OUTPUT_TOOLTIPS = ("The loaded StreamDiT model (denoiser, text encoder and frame codec).",)
+    FUNCTION = "load"
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict[str, Any]:
+        try:
+            files = host.list_model_files()
+        except Exception:  # listing must never break /object_info
+            logger.warning("could not list StreamDiT model files", exc_info=True)
+            files = []
+        return {
+            "required": {
+                "model": (
+                    [BUNDLED, *files],
+                    {
+                        "default": BUNDLED,
+                        "tooltip": "Which model to load: the bundled default, or a .safetensors file from "
+                        "ComfyUI/models/streamdit.",
+                    },
+                ),
+                "dtype": (
+                    list(DTYPES),
+                    {
+                        "default": "auto",
+                        "tooltip": "Weight and compute precision. auto = float32 on CPU, bfloat16 (or float16) "
+                        "on CUDA.",
+                    },
+                ),
+                "attention": (
+                    list(ATTENTION),
+                    {
+                        "default": "auto",
+                        "tooltip": "Attention kernel. auto = flash_attn if installed and usable, else PyTorch "
+                        "SDPA; math = slow reference. A backend that is not installed is an error.",
+                    },
+                ),
+            }
+        }
+
+    def load(self, model: str, dtype: str, attention: str) -> tuple[ModelHandle]:
+        return (load_model(model, dtype, attention),)
+
+
+class StreamDiTSettings:
+    """Stream settings: partition scheme, windows, guidance, shift and resolution."""
+
+    DESCRIPTION = (
+        "How the stream runs. The buffer holds chunks × chunk_size frames (+ reference frames) at staggered "
+        "noise levels; every micro_steps model calls the cleanest chunk of chunk_size frames is emitted. "
+        "Changing these settings restarts the stream. 0 means 'the model's default' where noted."
+    )
+    CATEGORY = f"{CATEGORY}/sampling"
+    RETURN_TYPES = (SETTINGS,)
+    RETURN_NAMES = ("settings",)
+    OUTPUT_TOOLTIPS = ("Validated stream settings for the StreamDiT Sampler.",)
+    FUNCTION = "build"
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict[str, Any]:
+        return {
+            "required": {
+                "model": (MODEL, {"tooltip": "The model whose defaults fill the values left at 0."}),
+                "chunk_size": (
+                    "INT",
+                    {"default": 0, "min": 0, "max": 64, "tooltip": "c: frames per chunk, emitted together. "
+                     "0 = model default."},
+                ),
+                "chunks": (
+                    "INT",
+                    {"default": 0, "min": 0, "max": 64, "tooltip": "N: chunks in flight in the buffer. "
+                     "0 = model default."},
+                ),
+                "micro_steps": (
+                    "INT",
+                    {"default": 0, "min": 0, "max": 16, "tooltip": "s: model calls per chunk position; a frame "
+                     "is denoised in chunks × micro_steps calls. 0 = model default."},
+                ),
+                "reference_frames": (
+                    "INT",
+                    {"default": -1, "min": -1, "max": 16, "tooltip": "K: clean frames kept at the clean end of "
+                     "the buffer as context. -1 = model default."},
+                ),
+                "shift": (
+                    "FLOAT",
+                    {"default": 0.0, "min": 0.0, "max": 20.0, "step": 0.05, "tooltip": "Time shift k of the noise "
+                     "schedule (1 = uniform; larger spends more calls at high noise). 0 = model default."},
+                ),
+                "guidance": (
+                    "FLOAT",
+                    {"default": 0.0, "min": 0.0, "max": 20.0, "step": 0.1, "tooltip": "Classifier-free guidance "
+                     "scale; 1 disables guidance (one model call per step instead of two). 0 = model default."},
+                ),
+                "height": (
+                    "INT",
+                    {"default": 0, "min": 0, "max": 4096, "step": 8, "tooltip": "Frame height in pixels. "
+                     "0 = model default."},
+                ),
+                "width": (
+                    "INT",
+                    {"default": 0, "min": 0, "max": 4096, "step": 8, "tooltip": "Frame width in pixels. "
+                     "0 = model default."},
+                ),
+                "window_frames": (
+                    "INT",
+                    {"default": 0, "min": 0, "max": 256, "tooltip": "Self-attention window length in latent "
+                     "frames. 0 = model default (the whole buffer when the model has no window)."},
+                ),
+                "window_height": (
+                    "INT",
+                    {"default": 0, "min": 0, "max": 512, "tooltip": "Self-attention window height in latent "
+                     "patches. 0 = model default."},
+                ),
+                "window_width": (
+                    "INT",
+                    {"default": 0, "min": 0, "max": 512, "tooltip": "Self-attention window width in latent "
+                     "patches. 0 = model default."},
+                ),
+                "warm_start": (
+                    "BOOLEAN",
+                    {"default": True, "tooltip": "Start a stream from one uniform text-to-video pass (as in the "
+                     "paper) instead of pure noise: the first frames come out clean at once."},
+                ),
+            }
+        }
+
+    def build(
+        self,
+        model: ModelHandle,
+        chunk_size: int,
+        chunks: int,
+        micro_steps: int,
+        reference_frames: int,
+        shift: float,
+        guidance: float,
+        height: int,
+        width: int,
+        window_frames: int,
+        window_height: int,
+        window_width: int,
+        warm_start: bool,
+    ) -> tuple[Any]:
+        return (
+            build_settings(
+                model,
+                chunk_size=chunk_size,
+                chunks=chunks,
+                micro_steps=micro_steps,
+                reference_frames=reference_frames,
+                shift=shift,
+                guidance=guidance,
+                height=height,
+                width=width,
+                window=(window_frames, window_height, window_width),
+                warm_start=warm_start,
+            ),
+        )
+
+
+def build_settings(
+    model: ModelHandle,
+    *,
+    chunk_size: int = 0,
+    chunks: int = 0,
+    micro_steps: int = 0,
+    reference_frames: int = -1,
+    shift: float = 0.0,
+    guidance: float = 0.0,
+    height: int = 0,
+    width: int = 0,
+    window: tuple[int, int, int] = (0, 0, 0),
+    warm_start: bool = True,
+) -> Any:
+    """The model's default settings with the non-default values replaced; the core validates them."""
+    defaults = model.pipeline.default_settings()
+    part = defaults.partition
+    Partition = core("schedule").Partition
+    try:
+        partition = Partition(
+            K=part.K if reference_frames < 0 else int(reference_frames),
+            N=part.N if chunks <= 0 else int(chunks),
+            c=part.c if chunk_size <= 0 else int(chunk_size),
+            s=part.s if micro_steps <= 0 else int(micro_steps),
+        )
+    except ValueError as exc:
+        raise ValueError(f"StreamDiT Settings: invalid partition (chunk_size, chunks, micro_steps, "
+                         f"reference_frames): {exc}") from exc
+    changes: dict[str, Any] = {"partition": partition, "warm_start": bool(warm_start)}
+    if shift > 0:
+        changes["shift"] = float(shift)
+    if guidance > 0:
+        changes["guidance"] = float(guidance)
+    if height > 0:
+        changes["height"] = int(height)
+    if width > 0:
+        changes["width"] = int(width)
+    if any(w > 0 for w in window):
+        base = defaults.window
+        changes["window"] = tuple(
+            int(w) if w > 0 else (int(base[i]) if base is not None else 0) for i, w in enumerate(window)
+        )
+    try:
+        return dataclasses.replace(defaults, **changes)
+    except (ValueError, TypeError) as exc:
+        raise ValueError(f"StreamDiT Settings: {exc}") from exc
