@@ -1,0 +1,333 @@
+"""The StreamDiT backbone: Wan 2.1's text-to-video DiT with per-frame timesteps and 3-D window attention.
+
+Parameter names follow Wan 2.1 (``patch_embedding``, ``text_embedding``, ``time_embedding``,
+``time_projection``, ``blocks.{i}.self_attn.q`` …, ``head.head``), so Wan checkpoints load unchanged.
+StreamDiT's changes need no new parameters:
+
+* the timestep is ``[batch, frames]`` (a ``[batch]`` timestep is broadcast); each latent frame's adaLN
+  shift/scale/gate is broadcast over that frame's tokens;
+* self-attention runs inside 3-D windows of tokens, shifted by half a window on odd blocks;
+* RoPE positions are relative to the buffer (frame 0 = the buffer's oldest frame);
+* cross-attention context may be per frame (``[batch, frames, text_len, text_dim]``): each frame's tokens
+  attend to the prompt scheduled for that frame.
+
+Tensor shapes: latents ``[batch, channels, frames, height, width]``; tokens ``[batch, L, dim]`` with
+``L = F·H·W`` on the patch grid in (frame, row, column) order.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from .attention import attention, effective_window, resolve_backend, window_partition, window_reverse
+from .config import ModelConfig
+
+__all__ = ["StreamDiT", "sinusoidal_embedding", "rope_frequencies", "apply_rope"]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Embeddings
+# ----------------------------------------------------------------------------------------------------------
+
+
+def sinusoidal_embedding(dim: int, position: torch.Tensor) -> torch.Tensor:
+    """Wan's timestep embedding: ``[cos(p·ω), sin(p·ω)]`` with ``ω_i = 10000^(−i/half)``.
+
+    Args:
+        position: ``[n]`` timesteps (σ·1000). Returns ``[n, dim]`` float32 (computed in float64).
+    """
+    half = dim // 2
+    pos = position.to(torch.float64)
+    freqs = torch.pow(10000.0, -torch.arange(half, dtype=torch.float64, device=pos.device) / half)
+    sinusoid = torch.outer(pos, freqs)
+    return torch.cat([torch.cos(sinusoid), torch.sin(sinusoid)], dim=1).float()
+
+
+def rope_frequencies(head_dim: int, grid: tuple[int, int, int], theta: float, device: torch.device) -> torch.Tensor:
+    """Rotation angles of 3-D RoPE for a token grid, Wan's split of the head: frames get
+    ``d − 4·(d//6)`` channels, rows and columns ``2·(d//6)`` each (``d`` = head size).
+
+    Returns ``[F·H·W, head_dim // 2]`` float64 angles; positions start at 0 on every axis.
+    """
+    d = head_dim
+    splits = (d - 4 * (d // 6), 2 * (d // 6), 2 * (d // 6))
+    angles = []
+    for axis_len, axis_dim in zip(grid, splits):
+        inv = 1.0 / torch.pow(theta, torch.arange(0, axis_dim, 2, dtype=torch.float64, device=device) / axis_dim)
+        angles.append(torch.outer(torch.arange(axis_len, dtype=torch.float64, device=device), inv))
+    f, h, w = grid
+    a_f = angles[0][:, None, None, :].expand(f, h, w, -1)
+    a_h = angles[1][None, :, None, :].expand(f, h, w, -1)
+    a_w = angles[2][None, None, :, :].expand(f, h, w, -1)
+    return torch.cat([a_f, a_h, a_w], dim=-1).reshape(f * h * w, d // 2)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate consecutive channel pairs ``(x[2i], x[2i+1])`` (Wan's complex layout).
+
+    Args:
+        x: ``[batch, L, heads, head_dim]``; cos, sin: ``[L, head_dim // 2]`` float32.
+    """
+    xf = x.float().unflatten(-1, (-1, 2))  # [b, L, h, d/2, 2]
+    re, im = xf[..., 0], xf[..., 1]
+    c, s = cos[None, :, None, :], sin[None, :, None, :]
+    out = torch.stack([re * c - im * s, re * s + im * c], dim=-1).flatten(-2)
+    return out.type_as(x)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Layers
+# ----------------------------------------------------------------------------------------------------------
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        return (xf * torch.rsqrt(xf.pow(2).mean(dim=-1, keepdim=True) + self.eps)).type_as(x) * self.weight
+
+
+class LayerNorm(nn.LayerNorm):
+    """LayerNorm computed in float32 (Wan's ``WanLayerNorm``)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x.float()).type_as(x)
+
+
+def _per_frame(x: torch.Tensor, frames: int) -> torch.Tensor:
+    """``[b, L, D]`` → ``[b, frames, L/frames, D]`` (a view)."""
+    return x.unflatten(1, (frames, -1))
+
+
+def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """adaLN: ``x·(1 + scale) + shift`` with per-frame ``shift``/``scale`` ``[b, F, D]`` over ``x`` ``[b, L, D]``."""
+    frames = shift.shape[1]
+    out = _per_frame(x, frames) * (1 + scale[:, :, None]) + shift[:, :, None]
+    return out.flatten(1, 2)
+
+
+def gate(x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """``x·g`` with per-frame gate ``g`` ``[b, F, D]`` over ``x`` ``[b, L, D]``."""
+    return (_per_frame(x, g.shape[1]) * g[:, :, None]).flatten(1, 2)
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        d = config.dim
+        self.num_heads = config.num_heads
+        self.q, self.k, self.v, self.o = (nn.Linear(d, d) for _ in range(4))
+        self.norm_q = RMSNorm(d, config.eps) if config.qk_norm else nn.Identity()
+        self.norm_k = RMSNorm(d, config.eps) if config.qk_norm else nn.Identity()
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor],
+        grid: tuple[int, int, int],
+        window: tuple[int, int, int],
+        shift: bool,
+        backend: str,
+    ) -> torch.Tensor:
+        """x: ``[b, L, dim]``; windows tile ``grid``; returns ``[b, L, dim]``."""
+        b = x.shape[0]
+        q = apply_rope(self.norm_q(self.q(x)).unflatten(-1, (self.num_heads, -1)), *rope)  # [b, L, h, dh]
+        k = apply_rope(self.norm_k(self.k(x)).unflatten(-1, (self.num_heads, -1)), *rope)
+        v = self.v(x).unflatten(-1, (self.num_heads, -1))
+        if window == grid:
+            out = attention(q, k, v, backend)
+        else:
+            qw, kw, vw = (window_partition(t, grid, window, shift) for t in (q, k, v))  # [b·nw, w, h, dh]
+            out = window_reverse(attention(qw, kw, vw, backend), b, grid, window, shift)
+        return self.o(out.flatten(2))
+
+
+class CrossAttention(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        d = config.dim
+        self.num_heads = config.num_heads
+        self.q, self.k, self.v, self.o = (nn.Linear(d, d) for _ in range(4))
+        self.norm_q = RMSNorm(d, config.eps) if config.qk_norm else nn.Identity()
+        self.norm_k = RMSNorm(d, config.eps) if config.qk_norm else nn.Identity()
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor, backend: str) -> torch.Tensor:
+        """x: ``[b, L, dim]``; context: ``[b, Lt, dim]`` (shared) or ``[b, F, Lt, dim]`` (per frame)."""
+        b = x.shape[0]
+        if context.dim() == 4:  # each frame's tokens attend to that frame's prompt
+            frames = context.shape[1]
+            xq = _per_frame(x, frames).flatten(0, 1)  # [b·F, hw, dim]
+            ctx = context.flatten(0, 1)  # [b·F, Lt, dim]
+        else:
+            xq, ctx = x, context
+        q = self.norm_q(self.q(xq)).unflatten(-1, (self.num_heads, -1))
+        k = self.norm_k(self.k(ctx)).unflatten(-1, (self.num_heads, -1))
+        v = self.v(ctx).unflatten(-1, (self.num_heads, -1))
+        out = self.o(attention(q, k, v, backend).flatten(2))
+        return out.reshape(b, -1, out.shape[-1])
+
+
+class Block(nn.Module):
+    """One Wan attention block: adaLN → window self-attention → gate; cross-attention; adaLN → FFN → gate."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        d = config.dim
+        self.norm1 = LayerNorm(d, config.eps, elementwise_affine=False)
+        self.self_attn = SelfAttention(config)
+        self.norm3 = LayerNorm(d, config.eps, elementwise_affine=True) if config.cross_attn_norm else nn.Identity()
+        self.cross_attn = CrossAttention(config)
+        self.norm2 = LayerNorm(d, config.eps, elementwise_affine=False)
+        self.ffn = nn.Sequential(nn.Linear(d, config.ffn_dim), nn.GELU(approximate="tanh"), nn.Linear(config.ffn_dim, d))
+        self.modulation = nn.Parameter(torch.randn(1, 6, d) / d**0.5)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        e: torch.Tensor,
+        context: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor],
+        grid: tuple[int, int, int],
+        window: tuple[int, int, int],
+        shift: bool,
+        backend: str,
+    ) -> torch.Tensor:
+        """x ``[b, L, dim]``; e ``[b, F, 6, dim]`` float32 per-frame modulation; context as in CrossAttention."""
+        mod = (self.modulation.float()[:, None] + e).unbind(dim=2)  # 6 × [b, F, dim]
+        y = self.self_attn(modulate(self.norm1(x).float(), mod[0], mod[1]).type_as(x), rope, grid, window, shift, backend)
+        x = x + gate(y.float(), mod[2]).type_as(x)
+        x = x + self.cross_attn(self.norm3(x), context, backend)
+        y = self.ffn(modulate(self.norm2(x).float(), mod[3], mod[4]).type_as(x))
+        return x + gate(y.float(), mod[5]).type_as(x)
+
+
+class Head(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        d = config.dim
+        out = config.out_dim * math.prod(config.patch_size)
+        self.norm = LayerNorm(d, config.eps, elementwise_affine=False)
+        self.head = nn.Linear(d, out)
+        self.modulation = nn.Parameter(torch.randn(1, 2, d) / d**0.5)
+
+    def forward(self, x: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
+        """x ``[b, L, dim]``; e ``[b, F, dim]`` float32 time embedding → ``[b, L, out_dim·prod(patch)]``."""
+        shift, scale = (self.modulation.float()[:, None] + e[:, :, None]).unbind(dim=2)
+        return self.head(modulate(self.norm(x).float(), shift, scale).type_as(x))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Model
+# ----------------------------------------------------------------------------------------------------------
+
+
+class StreamDiT(nn.Module):
+    """Wan 2.1 T2V DiT with StreamDiT's per-frame time embedding and 3-D window self-attention."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        d = config.dim
+        self.patch_embedding = nn.Conv3d(config.in_dim, d, kernel_size=config.patch_size, stride=config.patch_size)
+        self.text_embedding = nn.Sequential(nn.Linear(config.text_dim, d), nn.GELU(approximate="tanh"), nn.Linear(d, d))
+        self.time_embedding = nn.Sequential(nn.Linear(config.freq_dim, d), nn.SiLU(), nn.Linear(d, d))
+        self.time_projection = nn.Sequential(nn.SiLU(), nn.Linear(d, 6 * d))
+        self.blocks = nn.ModuleList(Block(config) for _ in range(config.num_layers))
+        self.head = Head(config)
+        self.attention_backend = "auto"
+        self.initialize_weights()
+
+    def initialize_weights(self) -> None:
+        """Wan's initialisation: Xavier-uniform linears and patch embedding, N(0, 0.02) for the text and time
+        embeddings, and a zero output head so an untrained model predicts zero velocity."""
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.xavier_uniform_(module.weight)
+                nn.init.zeros_(module.bias)
+        nn.init.xavier_uniform_(self.patch_embedding.weight.flatten(1))
+        nn.init.zeros_(self.patch_embedding.bias)
+        for module in list(self.text_embedding) + list(self.time_embedding):
+            if isinstance(module, nn.Linear):
+                nn.init.normal_(module.weight, std=0.02)
+        nn.init.zeros_(self.head.head.weight)
+        nn.init.zeros_(self.head.head.bias)
+
+    def patch_grid(self, frames: int, height: int, width: int) -> tuple[int, int, int]:
+        """Token grid for a latent of ``frames × height × width``; raises if a size is not a multiple of the patch."""
+        pf, ph, pw = self.config.patch_size
+        for name, size, p in (("frames", frames, pf), ("height", height, ph), ("width", width, pw)):
+            if size % p != 0:
+                raise ValueError(
+                    f"latent {name}={size} is not divisible by the model's patch size {p} "
+                    f"(patch_size={self.config.patch_size}); choose a {name} that is a multiple of {p}"
+                )
+        return (frames // pf, height // ph, width // pw)
+
+    def _time(self, sigma: torch.Tensor, batch: int, frames: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """σ ``[b]`` or ``[b, F]`` → time embedding ``[b, Fg, dim]`` and modulation ``[b, Fg, 6, dim]`` (float32),
+        one per token-grid frame (the first latent frame of each temporal patch sets its level)."""
+        if sigma.dim() == 1:
+            sigma = sigma[:, None].expand(batch, frames)
+        if sigma.shape != (batch, frames):
+            raise ValueError(f"sigma must be [batch] or [batch, frames]=[{batch}, {frames}], got {list(sigma.shape)}")
+        sigma = sigma[:, :: self.config.patch_size[0]]
+        t = sigma.float().reshape(-1) * 1000.0
+        with torch.autocast(device_type=t.device.type, enabled=False):
+            e = self.time_embedding(sinusoidal_embedding(self.config.freq_dim, t).to(self.time_embedding[0].weight.dtype)).float()
+            e0 = self.time_projection(e.to(self.time_projection[1].weight.dtype)).float()
+        return e.unflatten(0, (batch, -1)), e0.unflatten(0, (batch, -1)).unflatten(-1, (6, -1))
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        sigma: torch.Tensor,
+        context: torch.Tensor,
+        window: tuple[int, int, int] | None = None,
+        attention_backend: str | None = None,
+    ) -> torch.Tensor:
+        """Predict the velocity ``v = ε − x₀``.
+
+        Args:
+            x: latents ``[b, C, F, H, W]``.
+            sigma: noise levels ``[b]`` (uniform) or ``[b, F]`` (per frame), in [0, 1].
+            context: text embeddings ``[b, Lt, text_dim]`` for all frames, or ``[b, F, Lt, text_dim]`` per frame.
+            window: self-attention window in tokens; ``None`` uses ``config.window`` (``None`` there = full).
+            attention_backend: overrides ``self.attention_backend``.
+        Returns:
+            ``[b, C_out, F, H, W]`` in x's dtype.
+        """
+        b, _, frames, height, width = x.shape
+        grid = self.patch_grid(frames, height, width)
+        win = effective_window(grid, window if window is not None else self.config.window)
+        backend = resolve_backend(attention_backend or self.attention_backend, x.device, x.dtype)
+
+        e, e0 = self._time(sigma, b, frames)  # [b, Fg, dim], [b, Fg, 6, dim]
+        if context.dim() == 4:
+            if context.shape[1] != frames:
+                raise ValueError(f"per-frame context has {context.shape[1]} frames, latents have {frames}")
+            context = context[:, :: self.config.patch_size[0]]
+        ctx = self.text_embedding(context.to(x.dtype))  # [b, (Fg,) Lt, dim]
+
+        angles = rope_frequencies(self.config.head_dim, grid, self.config.rope_theta, x.device)
+        rope = (torch.cos(angles).float(), torch.sin(angles).float())  # 2 × [L, dh/2]
+
+        tokens = self.patch_embedding(x).flatten(2).transpose(1, 2)  # [b, L, dim]
+        for i, block in enumerate(self.blocks):
+            tokens = block(tokens, e0, ctx, rope, grid, win, shift=(i % 2 == 1), backend=backend)
+        out = self.head(tokens, e)  # [b, L, C_out·pf·ph·pw]
+        return self.unpatchify(out, grid)
+
+    def unpatchify(self, x: torch.Tensor, grid: tuple[int, int, int]) -> torch.Tensor:
+        """``[b, L, C·pf·ph·pw]`` → ``[b, C, F·pf, H·ph, W·pw]``."""
+        f, h, w = grid
+        pf, ph, pw = self.config.patch_size
+        x = x.reshape(x.shape[0], f, h, w, pf, ph, pw, self.config.out_dim)
+        x = torch.einsum("bfhwpqrc->bcfphqwr", x)
+        return x.reshape(x.shape[0], self.config.out_dim, f * pf, h * ph, w * pw)

@@ -1,0 +1,216 @@
+"""A loaded model ready to stream: backbone, text encoder, codec, device, dtype and the prompt cache.
+
+``load_pipeline(None)`` loads the bundled default model shipped in ``streamdit_core/weights/``. If those
+weights are not present (a development checkout before training), a small randomly initialised model of
+the bundled layout is created instead and a warning says so: the pipeline runs, the frames are noise.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+from .checkpoint import LoadedCheckpoint, load_checkpoint, shard_paths
+from .codec import Codec, PixelCodec
+from .config import ModelConfig, preset
+from .log import get_logger
+from .model import StreamDiT
+from .schedule import Partition
+from .text import TextEncoder, TextEncoderConfig
+
+if TYPE_CHECKING:
+    from .sampler import StreamSettings
+
+__all__ = ["StreamPipeline", "load_pipeline", "bundled_model_path", "placeholder_pipeline", "BUNDLED_NAME"]
+
+log = get_logger("pipeline")
+
+BUNDLED_NAME = "streamdit-bundled"
+WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
+
+# Stream settings the bundled layout runs with when a checkpoint stores none.
+_FALLBACK_DEFAULTS: dict[str, object] = {"partition": [0, 8, 2, 1], "shift": 1.0, "guidance": 1.0, "height": 64,
+                                         "width": 64, "fps": 16}
+
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+           "float16": torch.float16, "fp16": torch.float16}
+
+
+def parse_dtype(name: str | torch.dtype) -> torch.dtype:
+    if isinstance(name, torch.dtype):
+        return name
+    try:
+        return _DTYPES[name]
+    except KeyError:
+        raise ValueError(f"unknown dtype {name!r}; choose one of {sorted(_DTYPES)}") from None
+
+
+def bundled_model_path() -> Path | None:
+    """The bundled default model's file (first shard), or ``None`` if it is not installed."""
+    try:
+        return shard_paths(WEIGHTS_DIR / f"{BUNDLED_NAME}.safetensors")[0]
+    except FileNotFoundError:
+        return None
+
+
+@dataclass
+class StreamPipeline:
+    """Attributes:
+    model: the backbone (eval mode, on ``device`` in ``dtype``).
+    text_encoder: the bundled text encoder, or ``None`` for models conditioned by external embeddings.
+    codec: frames ↔ latents.
+    device, dtype: where and in what precision the model runs (latents stay float32).
+    defaults: stream settings stored with the checkpoint (partition, shift, guidance, size, fps).
+    name: a display name; trained: False for a randomly initialised placeholder.
+    attention: attention backend name passed to the model.
+    """
+
+    model: StreamDiT
+    text_encoder: TextEncoder | None
+    codec: Codec
+    device: torch.device
+    dtype: torch.dtype
+    defaults: dict[str, object] = field(default_factory=dict)
+    name: str = BUNDLED_NAME
+    trained: bool = True
+    attention: str = "auto"
+    external_embeddings: dict[str, torch.Tensor] = field(default_factory=dict)
+    _prompt_cache: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
+
+    @property
+    def cheap_decode(self) -> bool:
+        return isinstance(self.codec, PixelCodec)
+
+    @property
+    def fps(self) -> int:
+        return int(self.defaults.get("fps", 16))  # type: ignore[call-overload]
+
+    def default_settings(self, **overrides: object) -> "StreamSettings":
+        from .sampler import StreamSettings
+
+        d = dict(_FALLBACK_DEFAULTS)
+        d.update(self.defaults)
+        K, N, c, s = d["partition"]  # type: ignore[misc]
+        kwargs: dict[str, object] = {
+            "partition": Partition(K=K, N=N, c=c, s=s), "shift": float(d["shift"]),  # type: ignore[arg-type]
+            "guidance": float(d["guidance"]), "height": int(d["height"]), "width": int(d["width"]),  # type: ignore[arg-type]
+        }
+        kwargs.update(overrides)
+        return StreamSettings(**kwargs)  # type: ignore[arg-type]
+
+    def check_settings(self, settings: "StreamSettings") -> None:
+        """Raise ``ValueError`` naming the setting if this model cannot run ``settings``."""
+        cfg = self.model.config
+        factor = self.codec.spatial_factor
+        for name in ("height", "width"):
+            size = getattr(settings, name)
+            step = factor * cfg.patch_size[1 if name == "height" else 2]
+            if size % step:
+                raise ValueError(f"{name}={size} must be a multiple of {step} for this model (codec ×{factor}, patch)")
+        if settings.partition.B % cfg.patch_size[0]:
+            raise ValueError(f"buffer B={settings.partition.B} must be a multiple of the temporal patch {cfg.patch_size[0]}")
+
+    # -- text ---------------------------------------------------------------------------------------------
+
+    def encode_prompts(self, prompts: list[str]) -> dict[str, torch.Tensor]:
+        """Embeddings ``{prompt: [text_len, text_dim]}`` (float32 on ``device``); each distinct prompt is
+        encoded once and cached. External embeddings (e.g. ComfyUI CONDITIONING) take precedence."""
+        missing = [p for p in dict.fromkeys(prompts) if p not in self._prompt_cache and p not in self.external_embeddings]
+        if missing:
+            if self.text_encoder is None:
+                raise ValueError(
+                    f"this model has no built-in text encoder; provide embeddings for the prompts {missing[:3]} "
+                    "(e.g. connect CONDITIONING from a text-encoder node)"
+                )
+            with torch.inference_mode():
+                emb = self.text_encoder.encode(missing).float()
+            for prompt, e in zip(missing, emb):
+                self._prompt_cache[prompt] = e.clone()
+        return {p: self.external_embeddings.get(p, self._prompt_cache.get(p)) for p in prompts}  # type: ignore[misc]
+
+    # -- model --------------------------------------------------------------------------------------------
+
+    def velocity(
+        self,
+        latents: torch.Tensor,
+        sigmas: torch.Tensor,
+        context: torch.Tensor,
+        window: tuple[int, int, int] | None,
+        guidance: float = 1.0,
+        uncond: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """One model call (two batched with guidance). latents ``[1, C, B, h, w]``; sigmas ``[B]``;
+        context/uncond ``[1, B, Lt, D]``. Returns the (guided) velocity ``[1, C, B, h, w]`` float32."""
+        x = latents.to(self.device, self.dtype)
+        sig = sigmas.to(self.device, torch.float32)[None]
+        ctx = context.to(self.device)
+        if guidance != 1.0:
+            if uncond is None:
+                raise ValueError("guidance != 1 needs an unconditional context")
+            x, sig, ctx = torch.cat([x, x]), torch.cat([sig, sig]), torch.cat([ctx, uncond.to(self.device)])
+        with torch.inference_mode():
+            v = self.model(x, sig, ctx, window=window, attention_backend=self.attention).float()
+        if guidance != 1.0:
+            cond, unc = v.chunk(2)
+            v = unc + guidance * (cond - unc)
+        return v.clone()
+
+    # -- frames -------------------------------------------------------------------------------------------
+
+    def encode_frames(self, frames: torch.Tensor) -> torch.Tensor:
+        return self.codec.encode(frames).to(self.device)
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        return self.codec.decode(latents).cpu()
+
+
+def _pipeline_from(ckpt: LoadedCheckpoint, device: torch.device, dtype: torch.dtype, attention: str, name: str) -> StreamPipeline:
+    if ckpt.codec != "pixel":
+        raise ValueError(f"{name}: codec {ckpt.codec!r} needs an external VAE (use the ComfyUI nodes)")
+    model = ckpt.model.to(device=device, dtype=dtype)
+    return StreamPipeline(model=model, text_encoder=ckpt.text_encoder, codec=PixelCodec(), device=device, dtype=dtype,
+                          defaults=ckpt.defaults, name=name, trained=True, attention=attention)
+
+
+def placeholder_pipeline(device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32, attention: str = "auto",
+                         seed: int = 0) -> StreamPipeline:
+    """A randomly initialised model of the bundled layout (for tests and for checkouts without weights)."""
+    from .world import VOCABULARY
+
+    torch.manual_seed(seed)  # parameter init only; sampling never uses the global RNG
+    cfg: ModelConfig = preset("bundled")
+    model = StreamDiT(cfg)
+    # a non-zero head so the placeholder's output visibly depends on its inputs
+    torch.nn.init.normal_(model.head.head.weight, std=0.02)
+    text = TextEncoder(TextEncoderConfig(vocabulary=tuple(VOCABULARY), text_len=cfg.text_len, dim=cfg.text_dim))
+    dev = torch.device(device)
+    return StreamPipeline(model=model.to(dev, dtype).eval(), text_encoder=text.to(dev).eval(), codec=PixelCodec(),
+                          device=dev, dtype=dtype, defaults=dict(_FALLBACK_DEFAULTS),
+                          name=f"{BUNDLED_NAME} (untrained placeholder)", trained=False, attention=attention)
+
+
+def load_pipeline(
+    path: str | Path | None = None,
+    device: str | torch.device = "cpu",
+    dtype: str | torch.dtype = torch.float32,
+    attention: str = "auto",
+) -> StreamPipeline:
+    """Load a StreamDiT checkpoint (``None`` = the bundled default model) into a pipeline."""
+    dev, dt = torch.device(device), parse_dtype(dtype)
+    if path is None:
+        bundled = bundled_model_path()
+        if bundled is None:
+            log.warning("the bundled model's weights are not installed in %s; using an untrained placeholder "
+                        "model of the same layout (frames will be noise)", WEIGHTS_DIR)
+            return placeholder_pipeline(dev, dt, attention)
+        path, name = bundled, BUNDLED_NAME
+    else:
+        name = Path(path).name
+    ckpt = load_checkpoint(path, device="cpu")
+    meta_defaults = ckpt.defaults
+    log.info("loaded %s (%s parameters, defaults %s)", name, f"{ckpt.model.config.num_parameters():,}", json.dumps(meta_defaults))
+    return _pipeline_from(ckpt, dev, dt, attention, name)
