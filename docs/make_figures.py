@@ -392,10 +392,10 @@ def figure_training(partition: Partition = Partition(K=0, N=8, c=2, s=1)) -> Non
 
 def figure_time_shift() -> None:
     size = 360
-    image = Image.new("RGB", (size + 190, size + 120), BG)
+    image = Image.new("RGB", (size + 260, size + 130), BG)
     draw = ImageDraw.Draw(image)
     text(draw, (20, 12), "Time shift σ' = k·σ / (1 + (k − 1)·σ)", 16, bold=True)
-    box = (70, 50, 70 + size, 50 + size)
+    box = (70, 70, 70 + size, 70 + size)
     _plot_frame(draw, box, "σ (before shift)", "σ'")
     colours = [(30, 30, 30), (40, 120, 220), (30, 160, 80), (220, 60, 40)]
     for row, (k, colour) in enumerate(zip((1.0, 2.0, 3.0, 5.0), colours)):
