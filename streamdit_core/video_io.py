@@ -44,7 +44,7 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
+import secrets
 import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -181,15 +181,29 @@ def _atomic_path(path: PathLike) -> Iterator[Path]:
     """
     final = Path(path)
     final.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{final.stem}.tmp", suffix=final.suffix, dir=final.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
+    tmp = _create_temp_beside(final)
     try:
         yield tmp
         _replace(tmp, final)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def _create_temp_beside(final: Path) -> Path:
+    """Create an empty, uniquely named hidden file beside ``final``.
+
+    Unlike :func:`tempfile.mkstemp` (mode 0600), the file gets the usual permissions (0666 minus the umask), so
+    the finished file is as readable as any other file the process writes.
+    """
+    for _ in range(100):
+        tmp = final.with_name(f".{final.stem}.tmp{secrets.token_hex(4)}{final.suffix}")
+        try:
+            os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
+        except FileExistsError:
+            continue
+        return tmp
+    raise FileExistsError(f"could not create a temporary file beside {final}")
 
 
 def _replace(src: Path, dst: Path, attempts: int = 5) -> None:

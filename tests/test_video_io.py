@@ -172,6 +172,23 @@ def test_mp4_failure_keeps_the_previous_file_and_leaves_no_temp(tmp_path: Path, 
     assert leftovers(tmp_path) == []
 
 
+@pytest.mark.skipif(os.name != "posix", reason="POSIX permission bits")
+def test_written_files_get_the_usual_permissions_not_0600(tmp_path: Path) -> None:
+    umask = os.umask(0o022)
+    os.umask(umask)
+    expected = 0o666 & ~umask
+    clip = ramp_clip(2)
+    for path in (
+        write_mp4(clip, tmp_path / "a.mp4", fps=8),
+        write_webp(clip, tmp_path / "a.webp", fps=8),
+        write_contact_sheet(clip, tmp_path / "a.png"),
+    ):
+        assert path.stat().st_mode & 0o777 == expected, path.name
+    writer = StreamVideoWriter(tmp_path / "s.mp4", fps=8)
+    writer.append(clip)
+    assert writer.path.stat().st_mode & 0o777 == expected
+
+
 @pytest.mark.parametrize("crf", [-1, 52, 1.5, True])
 def test_mp4_rejects_bad_crf(tmp_path: Path, crf: object) -> None:
     with pytest.raises(ValueError, match="crf"):
