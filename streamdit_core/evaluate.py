@@ -95,6 +95,7 @@ class AnalysisConfig:
     stripe_ratio: float = 2.0
     black_level: float = 0.2
     still_speed: float = 0.25
+    max_speed: float = 5.0
     bounce_ratio: float = 0.3
     chunk_frames: int = 256
 
@@ -333,7 +334,8 @@ def classify_motion(track: torch.Tensor, width: int, height: int, config: Analys
 
     Displacements are wrapped to ``[−W/2, W/2)``; medians of ``|dx|``, ``|dy|`` decide still / bouncing /
     axis; the mean signed displacement of the dominant axis decides the direction. Returns −1 when fewer
-    than one valid displacement exists."""
+    than one valid displacement exists, or when the median step exceeds ``max_speed`` (erratic motion, e.g.
+    frames out of order)."""
     config = config or AnalysisConfig()
     d = track[1:] - track[:-1]
     d = d[~torch.isnan(d).any(-1)]
@@ -344,6 +346,8 @@ def classify_motion(track: torch.Tensor, width: int, height: int, config: Analys
     ax, ay = d.abs().median(0).values.tolist()
     mx, my = d.mean(0).tolist()
     big, small = max(ax, ay), min(ax, ay)
+    if float(d.norm(dim=-1).median()) > config.max_speed:
+        return -1  # erratic: the world never moves faster than a few pixels per frame
     if big < config.still_speed:
         return MOTIONS.index("still")
     if small >= config.still_speed and small >= config.bounce_ratio * big:

@@ -29,6 +29,16 @@ from streamdit_core.world import (
 )
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """These tests run many small tensor ops; on a busy 2-core machine torch's intra-op threads spin against
+    each other (observed 50-100x slowdowns), so this module runs single-threaded and restores the setting."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 def _gen(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
