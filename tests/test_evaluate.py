@@ -147,7 +147,7 @@ def test_seams_switch_and_drift_detect_defects():
             frames[request.num_frames // 2:] = frames[request.num_frames // 2:].flip(1)
         return frames
 
-    r = evaluate(defective, small_config(chunk_size=chunk, v2v_cases=0))
+    r = evaluate(defective, small_config(chunk_size=chunk, v2v_cases=0, switch_after=20))
     assert r.seams["ratio"] > 2.0
     assert r.switch["mean_frames"] == pytest.approx(8.0, abs=1.0)
     assert r.switch["mean_chunks"] == pytest.approx(2.0, abs=0.25)
