@@ -75,10 +75,11 @@ def load_model(model: str, dtype: str = "auto", attention: str = "auto") -> Mode
         pipeline = pipeline_mod.load_pipeline(path, device=device, dtype=torch_dtype, attention=attention)
     except FileNotFoundError as exc:
         raise FileNotFoundError(f"{exc}. {_model_help()}") from exc
-    except (ValueError, KeyError) as exc:
+    except Exception as exc:  # safetensors raises its own error type for a damaged file
         if path is None:
             raise
-        raise ValueError(f"{model!r} is not a usable StreamDiT checkpoint: {exc}. {_model_help()}") from exc
+        raise ValueError(f"{model!r} is not a usable StreamDiT checkpoint ({type(exc).__name__}: {exc}). "
+                         f"{_model_help()}") from exc
     handle = ModelHandle(
         pipeline=pipeline,
         name=model,
@@ -228,6 +229,11 @@ class StreamDiTSettings:
                     {"default": True, "tooltip": "Start a stream from one uniform text-to-video pass (as in the "
                      "paper) instead of pure noise: the first frames come out clean at once."},
                 ),
+                "negative_prompt": (
+                    "STRING",
+                    {"default": "", "multiline": False, "tooltip": "What guidance steers away from (used only when "
+                     "guidance > 1)."},
+                ),
             }
         }
 
@@ -246,6 +252,7 @@ class StreamDiTSettings:
         window_height: int,
         window_width: int,
         warm_start: bool,
+        negative_prompt: str = "",
     ) -> tuple[Any]:
         return (
             build_settings(
@@ -260,8 +267,19 @@ class StreamDiTSettings:
                 width=width,
                 window=(window_frames, window_height, window_width),
                 warm_start=warm_start,
+                negative_prompt=negative_prompt,
             ),
         )
+
+
+_WHOLE_AXIS = 4096
+"""A window size larger than any token grid: the core clamps it to the grid, i.e. the whole axis."""
+
+
+def _model_window(pipeline: Any) -> tuple[int, int, int] | None:
+    config = getattr(getattr(pipeline, "model", None), "config", None)
+    window = getattr(config, "window", None)
+    return None if window is None else (int(window[0]), int(window[1]), int(window[2]))
 
 
 def build_settings(
@@ -277,6 +295,7 @@ def build_settings(
     width: int = 0,
     window: tuple[int, int, int] = (0, 0, 0),
     warm_start: bool = True,
+    negative_prompt: str = "",
 ) -> Any:
     """The model's default settings with the non-default values replaced; the core validates them."""
     defaults = model.pipeline.default_settings()
@@ -293,6 +312,8 @@ def build_settings(
         raise ValueError(f"StreamDiT Settings: invalid partition (chunk_size, chunks, micro_steps, "
                          f"reference_frames): {exc}") from exc
     changes: dict[str, Any] = {"partition": partition, "warm_start": bool(warm_start)}
+    if negative_prompt:
+        changes["negative_prompt"] = str(negative_prompt)
     if shift > 0:
         changes["shift"] = float(shift)
     if guidance > 0:
@@ -302,11 +323,13 @@ def build_settings(
     if width > 0:
         changes["width"] = int(width)
     if any(w > 0 for w in window):
-        base = defaults.window
-        changes["window"] = tuple(
-            int(w) if w > 0 else (int(base[i]) if base is not None else 0) for i, w in enumerate(window)
-        )
+        base = defaults.window or _model_window(model.pipeline) or (_WHOLE_AXIS,) * 3
+        changes["window"] = tuple(int(w) if w > 0 else int(base[i]) for i, w in enumerate(window))
     try:
-        return dataclasses.replace(defaults, **changes)
+        settings = dataclasses.replace(defaults, **changes)
+        check = getattr(model.pipeline, "check_settings", None)
+        if check is not None:
+            check(settings)  # model-specific limits (sizes must tile into patches, ...)
     except (ValueError, TypeError) as exc:
         raise ValueError(f"StreamDiT Settings: {exc}") from exc
+    return settings
