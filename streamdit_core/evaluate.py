@@ -924,7 +924,7 @@ def _bar_chart(labels: Sequence[str], values: Sequence[float], title: str, path:
     d.line([(left, top), (left, h - bottom), (w - 10, h - bottom)], fill="black")
     for frac in (0.0, 0.5, 1.0):
         y = h - bottom - frac * plot_h
-        d.text((5, y - 6), f"{frac * ymax:g}", fill="black", font=font)
+        d.text((5, y - 6), f"{frac * ymax:.3g}", fill="black", font=font)
     for i, (label, v) in enumerate(zip(labels, values)):
         x0 = left + 15 + 90 * i
         if not math.isnan(v):
@@ -951,7 +951,7 @@ def _line_chart(xs: Sequence[float], series: dict[str, Sequence[float]], title: 
     plot_w, plot_h = w - left - 20, h - top - bottom
     d.line([(left, top), (left, h - bottom), (w - 10, h - bottom)], fill="black")
     for frac in (0.0, 0.5, 1.0):
-        d.text((5, h - bottom - frac * plot_h - 6), f"{frac * ymax:g}", fill="black", font=font)
+        d.text((5, h - bottom - frac * plot_h - 6), f"{frac * ymax:.3g}", fill="black", font=font)
     colours = [(70, 110, 200), (220, 60, 60), (40, 160, 80), (200, 140, 20), (140, 60, 180)]
     x_lo, x_hi = (min(xs), max(xs)) if xs else (0, 1)
     span = (x_hi - x_lo) or 1
