@@ -24,9 +24,9 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -386,7 +386,8 @@ def _matched(analysis: FrameAnalysis, frame: int, spec: SceneSpec) -> list[int]:
     largest present colour not expected (−1 when none)."""
     expected = [COLOURS.index(o.colour) for o in spec.objects]
     present = analysis.present[frame]
-    spare = [c for c in analysis.area[frame].argsort(descending=True).tolist() if bool(present[c]) and c not in expected]
+    order = analysis.area[frame].argsort(descending=True).tolist()
+    spare = [c for c in order if bool(present[c]) and c not in expected]
     out = []
     for c in expected:
         if bool(present[c]):
@@ -571,7 +572,7 @@ class EvalConfig:
             parse_caption(caption)
 
     @classmethod
-    def quick(cls, world: WorldConfig | None = None, **overrides) -> "EvalConfig":
+    def quick(cls, world: WorldConfig | None = None, **overrides) -> EvalConfig:
         """A small configuration for tests and smoke runs (seconds with a fast generator)."""
         world = world or WorldConfig()
         base = dict(
@@ -637,7 +638,7 @@ class EvalReport:
     name: str = "eval"
     notes: str = ""
 
-    def with_speed(self, **fps: float) -> "EvalReport":
+    def with_speed(self, **fps: float) -> EvalReport:
         return replace(self, speed={**self.speed, **fps})
 
     def to_dict(self) -> dict:
@@ -666,8 +667,14 @@ class EvalReport:
     def to_markdown(self, images: dict[str, str] | None = None) -> str:
         """The report as markdown; ``images`` maps plot names to relative paths to embed."""
         images = images or {}
-        pct = lambda v: "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{100 * v:.1f} %"
-        num = lambda v, d=2: "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.{d}f}"
+        def missing(v: float | None) -> bool:
+            return v is None or (isinstance(v, float) and math.isnan(v))
+
+        def pct(v: float | None) -> str:
+            return "n/a" if missing(v) else f"{100 * v:.1f} %"
+
+        def num(v: float | None, d: int = 2) -> str:
+            return "n/a" if missing(v) else f"{v:.{d}f}"
         lines = [f"# Evaluation: {self.name}", ""]
         if self.notes:
             lines += [self.notes, ""]

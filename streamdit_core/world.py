@@ -25,8 +25,8 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, fields
-from typing import Sequence
 
 import torch
 
@@ -288,7 +288,7 @@ def parse_schedule_text(text: str) -> list[tuple[int, str]]:
     return entries
 
 
-def heldout_captions(config: "WorldConfig | None" = None) -> tuple[str, ...]:
+def heldout_captions(config: WorldConfig | None = None) -> tuple[str, ...]:
     """One single-object caption per held-out combination (sizes alternate small / large)."""
     combos = (config or WorldConfig()).heldout
     return tuple(
@@ -418,10 +418,10 @@ class WorldTruth:
     background: torch.Tensor
     event: torch.Tensor
 
-    def to(self, device: torch.device | str) -> "WorldTruth":
+    def to(self, device: torch.device | str) -> WorldTruth:
         return WorldTruth(**{f.name: getattr(self, f.name).to(device) for f in fields(self)})
 
-    def index(self, item: int | slice | torch.Tensor) -> "WorldTruth":
+    def index(self, item: int | slice | torch.Tensor) -> WorldTruth:
         """Index the leading dimension of every field."""
         return WorldTruth(**{f.name: getattr(self, f.name)[item] for f in fields(self)})
 
@@ -505,7 +505,7 @@ class _State:
     velocity: torch.Tensor
     background: torch.Tensor
 
-    def clone(self) -> "_State":
+    def clone(self) -> _State:
         return _State(**{f.name: getattr(self, f.name).clone() for f in fields(self)})
 
     def positions(self, t: torch.Tensor, config: WorldConfig) -> tuple[torch.Tensor, torch.Tensor]:
@@ -938,7 +938,7 @@ class World:
         if batch < 1 or frames < 1:
             raise ValueError(f"batch and frames must be >= 1, got batch={batch}, frames={frames}")
         truth = self._sample_truth_once(batch, frames, generator)
-        for attempt in range(100):
+        for _attempt in range(100):
             bad = _heldout_hits(truth, self.config).any(-1)
             if not bad.any():
                 return truth

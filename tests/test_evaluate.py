@@ -51,7 +51,10 @@ def random_caption(request: GenerateRequest) -> torch.Tensor:
     """Ignores the prompt: renders a random caption chosen from the request."""
     key = zlib.crc32(f"{request.schedule_text}|{request.seed}".encode())
     g = torch.Generator().manual_seed(key)
-    pick = lambda values: values[int(torch.randint(len(values), (), generator=g))]
+
+    def pick(values: tuple[str, ...]) -> str:
+        return values[int(torch.randint(len(values), (), generator=g))]
+
     spec = SceneSpec(pick(BACKGROUNDS), (ObjectSpec(pick(SIZES), pick(COLOURS), pick(SHAPES), pick(MOTIONS)),))
     return render_caption(spec.caption, request.num_frames, request.seed).frames
 

@@ -141,7 +141,8 @@ def test_motion_closed_form_over_thousands_of_frames(long_stream):
     # speeds within the configured range; still objects do not move
     speed = vel.norm(dim=-1)[present]
     moving = truth.motion[present] != MOTIONS.index("still")
-    assert bool((speed[moving] >= config.speed[0] - 1e-4).all()) and bool((speed[moving] <= config.speed[1] + 1e-4).all())
+    assert bool((speed[moving] >= config.speed[0] - 1e-4).all())
+    assert bool((speed[moving] <= config.speed[1] + 1e-4).all())
     assert bool((speed[~moving] == 0).all())
     assert bool(present[:, 0].all())
 
@@ -188,7 +189,9 @@ def test_vocabulary_covers_captions_and_parse_round_trips(batch, long_stream):
 
 
 def test_parse_caption_examples_and_errors():
-    spec = parse_caption("a large blue square bouncing and a small yellow triangle standing still on a striped background")
+    spec = parse_caption(
+        "a large blue square bouncing and a small yellow triangle standing still on a striped background"
+    )
     assert spec == SceneSpec("striped", (ObjectSpec("large", "blue", "square", "bouncing"),
                                          ObjectSpec("small", "yellow", "triangle", "still")))
     assert parse_caption("A small red circle moving left on a black background.").objects[0].motion == "left"
