@@ -1,0 +1,323 @@
+"""End-to-end: the pack inside a real ComfyUI server, driven through its HTTP API.
+
+Skipped unless both are set:
+
+* ``STREAMDIT_COMFYUI_DIR``    a ComfyUI source folder (v0.8.0 or newer), e.g. a git checkout;
+* ``STREAMDIT_COMFYUI_PYTHON`` the Python that runs it (a venv with ComfyUI's requirements installed).
+
+The ComfyUI folder is not modified: the server runs with ``--base-directory`` pointing at a temporary folder
+whose ``custom_nodes/`` holds this repository (a symlink; ``STREAMDIT_COMFYUI_INSTALL=copy`` copies instead),
+on 127.0.0.1 on a free port, and is stopped by its PID. See docs/NODES.md for a recipe::
+
+    STREAMDIT_COMFYUI_DIR=~/ComfyUI STREAMDIT_COMFYUI_PYTHON=~/ComfyUI/venv/bin/python \\
+        python -m pytest tests/test_real_comfyui.py -s -v
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from comfy_executor import (
+    REPO,
+    find_nodes,
+    load_builder,
+    load_pack,
+    load_workflow,
+    specs_from_object_info,
+    ui_to_api,
+    workflow_files,
+)
+
+COMFY_DIR = os.environ.get("STREAMDIT_COMFYUI_DIR")
+COMFY_PYTHON = os.environ.get("STREAMDIT_COMFYUI_PYTHON")
+pytestmark = pytest.mark.skipif(
+    not (COMFY_DIR and COMFY_PYTHON),
+    reason="set STREAMDIT_COMFYUI_DIR and STREAMDIT_COMFYUI_PYTHON to run against a real ComfyUI",
+)
+
+PACK_FOLDER = "comfyui-streamdit"
+RUNS = 3
+START_TIMEOUT = float(os.environ.get("STREAMDIT_COMFYUI_START_TIMEOUT", "300"))
+PROMPT_TIMEOUT = float(os.environ.get("STREAMDIT_COMFYUI_PROMPT_TIMEOUT", "600"))
+COPY_IGNORE = shutil.ignore_patterns(".git", ".venv", "venv", "__pycache__", ".pytest_cache", ".mypy_cache",
+                                     ".ruff_cache", "outputs", "*.egg-info", "build", "dist")
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class Server:
+    """One ComfyUI server process (started and stopped by PID)."""
+
+    def __init__(self, base: Path) -> None:
+        self.base = base
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = base / f"comfyui-{self.port}.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> float:
+        assert COMFY_DIR and COMFY_PYTHON
+        cmd = [COMFY_PYTHON, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(self.port),
+               "--base-directory", str(self.base), "--disable-auto-launch",
+               "--database-url", "sqlite:///:memory:"]
+        log = open(self.log_path, "wb")
+        started = time.monotonic()
+        self.proc = subprocess.Popen(cmd, cwd=COMFY_DIR, stdout=log, stderr=subprocess.STDOUT,
+                                     env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        log.close()
+        while time.monotonic() - started < START_TIMEOUT:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"ComfyUI exited with {self.proc.returncode}:\n{self.log()[-4000:]}")
+            try:
+                self.get("/system_stats")
+                return time.monotonic() - started
+            except (urllib.error.URLError, ConnectionError, OSError):
+                time.sleep(0.5)
+        raise TimeoutError(f"ComfyUI did not answer within {START_TIMEOUT} s:\n{self.log()[-4000:]}")
+
+    def stop(self) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        os.kill(self.proc.pid, signal.SIGTERM)  # by PID only
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.kill(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(timeout=30)
+
+    def log(self) -> str:
+        return self.log_path.read_text(encoding="utf-8", errors="replace") if self.log_path.exists() else ""
+
+    def _request(self, path: str, body: Any = None, raw: bool = False) -> Any:
+        data = None if body is None else json.dumps(body).encode()
+        req = urllib.request.Request(self.url + path, data=data, headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=60) as r:
+            payload = r.read()
+            return (payload, r.headers) if raw else json.loads(payload or b"null")
+
+    def get(self, path: str) -> Any:
+        return self._request(path)
+
+    def post(self, path: str, body: Any) -> Any:
+        return self._request(path, body)
+
+    def queue(self, prompt: dict[str, Any], workflow: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Queue a prompt and wait for it; returns its /history entry."""
+        body: dict[str, Any] = {"prompt": prompt, "client_id": "streamdit-test"}
+        if workflow is not None:
+            body["extra_data"] = {"extra_pnginfo": {"workflow": workflow}}
+        try:
+            prompt_id = self.post("/prompt", body)["prompt_id"]
+        except urllib.error.HTTPError as exc:
+            raise AssertionError(f"/prompt rejected: {exc.read().decode(errors='replace')}") from exc
+        deadline = time.monotonic() + PROMPT_TIMEOUT
+        while time.monotonic() < deadline:
+            history = self.get(f"/history/{prompt_id}")
+            if prompt_id in history and history[prompt_id]["status"].get("completed") is not None:
+                return history[prompt_id]  # type: ignore[no-any-return]
+            time.sleep(0.2)
+        raise TimeoutError(f"prompt {prompt_id} did not finish within {PROMPT_TIMEOUT} s")
+
+
+def _make_example_video(path: Path) -> None:
+    load_pack()
+    import importlib
+
+    import torch
+
+    video_io = importlib.import_module("streamdit_pack.streamdit_core.video_io")
+    clip = torch.zeros(24, 48, 80, 3)
+    for i in range(24):  # a yellow square moving right on black
+        clip[i, 12:32, 4 + 2 * i : 20 + 2 * i] = torch.tensor([1.0, 0.85, 0.1])
+    video_io.write_mp4(clip, path, fps=16)
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("comfyui-base")
+    (root / "custom_nodes").mkdir()
+    (root / "input").mkdir()
+    target = root / "custom_nodes" / PACK_FOLDER
+    if os.environ.get("STREAMDIT_COMFYUI_INSTALL", "symlink") == "copy":
+        shutil.copytree(REPO, target, ignore=COPY_IGNORE)
+    else:
+        target.symlink_to(REPO, target_is_directory=True)
+    _make_example_video(root / "input" / load_builder().EXAMPLE_VIDEO)
+    return root
+
+
+@pytest.fixture(scope="module")
+def server(base: Path) -> Iterator[Server]:
+    srv = Server(base)
+    seconds = srv.start()
+    print(f"\nComfyUI answered on {srv.url} after {seconds:.1f} s (pid {srv.proc.pid if srv.proc else '?'})")
+    try:
+        yield srv
+    finally:
+        srv.stop()
+        print(f"ComfyUI stopped (pid {srv.proc.pid if srv.proc else '?'}, exit {srv.proc.returncode if srv.proc else '?'})")
+
+
+@pytest.fixture(scope="module")
+def object_info(server: Server) -> dict[str, Any]:
+    return server.get("/object_info")  # type: ignore[no-any-return]
+
+
+def _frames_in(history: dict[str, Any], writer_id: str) -> int:
+    text = history["outputs"][writer_id]["text"][0]
+    return int(text.rsplit(":", 1)[1].split()[0])
+
+
+def test_pack_loads_and_lists_every_node(server: Server, object_info: dict[str, Any]) -> None:
+    version = server.get("/system_stats")["system"]["comfyui_version"]
+    log = server.log()
+    assert "IMPORT FAILED" not in "\n".join(line for line in log.splitlines() if PACK_FOLDER in line), log[-3000:]
+    classes = load_pack().NODE_CLASS_MAPPINGS
+    for node_id, cls in classes.items():
+        info = object_info.get(node_id)
+        assert info is not None, f"{node_id} missing from /object_info"
+        assert info["python_module"].endswith(PACK_FOLDER), info["python_module"]
+        assert info["category"] == cls.CATEGORY and info["description"] == cls.DESCRIPTION
+        assert info["output"] == list(cls.RETURN_TYPES)
+        assert info["output_node"] == bool(getattr(cls, "OUTPUT_NODE", False))
+    assert "streamdit-bundled (default)" in object_info["StreamDiTModelLoader"]["input"]["required"]["model"][0]
+    # the stock nodes the examples use exist, with the inputs the workflow builder assumes
+    for name, spec in load_builder().STOCK_NODES.items():
+        assert name in object_info, name
+        order = object_info[name]["input_order"]
+        assert [n for n, _t, _w in spec["inputs"]] == order.get("required", []) + order.get("optional", [])
+        assert [t for _n, t in spec["outputs"]] == object_info[name]["output"]
+    models = server.get("/models")
+    assert "streamdit" in models
+    templates = server.get("/workflow_templates")
+    assert sorted(templates.get(PACK_FOLDER, [])) == sorted(p.stem for p in workflow_files())
+    print(f"ComfyUI {version}: {len(object_info)} node classes, all {len(classes)} StreamDiT nodes listed; "
+          f"templates: {sorted(templates[PACK_FOLDER])}")
+
+
+@pytest.mark.parametrize("name", ["streamdit_text_to_video", "streamdit_prompt_schedule",
+                                  "streamdit_video_to_video", "streamdit_save_and_resume"])
+def test_workflow_streams_through_the_http_api(server: Server, object_info: dict[str, Any], name: str) -> None:
+    workflow = load_workflow(Path(REPO / "workflows" / f"{name}.json"))
+    template = server.get(f"/api/workflow_templates/{PACK_FOLDER}/{name}.json")
+    assert template == workflow  # served to the template browser as committed
+    prompt = ui_to_api(workflow, specs_from_object_info(object_info))
+    (writer_id,) = find_nodes(prompt, "StreamDiTWriter")
+    (sampler_id,) = find_nodes(prompt, "StreamDiTSampler")
+    stream_id = prompt[sampler_id]["inputs"]["stream_id"]
+    counts, emitted, seconds = [], [], []
+    for _ in range(RUNS):
+        start = time.monotonic()
+        history = server.queue(prompt, workflow)
+        seconds.append(time.monotonic() - start)
+        status = history["status"]
+        assert status["status_str"] == "success", json.dumps(status["messages"])[-3000:]
+        out = history["outputs"][writer_id]
+        assert out["animated"] == [True]
+        image = out["images"][0]
+        query = urllib.parse.urlencode({k: image[k] for k in ("filename", "subfolder", "type")})
+        payload, headers = server._request(f"/view?{query}", raw=True)
+        assert payload[:4] == b"RIFF" and payload[8:12] == b"WEBP", headers
+        counts.append(_frames_in(history, writer_id))
+        emitted.append(server.get("/streamdit/streams")[stream_id])
+        save_ids = find_nodes(prompt, "StreamDiTSaveState")
+        if save_ids:
+            assert history["outputs"][save_ids[0]]["frame_index"] == [emitted[-1]]
+    per_run = counts[0]
+    assert per_run > 0
+    assert counts == [per_run * (i + 1) for i in range(RUNS)], counts  # the file grows by one run each time
+    assert emitted == counts, (emitted, counts)  # and the stream's frame index advances with it
+    print(f"{name}: {RUNS} runs, writer frames {counts}, stream {stream_id!r} at frames {emitted}, "
+          f"seconds per run {[round(s, 2) for s in seconds]}")
+
+
+def test_reset_workflow_restarts_a_stream(server: Server, object_info: dict[str, Any]) -> None:
+    specs = specs_from_object_info(object_info)
+    t2v = ui_to_api(load_workflow(REPO / "workflows" / "streamdit_text_to_video.json"), specs)
+    (writer_id,) = find_nodes(t2v, "StreamDiTWriter")
+    (sampler_id,) = find_nodes(t2v, "StreamDiTSampler")
+    stream_id = f"reset-{uuid.uuid4().hex[:6]}"
+    t2v[sampler_id]["inputs"]["stream_id"] = stream_id
+    first = _frames_in(server.queue(t2v), writer_id)
+    assert _frames_in(server.queue(t2v), writer_id) == 2 * first
+    reset = ui_to_api(load_workflow(REPO / "workflows" / "streamdit_reset_stream.json"), specs)
+    (reset_id,) = find_nodes(reset, "StreamDiTReset")
+    reset[reset_id]["inputs"]["stream_id"] = stream_id
+    history = server.queue(reset)
+    assert history["status"]["status_str"] == "success"
+    assert "reset" in history["outputs"][reset_id]["text"][0]
+    assert _frames_in(server.queue(t2v), writer_id) == first  # the stream and its file started again
+    print(f"reset: stream {stream_id!r} went {first} -> {2 * first} frames, reset, then {first} again")
+
+
+def test_interrupt_leaves_the_stream_where_it_was(server: Server, object_info: dict[str, Any]) -> None:
+    specs = specs_from_object_info(object_info)
+    prompt = ui_to_api(load_workflow(REPO / "workflows" / "streamdit_text_to_video.json"), specs)
+    (sampler_id,) = find_nodes(prompt, "StreamDiTSampler")
+    stream_id = f"interrupt-{uuid.uuid4().hex[:6]}"
+    prompt[sampler_id]["inputs"]["stream_id"] = stream_id
+    server.queue(prompt)
+    before = server.get("/streamdit/streams")[stream_id]
+    prompt[sampler_id]["inputs"]["chunks_per_run"] = 64  # long enough to be interrupted mid-run
+    prompt_id = server.post("/prompt", {"prompt": prompt, "client_id": "streamdit-test"})["prompt_id"]
+    deadline = time.monotonic() + PROMPT_TIMEOUT
+    while time.monotonic() < deadline:  # wait until it is running, then interrupt it
+        if server.get("/queue")["queue_running"]:
+            break
+        time.sleep(0.05)
+    time.sleep(1.0)
+    server.post("/interrupt", {"prompt_id": prompt_id})
+    while time.monotonic() < deadline:
+        history = server.get(f"/history/{prompt_id}")
+        if prompt_id in history and history[prompt_id]["status"].get("completed") is not None:
+            break
+        time.sleep(0.2)
+    status = history[prompt_id]["status"]
+    messages = [m[0] for m in status["messages"]]
+    assert "execution_interrupted" in messages, messages
+    after = server.get("/streamdit/streams")[stream_id]
+    assert after == before, (before, after)  # nothing was committed
+    print(f"interrupt: stream {stream_id!r} stayed at frame {after} after an interrupted 64-chunk run")
+
+
+def test_saved_stream_resumes_after_a_server_restart(base: Path, server: Server,
+                                                     object_info: dict[str, Any]) -> None:
+    specs = specs_from_object_info(object_info)
+    workflow = load_workflow(REPO / "workflows" / "streamdit_save_and_resume.json")
+    prompt = ui_to_api(workflow, specs)
+    (sampler_id,) = find_nodes(prompt, "StreamDiTSampler")
+    (save_id,) = find_nodes(prompt, "StreamDiTSaveState")
+    (load_id,) = find_nodes(prompt, "StreamDiTLoadState")
+    stream_id = f"restart-{uuid.uuid4().hex[:6]}"
+    prompt[sampler_id]["inputs"]["stream_id"] = stream_id
+    prompt[load_id]["inputs"]["state_file"] = f"streamdit/state_{stream_id}.safetensors"
+    indices = [server.queue(prompt)["outputs"][save_id]["frame_index"][0] for _ in range(2)]
+    server.stop()  # the module-level registry dies with the process; the state file stays
+    seconds = server.start()
+    assert stream_id not in server.get("/streamdit/streams")
+    history = server.queue(prompt)
+    assert history["status"]["status_str"] == "success", history["status"]
+    resumed = history["outputs"][save_id]["frame_index"][0]
+    per_run = indices[0]
+    assert indices == [per_run, 2 * per_run] and resumed == 3 * per_run
+    print(f"restart: stream {stream_id!r} saved at frames {indices}, server restarted in {seconds:.1f} s, "
+          f"resumed to frame {resumed}")
