@@ -11,7 +11,10 @@ from .common import CATEGORY, PROMPTS, VIDEO, PromptsSpec, VideoSpec, image_to_f
 
 ON_END = ("loop", "hold", "stop")
 
-DEFAULT_SCHEDULE = '"0": "a red ball bouncing on a blue background",\n"48": "a yellow square sliding on a green background"'
+DEFAULT_SCHEDULE = (
+    '"0": "a large red circle moving right on a black background",\n'
+    '"48": "a small yellow square moving left on a grey background"'
+)
 
 
 class StreamDiTPromptSchedule:

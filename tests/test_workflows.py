@@ -324,7 +324,7 @@ def test_prompt_edits_apply_without_restarting(env: Path) -> None:
     ex = Executor()
     prompt = _convert(ex, "streamdit_prompt_schedule")
     runs = _run(ex, prompt, 2)
-    _set(prompt, "StreamDiTPromptSchedule", schedule="0: a white triangle bouncing on a black background")
+    _set(prompt, "StreamDiTPromptSchedule", schedule="0: a large purple triangle bouncing on a checkered background")
     edited = _run(ex, prompt)[0]
     assert edited[1] == runs[1][1] + runs[1][0].shape[0]  # continued, not restarted
     # changing the settings does restart

@@ -237,7 +237,7 @@ class Workflow:
             "links": links_json,
             "groups": [],
             "config": {},
-            "extra": {"ds": {"scale": 0.9, "offset": [40, 40]}, "frontendVersion": "1.35.9"},
+            "extra": {"ds": {"scale": 0.9, "offset": [40, 90]}, "frontendVersion": "1.35.9"},
             "version": 0.4,
         }
 
@@ -267,7 +267,7 @@ def _core_chain(wf: Workflow, schedule: str, *, stream_id: str, transition: int 
 
 def text_to_video(pack: ModuleType) -> dict[str, Any]:
     wf = Workflow(pack)
-    _, _, _, sampler = _core_chain(wf, "a red circle moving right on a blue background", stream_id="t2v-1",
+    _, _, _, sampler = _core_chain(wf, "a large red circle moving right on a black background", stream_id="t2v-1",
                                    chunks_per_run=2)
     writer = wf.add("StreamDiTWriter", (COL[3], 60), filename_prefix="streamdit/t2v")
     wf.link(sampler, "frames", writer, "images")
@@ -284,9 +284,9 @@ def text_to_video(pack: ModuleType) -> dict[str, Any]:
 def prompt_schedule(pack: ModuleType) -> dict[str, Any]:
     wf = Workflow(pack)
     schedule = (
-        '"0": "a red circle moving right on a blue background",\n'
-        '"32": "a yellow square moving left on a green background",\n'
-        '"64": "a white triangle bouncing on a black background"'
+        '"0": "a large red circle moving right on a black background",\n'
+        '"32": "a small yellow square moving left on a grey background",\n'
+        '"64": "a large purple triangle bouncing on a checkered background"'
     )
     _, _, _, sampler = _core_chain(wf, schedule, stream_id="schedule-1", transition=8)
     writer = wf.add("StreamDiTWriter", (COL[3], 60), filename_prefix="streamdit/schedule")
@@ -304,7 +304,7 @@ def prompt_schedule(pack: ModuleType) -> dict[str, Any]:
 
 def video_to_video(pack: ModuleType) -> dict[str, Any]:
     wf = Workflow(pack)
-    _, _, _, sampler = _core_chain(wf, "a yellow square on a green background", stream_id="v2v-1", y=60)
+    _, _, _, sampler = _core_chain(wf, "a large cyan diamond moving right on a striped background", stream_id="v2v-1", y=60)
     load = wf.add("LoadVideo", (COL[0], 600), file=EXAMPLE_VIDEO)
     components = wf.add("GetVideoComponents", (COL[1], 600))
     video = wf.add("StreamDiTVideoInput", (COL[2], 600), strength=0.7, on_end="loop")
@@ -326,8 +326,8 @@ def video_to_video(pack: ModuleType) -> dict[str, Any]:
 
 def save_and_resume(pack: ModuleType) -> dict[str, Any]:
     wf = Workflow(pack)
-    _, _, _, sampler = _core_chain(wf, "a red circle moving right on a blue background", stream_id="saved-1")
-    load = wf.add("StreamDiTLoadState", (COL[1], 420), state_file="streamdit/state_saved-1.safetensors",
+    _, _, _, sampler = _core_chain(wf, "a small green circle bouncing on a grey background", stream_id="saved-1")
+    load = wf.add("StreamDiTLoadState", (COL[1], 520), state_file="streamdit/state_saved-1.safetensors",
                   if_missing="start fresh")
     wf.link(load, "state", sampler, "initial_state")
     save = wf.add("StreamDiTSaveState", (COL[3], 560), filename_prefix="streamdit/state")
