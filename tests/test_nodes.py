@@ -232,3 +232,15 @@ def test_settings_node_fills_model_defaults_and_validates() -> None:
         model.build_settings(handle, guidance=0.5)
     with pytest.raises(ValueError, match="height"):
         model.build_settings(handle, height=12)  # not a multiple of the model's patch
+
+
+def test_every_node_and_input_is_documented() -> None:
+    doc = (REPO / "docs" / "NODES.md").read_text(encoding="utf-8")
+    for node_id, cls in CLASSES.items():
+        assert f"`{node_id}`" in doc, node_id
+        section = doc.split(f"`{node_id}`", 1)[1].split("\n### ", 1)[0]
+        types = cls.INPUT_TYPES()
+        for name in [*types.get("required", {}), *types.get("optional", {})]:
+            assert f"| `{name}`" in section, f"{node_id}.{name} is not in docs/NODES.md"
+        for name in getattr(cls, "RETURN_NAMES", ()):
+            assert f"| `{name}`" in section, f"{node_id} output {name} is not in docs/NODES.md"
