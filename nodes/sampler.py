@@ -115,7 +115,11 @@ def advance_stream(
         host.check_interrupt()
         if restart:
             why = (
-                "reset requested" if reset else "new stream" if entry.state is None else "model, settings or seed changed"
+                "reset requested"
+                if reset
+                else "new stream"
+                if entry.state is None
+                else "model, settings or seed changed"
             )
             if initial_state is not None:
                 _check_resume_compatible(initial_state, settings, model)

@@ -179,7 +179,10 @@ class StreamDiTReset:
         entry = STREAMS.get(sid)
         at = int(entry.state.frames_emitted) if entry is not None and entry.state is not None else None
         existed = STREAMS.reset(sid)
-        text = f"stream {sid} reset (was at frame {at})" if existed and at is not None else f"stream {sid} was not running"
+        if existed and at is not None:
+            text = f"stream {sid} reset (was at frame {at})"
+        else:
+            text = f"stream {sid} was not running"
         logger.info(text)
         host.send_event("streamdit.reset", {"stream_id": sid})
         return {"ui": {"text": [text]}}

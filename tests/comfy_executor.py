@@ -289,7 +289,9 @@ class Executor:
         """Execute one prompt (one "queue run")."""
         self.validate(prompt)
         prompt_id = prompt_id or f"test-prompt-{next(self._ids)}"
-        outputs_wanted = [nid for nid, n in prompt.items() if getattr(self.classes[n["class_type"]], "OUTPUT_NODE", False)]
+        outputs_wanted = [
+            nid for nid, n in prompt.items() if getattr(self.classes[n["class_type"]], "OUTPUT_NODE", False)
+        ]
         if not outputs_wanted:
             raise ValueError("prompt has no output node")
         keys: dict[str, Any] = {}
@@ -308,7 +310,9 @@ class Executor:
                 except Exception:
                     is_changed = float("nan")
             ancestors = tuple(
-                (k, key_of(v[0]), v[1]) for k, v in sorted(node["inputs"].items()) if isinstance(v, list) and len(v) == 2
+                (k, key_of(v[0]), v[1])
+                for k, v in sorted(node["inputs"].items())
+                if isinstance(v, list) and len(v) == 2
             )
             hidden = cls.INPUT_TYPES().get("hidden", {})
             own_id = node_id if "UNIQUE_ID" in hidden.values() or getattr(cls, "NOT_IDEMPOTENT", False) else None

@@ -28,7 +28,7 @@ CLASSES = pack.NODE_CLASS_MAPPINGS
 def test_node_ids_are_the_permanent_ones() -> None:
     assert set(CLASSES) == EXPECTED_IDS
     assert set(pack.NODE_DISPLAY_NAME_MAPPINGS) == EXPECTED_IDS
-    for node_id, name in pack.NODE_DISPLAY_NAME_MAPPINGS.items():
+    for name in pack.NODE_DISPLAY_NAME_MAPPINGS.values():
         assert name.startswith("StreamDiT "), name
 
 

@@ -174,7 +174,8 @@ def server(base: Path) -> Iterator[Server]:
         yield srv
     finally:
         srv.stop()
-        print(f"ComfyUI stopped (pid {srv.proc.pid if srv.proc else '?'}, exit {srv.proc.returncode if srv.proc else '?'})")
+        if srv.proc is not None:
+            print(f"ComfyUI stopped (pid {srv.proc.pid}, exit {srv.proc.returncode})")
 
 
 @pytest.fixture(scope="module")

@@ -26,7 +26,6 @@ from comfy_executor import (
     load_pack,
     load_workflow,
     pack_module,
-    run_workflow,
     specs_from_classes,
     stock_specs,
     ui_to_api,
@@ -244,7 +243,7 @@ def test_reset_restarts_the_stream_and_the_file(env: Path) -> None:
     assert _run(ex, prompt)[0][1] == frames.shape[0]
     # the Reset node (its own workflow) makes the next run start at frame 0 again
     reset_prompt = ex.convert(load_workflow(WORKFLOWS["streamdit_reset_stream"]))
-    _set(reset_prompt, "StreamDiTReset", stream_id=prompt[find_nodes(prompt, "StreamDiTSampler")[0]]["inputs"]["stream_id"])
+    _set(reset_prompt, "StreamDiTReset", stream_id=_stream_id(prompt))
     out = ex.run(reset_prompt)
     assert "reset" in next(iter(out.outputs.values()))["text"][0]
     again = _run(ex, prompt)[0]

@@ -304,7 +304,8 @@ def prompt_schedule(pack: ModuleType) -> dict[str, Any]:
 
 def video_to_video(pack: ModuleType) -> dict[str, Any]:
     wf = Workflow(pack)
-    _, _, _, sampler = _core_chain(wf, "a large cyan diamond moving right on a striped background", stream_id="v2v-1", y=60)
+    _, _, _, sampler = _core_chain(wf, "a large cyan diamond moving right on a striped background",
+                                   stream_id="v2v-1", y=60)
     load = wf.add("LoadVideo", (COL[0], 600), file=EXAMPLE_VIDEO)
     components = wf.add("GetVideoComponents", (COL[1], 600))
     video = wf.add("StreamDiTVideoInput", (COL[2], 600), strength=0.7, on_end="loop")
