@@ -48,11 +48,11 @@ def _register_routes(routes: Any) -> None:
 
     from .common import STREAMS, check_stream_id
 
-    @routes.get("/streamdit/streams")
+    @routes.get("/streamdit/streams")  # type: ignore[untyped-decorator]
     async def list_streams(request: web.Request) -> web.Response:
         return web.Response(text=streams_json(), content_type="application/json")
 
-    @routes.post("/streamdit/reset")
+    @routes.post("/streamdit/reset")  # type: ignore[untyped-decorator]
     async def reset_stream(request: web.Request) -> web.Response:
         try:
             body = await request.json()

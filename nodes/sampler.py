@@ -100,7 +100,7 @@ def advance_stream(
         if prompt_id is not None and entry.last_prompt_id == prompt_id and entry.last_result is not None:
             # At most one advance per prompt (list inputs, or two samplers on one stream): same frames again.
             logger.debug("stream %s already advanced in prompt %s; returning that result", stream_id, prompt_id)
-            return entry.last_result  # type: ignore[return-value]
+            return entry.last_result
 
         start: tuple[Any, ...] = ("state",) if initial_state is not None else ("seed", int(seed))
         config_key = (model.key, settings, start)
@@ -174,7 +174,8 @@ def _encode(model: ModelHandle, frames: torch.Tensor) -> torch.Tensor | None:
         return None
     device = getattr(model.pipeline, "device", None)
     x = frames if device is None else frames.to(device)
-    return codec.encode(x).detach()
+    latents: torch.Tensor = codec.encode(x).detach()
+    return latents
 
 
 class StreamDiTSampler:
