@@ -36,7 +36,9 @@ Streams
     rewriting ``manifest.json`` atomically, and (3) remuxes all committed segments (packet copy, no re-encoding)
     into a temporary MP4 that replaces the video. A crash before (2) leaves the previous video and frame count
     untouched (the orphan segment is deleted on the next append); a crash between (2) and (3) leaves the previous
-    video playable, and the next append (or :meth:`StreamVideoWriter.rebuild`) brings it up to date.
+    video playable, and the next append (or :meth:`StreamVideoWriter.rebuild`) brings it up to date. Every
+    ``compact_after`` appends the rebuilt video itself becomes the only segment (a file copy), so the folder stays
+    small; each append costs one encode of the new frames plus a packet copy of the whole video.
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ import json
 import math
 import os
 import secrets
+import shutil
 import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -513,6 +516,8 @@ class StreamVideoWriter:
         path: the MP4 to grow. Its sidecar folder is ``<path>.parts/``.
         fps: frames per second. Must match the fps the file was started with (else ``ValueError``).
         crf: x264 quality for new segments (0 … 51).
+        compact_after: once the stream has this many segments, the freshly rebuilt video becomes the single
+            segment (a file copy, no re-encoding), so the sidecar folder never holds more than this many files.
 
     Example::
 
@@ -521,7 +526,7 @@ class StreamVideoWriter:
         writer.frame_count()            # total frames in outputs/stream.mp4
     """
 
-    def __init__(self, path: PathLike, fps: float | Fraction, crf: int = 18) -> None:
+    def __init__(self, path: PathLike, fps: float | Fraction, crf: int = 18, compact_after: int = 32) -> None:
         if isinstance(crf, bool) or not isinstance(crf, int) or not 0 <= crf <= 51:
             raise ValueError(f"crf must be an integer in [0, 51], got {crf!r}")
         self.path = Path(path)
@@ -529,6 +534,9 @@ class StreamVideoWriter:
         self.crf = crf
         self.parts_dir = self.path.with_name(self.path.name + ".parts")
         self._manifest_path = self.parts_dir / "manifest.json"
+        if compact_after < 2:
+            raise ValueError(f"compact_after must be >= 2, got {compact_after}")
+        self.compact_after = compact_after
         self._lock = _lock_for(self.path)
 
     # -- public API ------------------------------------------------------------------------------------------
@@ -559,7 +567,7 @@ class StreamVideoWriter:
             self._check_compatible(manifest, width, height)
             self.parts_dir.mkdir(parents=True, exist_ok=True)
             self._remove_orphans(manifest)
-            name = f"{len(manifest['segments']) + 1:06d}.mp4"
+            name = self._next_segment_name(manifest)
             with _atomic_path(self.parts_dir / name) as tmp:
                 _encode_h264(rgb, tmp, self.fps, self.crf, faststart=False)
             manifest["segments"].append({"file": name, "frames": int(rgb.shape[0])})
@@ -595,6 +603,7 @@ class StreamVideoWriter:
             "crf": self.crf,
             "frames": 0,
             "segments": [],
+            "next_segment": 1,
         }
 
     def _read_manifest(self) -> dict[str, Any] | None:
@@ -627,6 +636,13 @@ class StreamVideoWriter:
                 log.info("removing uncommitted stream segment %s", child)
                 child.unlink(missing_ok=True)
 
+    @staticmethod
+    def _next_segment_name(manifest: dict[str, Any]) -> str:
+        """A segment name never used before in this stream (so a crash can never leave a stale file under it)."""
+        number = int(manifest.get("next_segment", len(manifest["segments"]) + 1))
+        manifest["next_segment"] = number + 1
+        return f"{number:06d}.mp4"
+
     def _rebuild_locked(self, manifest: dict[str, Any]) -> None:
         segments = [(self.parts_dir / segment["file"], int(segment["frames"])) for segment in manifest["segments"]]
         try:
@@ -637,6 +653,24 @@ class StreamVideoWriter:
             log.warning(
                 "could not replace %s (is it open in a player?); it will be updated on the next append", self.path
             )
+            return
+        if len(manifest["segments"]) >= self.compact_after:
+            self._compact_locked(manifest)
+
+    def _compact_locked(self, manifest: dict[str, Any]) -> None:
+        """Replace all segments by one copy of the just-rebuilt video (which holds exactly the committed frames).
+
+        Crash-safe in the same way as an append: the copy is written atomically under a new name, the manifest
+        that lists only it is the commit point, and the old segments become orphans that the next append deletes.
+        """
+        name = self._next_segment_name(manifest)
+        with _atomic_path(self.parts_dir / name) as tmp:
+            shutil.copyfile(self.path, tmp)
+        old = [segment["file"] for segment in manifest["segments"]]
+        manifest["segments"] = [{"file": name, "frames": int(manifest["frames"])}]
+        _write_json_atomic(self._manifest_path, manifest)
+        for file in old:
+            (self.parts_dir / file).unlink(missing_ok=True)
 
 
 def _remux_segments(segments: Sequence[tuple[Path, int]], out_path: Path, fps: Fraction) -> None:

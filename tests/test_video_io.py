@@ -401,6 +401,23 @@ def test_stream_odd_size_is_padded_consistently(tmp_path: Path) -> None:
     assert decode_all(path).shape == (4, 32, 48, 3)
 
 
+def test_stream_compacts_segments_without_losing_or_reordering_frames(tmp_path: Path) -> None:
+    path = tmp_path / "long.mp4"
+    pieces = []
+    for run in range(7):
+        clip = ramp_clip(3, start=3 * run)
+        pieces.append(clip)
+        writer = StreamVideoWriter(path, fps=16, compact_after=3)
+        assert writer.append(clip) == 3 * (run + 1)
+        assert decode_all(path).shape[0] == 3 * (run + 1)
+        segments = [p for p in writer.parts_dir.iterdir() if p.suffix == ".mp4"]
+        assert 1 <= len(segments) < 3, sorted(p.name for p in segments)
+    expected = to_uint8_frames(np.concatenate(pieces)).astype(np.float32)
+    decoded = decode_all(path).astype(np.float32)
+    assert np.abs(decoded - expected).mean() < 3.0
+    assert np.all(np.diff(decoded.reshape(21, -1).mean(axis=1)) > 0), "frames came back out of order"
+
+
 def test_stream_reset_deletes_file_and_parts(tmp_path: Path) -> None:
     path = tmp_path / "s.mp4"
     writer = StreamVideoWriter(path, fps=16)
