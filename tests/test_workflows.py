@@ -144,6 +144,16 @@ def test_workflow_converts_to_a_complete_api_prompt(name: str) -> None:
 # Execution
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread() -> Iterator[None]:
+    """Small models on a busy 2-core machine: torch's intra-op threads spin against each other, so this module
+    runs single-threaded and restores the setting."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 @pytest.fixture()
 def env(tmp_path: Path) -> Iterator[Path]:
     host.set_base_dir(tmp_path)
