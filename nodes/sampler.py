@@ -213,9 +213,10 @@ class StreamDiTSampler:
                 ),
                 "seed": (
                     "INT",
-                    {"default": 0, "min": 0, "max": MAX_SEED, "control_after_generate": True,
-                     "tooltip": "Seed of the stream's noise. Changing it restarts the stream; keep 'control after "
-                     "generate' on 'fixed' to keep streaming."},
+                    # No 'control after generate' widget: its default ('randomize') would restart the stream on
+                    # every queue run.
+                    {"default": 0, "min": 0, "max": MAX_SEED, "control_after_generate": False,
+                     "tooltip": "Seed of the stream's noise. Changing it restarts the stream."},
                 ),
                 "chunks_per_run": (
                     "INT",

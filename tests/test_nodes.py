@@ -90,6 +90,9 @@ def test_sampler_is_never_cached() -> None:
     # (math.nan is one singleton object and would compare equal by identity.)
     assert a is not b and a is not math.nan
     assert (a,) != (b,) and (math.nan,) == (math.nan,)
+    # ComfyUI's frontend would add a 'control after generate' widget (default: randomize) to an INT named
+    # seed, restarting the stream on every run; the sampler opts out explicitly.
+    assert sampler.INPUT_TYPES()["required"]["seed"][1]["control_after_generate"] is False
     reset = CLASSES["StreamDiTReset"]
     assert math.isnan(reset.IS_CHANGED(stream_id="x"))
 

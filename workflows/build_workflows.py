@@ -276,7 +276,7 @@ def text_to_video(pack: ModuleType) -> dict[str, Any]:
         "StreamDiT text-to-video stream\n\n"
         "Press Queue (or Queue (Instant) / auto-queue for a live stream). Every run continues the stream "
         "'t2v-1' by chunks_per_run chunks and appends the new frames to output/streamdit/t2v_t2v-1.mp4.\n\n"
-        "Keep the seed on 'fixed': a new seed starts a new stream. Set reset = true for one run to restart."
+        "A new seed starts a new stream. Set reset = true for one run to restart (then false again)."
     ), size=(740, 170))
     return wf.to_json()
 

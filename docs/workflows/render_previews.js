@@ -6,7 +6,7 @@
 // settings Comfy.TutorialCompleted=true and Comfy.Minimap.Visible=false first (POST /api/settings/<id>) so no
 // dialog covers the graph. Recipe: docs/NODES.md, "Preview images".
 //
-// usage: node render_previews.js <server url> <out dir> <runs> <workflow.json>...
+// usage: node render.js <server url> <out dir> <runs> <workflow.json>...
 const { chromium } = require('playwright-core');
 const fs = require('fs');
 const path = require('path');
@@ -31,6 +31,9 @@ const path = require('path');
     await page.waitForTimeout(1500);
     const missing = await page.evaluate(() => window.app.graph._nodes.filter((n) => n.has_errors || n.type === undefined).map((n) => n.type));
     console.log(name, 'nodes', await page.evaluate(() => window.app.graph._nodes.length), 'errors', JSON.stringify(missing));
+    const widgets = await page.evaluate(() => window.app.graph._nodes.filter((n) => n.type === 'StreamDiTSampler')
+      .map((n) => n.widgets.map((w) => w.name + '=' + w.value)));
+    console.log(name, 'sampler widgets', JSON.stringify(widgets));
     for (let i = 0; i < runs; i++) {
       const pid = await page.evaluate(async () => {
         const p = await window.app.graphToPrompt();
