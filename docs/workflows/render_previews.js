@@ -6,7 +6,7 @@
 // settings Comfy.TutorialCompleted=true and Comfy.Minimap.Visible=false first (POST /api/settings/<id>) so no
 // dialog covers the graph. Recipe: docs/NODES.md, "Preview images".
 //
-// usage: node render.js <server url> <out dir> <runs> <workflow.json>...
+// usage: node render_previews.js <server url> <out dir> <runs> <workflow.json>...
 const { chromium } = require('playwright-core');
 const fs = require('fs');
 const path = require('path');
