@@ -23,7 +23,7 @@ import logging
 import os
 import tempfile
 import threading
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Callable, Iterator
 from types import ModuleType
 from typing import Any
@@ -217,6 +217,53 @@ def torch_device() -> Any:
         return _model_management.get_torch_device()
     forced = os.environ.get("STREAMDIT_DEVICE")
     return torch.device(forced) if forced else torch.device("cpu")
+
+
+_patchers: OrderedDict[int, tuple[Any, Any]] = OrderedDict()
+_MAX_PATCHERS = 2  # as many as the loader keeps loaded; older pipelines are released
+_patchers_lock = threading.Lock()
+_patcher_failed = False
+
+
+def prepare_model(pipeline: Any) -> None:
+    """Hand the pipeline's modules to ComfyUI's memory manager before a run (no-op without ComfyUI).
+
+    The backbone and text encoder are wrapped once in a ``comfy.model_patcher.ModelPatcher`` (through a
+    container module, so the core's classes are not touched) and ``load_models_gpu`` is called on every run:
+    ComfyUI then loads them onto its device, frees room by offloading other models, and may offload these when
+    another model needs the memory (``/free`` included). If the patcher cannot be built, the pipeline simply
+    stays where it is (logged once).
+    """
+    global _patcher_failed
+    _load_host()
+    if _model_management is None or _patcher_failed:
+        return
+    import torch
+
+    with _patchers_lock:
+        found = _patchers.get(id(pipeline))
+        if found is None or found[0] is not pipeline:
+            try:
+                model_patcher = importlib.import_module("comfy.model_patcher")
+                modules = {"model": pipeline.model}
+                if getattr(pipeline, "text_encoder", None) is not None:
+                    modules["text_encoder"] = pipeline.text_encoder
+                container = torch.nn.ModuleDict(modules)
+                patcher = model_patcher.ModelPatcher(
+                    container,
+                    load_device=_model_management.get_torch_device(),
+                    offload_device=_model_management.unet_offload_device(),
+                )
+            except Exception:
+                _patcher_failed = True
+                logger.warning("StreamDiT: could not register the model with ComfyUI's memory manager; it stays on "
+                               "its device", exc_info=True)
+                return
+            found = _patchers[id(pipeline)] = (pipeline, patcher)
+            while len(_patchers) > _MAX_PATCHERS:
+                _patchers.popitem(last=False)
+        _patchers.move_to_end(id(pipeline))
+    _model_management.load_models_gpu([found[1]])
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -113,6 +113,7 @@ def advance_stream(
 
         restart = reset or entry.state is None or entry.config_key != config_key
         host.check_interrupt()
+        host.prepare_model(model.pipeline)
         if restart:
             why = (
                 "reset requested"

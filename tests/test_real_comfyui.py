@@ -79,7 +79,7 @@ class Server:
         cmd = [COMFY_PYTHON, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(self.port),
                "--base-directory", str(self.base), "--disable-auto-launch",
                "--database-url", "sqlite:///:memory:"]
-        log = open(self.log_path, "wb")
+        log = open(self.log_path, "ab")  # appended: a restart keeps the first run's log
         started = time.monotonic()
         self.proc = subprocess.Popen(cmd, cwd=COMFY_DIR, stdout=log, stderr=subprocess.STDOUT,
                                      env={**os.environ, "PYTHONUNBUFFERED": "1"})
@@ -322,3 +322,26 @@ def test_saved_stream_resumes_after_a_server_restart(base: Path, server: Server,
     assert indices == [per_run, 2 * per_run] and resumed == 3 * per_run
     print(f"restart: stream {stream_id!r} saved at frames {indices}, server restarted in {seconds:.1f} s, "
           f"resumed to frame {resumed}")
+
+
+def test_stream_survives_free_memory_and_resets_over_http(server: Server, object_info: dict[str, Any]) -> None:
+    specs = specs_from_object_info(object_info)
+    prompt = ui_to_api(load_workflow(REPO / "workflows" / "streamdit_text_to_video.json"), specs)
+    (writer_id,) = find_nodes(prompt, "StreamDiTWriter")
+    (sampler_id,) = find_nodes(prompt, "StreamDiTSampler")
+    stream_id = f"free-{uuid.uuid4().hex[:6]}"
+    prompt[sampler_id]["inputs"]["stream_id"] = stream_id
+    first = _frames_in(server.queue(prompt), writer_id)
+    # unload every model and drop ComfyUI's caches and node objects: the stream lives in the pack's registry,
+    # and the model comes back through ComfyUI's memory manager on the next run
+    server.post("/free", {"unload_models": True, "free_memory": True})
+    time.sleep(1.0)
+    history = server.queue(prompt)
+    assert history["status"]["status_str"] == "success", history["status"]
+    assert _frames_in(history, writer_id) == 2 * first
+    assert server.get("/streamdit/streams")[stream_id] == 2 * first
+    assert server.post("/streamdit/reset", {"stream_id": stream_id}) == {"stream_id": stream_id, "reset": True}
+    assert stream_id not in server.get("/streamdit/streams")
+    assert _frames_in(server.queue(prompt), writer_id) == first
+    print(f"free: stream {stream_id!r} continued {first} -> {2 * first} frames across /free (models unloaded); "
+          f"POST /streamdit/reset restarted it")
