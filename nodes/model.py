@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import re
 import threading
 from collections import OrderedDict
 from typing import Any
@@ -21,9 +22,22 @@ BUNDLED = "streamdit-bundled (default)"
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 ATTENTION = ("auto", "sdpa", "math", "flash_attn")
 
+_SHARD = re.compile(r"-(\d{5})-of-(\d{5})\.safetensors$", re.IGNORECASE)
+
 _CACHE_SIZE = 2
 _cache: OrderedDict[tuple[Any, ...], ModelHandle] = OrderedDict()
 _cache_lock = threading.Lock()
+
+
+def list_models() -> list[str]:
+    """The loader's choices: the bundled model, then checkpoint files (a sharded checkpoint is listed once, by
+    its first shard, which loads all of them)."""
+    files = []
+    for name in host.list_model_files():
+        match = _SHARD.search(name)
+        if match is None or int(match.group(1)) == 1:
+            files.append(name)
+    return [BUNDLED, *files]
 
 
 def _model_help() -> str:
@@ -113,14 +127,14 @@ class StreamDiTModelLoader:
     @classmethod
     def INPUT_TYPES(cls) -> dict[str, Any]:
         try:
-            files = host.list_model_files()
+            choices = list_models()
         except Exception:  # listing must never break /object_info
             logger.warning("could not list StreamDiT model files", exc_info=True)
-            files = []
+            choices = [BUNDLED]
         return {
             "required": {
                 "model": (
-                    [BUNDLED, *files],
+                    choices,
                     {
                         "default": BUNDLED,
                         "tooltip": "Which model to load: the bundled default, or a .safetensors file from "

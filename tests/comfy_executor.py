@@ -52,7 +52,7 @@ def load_pack() -> ModuleType:
 def pack_module(name: str) -> ModuleType:
     """A submodule of the loaded pack, e.g. ``pack_module("nodes.host")``."""
     load_pack()
-    return sys.modules[f"{PACK_NAME}.{name}"]
+    return importlib.import_module(f"{PACK_NAME}.{name}")
 
 
 def workflow_files() -> list[Path]:

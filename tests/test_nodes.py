@@ -106,8 +106,11 @@ def test_loader_always_lists_the_bundled_model(tmp_path: Path) -> None:
         (models / "a.safetensors").write_bytes(b"x")
         (models / "sub" / "b.safetensors").write_bytes(b"x")
         (models / "c.ckpt").write_bytes(b"x")  # pickles are never listed
+        for i in (1, 2):  # a sharded checkpoint is listed once, by its first shard
+            (models / f"big-{i:05d}-of-00002.safetensors").write_bytes(b"x")
         options = CLASSES["StreamDiTModelLoader"].INPUT_TYPES()["required"]["model"][0]
-        assert options == ["streamdit-bundled (default)", "a.safetensors", "sub/b.safetensors"]
+        assert options == ["streamdit-bundled (default)", "a.safetensors", "big-00001-of-00002.safetensors",
+                           "sub/b.safetensors"]
     finally:
         host.set_base_dir(None)
 

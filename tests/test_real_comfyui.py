@@ -151,6 +151,17 @@ def _make_example_video(path: Path) -> None:
     video_io.write_mp4(clip, path, fps=16)
 
 
+def _make_checkpoint(path: Path) -> list[Path]:
+    """A small sharded StreamDiT checkpoint (bundled layout, random weights) in the models folder."""
+    load_pack()
+    import importlib
+
+    pipeline = importlib.import_module("streamdit_pack.streamdit_core.pipeline")
+    checkpoint = importlib.import_module("streamdit_pack.streamdit_core.checkpoint")
+    pipe = pipeline.placeholder_pipeline(seed=7)
+    return list(checkpoint.save_checkpoint(path, pipe.model, pipe.text_encoder, max_shard_bytes=4_000_000))
+
+
 @pytest.fixture(scope="module")
 def base(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("comfyui-base")
@@ -162,6 +173,7 @@ def base(tmp_path_factory: pytest.TempPathFactory) -> Path:
     else:
         target.symlink_to(REPO, target_is_directory=True)
     _make_example_video(root / "input" / load_builder().EXAMPLE_VIDEO)
+    _make_checkpoint(root / "models" / "streamdit" / "test" / "streamdit-test.safetensors")
     return root
 
 
@@ -345,3 +357,26 @@ def test_stream_survives_free_memory_and_resets_over_http(server: Server, object
     assert _frames_in(server.queue(prompt), writer_id) == first
     print(f"free: stream {stream_id!r} continued {first} -> {2 * first} frames across /free (models unloaded); "
           f"POST /streamdit/reset restarted it")
+
+
+def test_a_checkpoint_in_models_streamdit_is_listed_and_streams(server: Server, object_info: dict[str, Any]) -> None:
+    choices = object_info["StreamDiTModelLoader"]["input"]["required"]["model"][0]
+    listed = [c for c in choices if c.startswith("test/")]
+    # a sharded checkpoint is listed once, by its first shard
+    assert len(listed) == 1 and listed[0].startswith("test/streamdit-test-00001-of-"), choices
+    prompt = ui_to_api(load_workflow(REPO / "workflows" / "streamdit_text_to_video.json"),
+                       specs_from_object_info(object_info))
+    (loader_id,) = find_nodes(prompt, "StreamDiTModelLoader")
+    (sampler_id,) = find_nodes(prompt, "StreamDiTSampler")
+    (writer_id,) = find_nodes(prompt, "StreamDiTWriter")
+    prompt[loader_id]["inputs"]["model"] = listed[0]
+    prompt[sampler_id]["inputs"]["stream_id"] = f"ckpt-{uuid.uuid4().hex[:6]}"
+    counts = [_frames_in(server.queue(prompt), writer_id) for _ in range(2)]
+    assert counts == [counts[0], 2 * counts[0]] and counts[0] > 0
+    prompt[loader_id]["inputs"]["model"] = "test/missing.safetensors"
+    try:
+        server.post("/prompt", {"prompt": prompt, "client_id": "streamdit-test"})
+        raise AssertionError("a model that is not listed must be rejected")
+    except urllib.error.HTTPError as exc:
+        assert exc.code == 400  # ComfyUI's own combo validation
+    print(f"checkpoint: {listed[0]} listed once (sharded) and streamed {counts} frames")

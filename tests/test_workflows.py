@@ -388,3 +388,26 @@ def test_progress_is_reported_per_model_call(env: Path) -> None:
     log = [e for e in host.progress_log if e[0] == sampler_id]
     assert log and log[-1][1] == log[-1][2]  # reached the end
     assert any(has_preview for *_, has_preview in log)  # the bundled model previews cheaply
+
+
+def _save_test_checkpoint(path: Path, max_shard_bytes: int | None = None) -> list[Path]:
+    """A small StreamDiT checkpoint (the bundled layout, random weights) written by the core's own writer."""
+    pipeline = pack_module("streamdit_core.pipeline")
+    checkpoint = pack_module("streamdit_core.checkpoint")
+    pipe = pipeline.placeholder_pipeline(seed=7)
+    return list(checkpoint.save_checkpoint(path, pipe.model, pipe.text_encoder, max_shard_bytes=max_shard_bytes))
+
+
+def test_a_checkpoint_from_the_models_folder_streams(env: Path) -> None:
+    folder = env / "models" / "streamdit" / "mine"
+    files = _save_test_checkpoint(folder / "test-model.safetensors", max_shard_bytes=4_000_000)
+    assert len(files) > 1  # sharded: listed once, by its first shard
+    options = pack.NODE_CLASS_MAPPINGS["StreamDiTModelLoader"].INPUT_TYPES()["required"]["model"][0]
+    first = f"mine/{files[0].name}"
+    assert [o for o in options if o.startswith("mine/")] == [first]
+    ex = Executor()
+    prompt = _convert(ex, "streamdit_text_to_video")
+    _set(prompt, "StreamDiTModelLoader", model=first)
+    runs = _run(ex, prompt, 2)
+    assert [r[1] for r in runs] == [0, runs[0][0].shape[0]]
+    assert runs[0][2].model.path == str(files[0])
