@@ -387,6 +387,29 @@ def send_event(event: str, data: dict[str, Any]) -> None:
         logger.debug("could not send %s", event, exc_info=True)
 
 
+node_text_log: deque[tuple[str | None, str]] = deque(maxlen=1000)
+"""Without ComfyUI: ``(node_id, text)`` for every :func:`node_text` call, newest last."""
+
+
+def node_text(text: str, node_id: str | None = None) -> None:
+    """Show a line of text under the executing node in the UI (ComfyUI's progress text)."""
+    node_id = node_id if node_id is not None else current_node_id()
+    _load_host()
+    if _folder_paths is None:
+        node_text_log.append((node_id, text))
+        return
+    if node_id is None:
+        return
+    server = _try_import("server")
+    instance = getattr(getattr(server, "PromptServer", None), "instance", None)
+    if instance is None or not hasattr(instance, "send_progress_text"):
+        return
+    try:
+        instance.send_progress_text(text, node_id, getattr(instance, "client_id", None))
+    except Exception:  # a UI nicety must never break a generation
+        logger.debug("could not send node text", exc_info=True)
+
+
 def add_routes(register: Callable[[Any], None]) -> None:
     """Call ``register(routes)`` with ComfyUI's aiohttp route table (no-op without a running server)."""
     _load_host()

@@ -162,6 +162,11 @@ def advance_stream(
         entry.last_result = result
         entry.runs += 1
     logger.debug("stream %s: frames %d..%d", stream_id, frame_index, frame_index + output.frame_count - 1)
+    host.node_text(
+        f"{stream_id}: frames {frame_index}-{frame_index + output.frame_count - 1}"
+        + (" (restarted)" if restart else ""),
+        node_id,
+    )
     host.send_event(
         "streamdit.stream",
         {"stream_id": stream_id, "frame_index": frame_index, "frames": output.frame_count, "restarted": restart},

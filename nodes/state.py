@@ -102,6 +102,7 @@ class StreamDiTSaveState:
     def save(self, latent: StreamOutput, filename_prefix: str) -> dict[str, Any]:
         path, rel = save_stream_state(latent, filename_prefix)
         frames = int(latent.state.frames_emitted)
+        host.node_text(f"{rel} (frame {frames})")
         return {"ui": {"text": [f"{rel} (frame {frames})"], "frame_index": [frames]}, "result": (path,)}
 
 
@@ -184,6 +185,7 @@ class StreamDiTReset:
         else:
             text = f"stream {sid} was not running"
         logger.info(text)
+        host.node_text(text)
         host.send_event("streamdit.reset", {"stream_id": sid})
         return {"ui": {"text": [text]}}
 

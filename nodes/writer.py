@@ -90,6 +90,7 @@ def write_frames(
             slot.recent.append(frame)
         preview = _write_preview(slot, path, float(fps))
     text = f"{rel}: {total} frames"
+    host.node_text(text)
     return {
         "ui": {"images": [preview], "animated": (True,), "text": [text]},
         "result": (path, total),

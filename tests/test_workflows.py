@@ -216,6 +216,10 @@ def test_text_to_video_streams_across_queue_runs(env: Path) -> None:
     assert preview.is_file() and preview.suffix == ".webp"
     video_io = pack_module("streamdit_core.video_io")
     assert video_io.read_video(path).shape[0] == 3 * per_run
+    # a status line under the nodes (ComfyUI's progress text)
+    texts = [text for node, text in host.node_text_log if node in (sampler_id, writer_id)]
+    assert f"t2v-1: frames {2 * per_run}-{3 * per_run - 1}" in texts
+    assert texts[-1].endswith(f": {3 * per_run} frames")
 
 
 def test_stream_ids_are_independent(env: Path) -> None:

@@ -211,7 +211,7 @@ class Workflow:
             if n.type == "StreamDiTPromptSchedule":
                 height += 110
             if n.type == "StreamDiTWriter":
-                height += 260
+                height += 340
             size = n.size or (340, height)
             node_json: dict[str, Any] = {
                 "id": n.id, "type": n.type, "pos": list(n.pos), "size": list(size), "flags": {},
