@@ -28,3 +28,22 @@ def test_bad_input_is_a_clear_error(tmp_path):
     assert res.returncode == 2 and "line 2, column 1" in res.stderr
     res = _run("generate", "--prompt", "a red circle", "--chunk-size", "3", "--out", str(tmp_path / "d"))
     assert res.returncode == 2 and "chunk size c=3" in res.stderr
+
+
+def test_eval_generate_fn_wraps_the_sampler():
+    import torch
+
+    from streamdit_core.evaluate import GenerateRequest
+    from streamdit_core.evaluate_cli import sampler_generate_fn
+    from streamdit_core.pipeline import placeholder_pipeline
+    from streamdit_core.sampler import StreamSampler
+
+    torch.set_num_threads(1)
+    pipe = placeholder_pipeline()
+    sampler = StreamSampler(pipe, pipe.default_settings(height=32, width=32))
+    generate = sampler_generate_fn(sampler)
+    frames = generate(GenerateRequest("0: a red circle\n2: a blue square", num_frames=5, seed=0))
+    assert frames.shape == (5, 3, 32, 32)
+    video = torch.rand(5, 3, 32, 32)
+    near = generate(GenerateRequest("a red circle", num_frames=4, seed=0, video=video, strength=0.05))
+    assert (near - video[:4]).abs().mean() < 0.06
