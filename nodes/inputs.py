@@ -109,7 +109,8 @@ class StreamDiTVideoInput:
                     {
                         "default": "loop",
                         "tooltip": "When the stream runs past the last input frame: loop = start the input again, "
-                        "hold = repeat the last frame, stop = continue as text-to-video.",
+                        "hold = repeat the last frame, stop = end the stream once the last input frame has been "
+                        "emitted (reset to start again).",
                     },
                 ),
             }

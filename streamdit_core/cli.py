@@ -27,7 +27,7 @@ log = get_logger("cli")
 DEMO_SCHEDULE = """0: a large red circle bouncing on a black background
 48: a large blue square bouncing on a black background
 96: a small yellow triangle moving right on a striped background
-144: a large green circle moving left and a small white square standing still on a grey background
+144: a large green circle moving left and a small purple square standing still on a grey background
 """
 
 Command = Callable[[argparse.Namespace], int]
@@ -69,6 +69,12 @@ class ProgressBar:
 
 
 def _read_schedule(args: argparse.Namespace) -> PromptSchedule:
+    """``--schedule`` (text or @FILE), else ``--prompt``, else the demo schedule (``--demo`` forces it)."""
+    if args.demo:
+        if args.schedule or args.prompt:
+            raise ValueError("--demo streams the built-in demo schedule; leave out --schedule/--prompt or --demo")
+        log.info("demo: the bundled model streams this schedule:\n%s", DEMO_SCHEDULE.strip())
+        return parse_schedule(DEMO_SCHEDULE, transition=args.transition)
     if args.schedule:
         text = Path(args.schedule[1:]).read_text() if args.schedule.startswith("@") else args.schedule
         return parse_schedule(text, transition=args.transition)
@@ -211,7 +217,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--on-end", default="loop", choices=["loop", "hold", "stop"], help="when the input video ends")
     g.add_argument("--resume", help="continue a stream saved with --save-state")
     g.add_argument("--save-state", help="save the stream state here at the end")
-    g.add_argument("--demo", action="store_true", help="the quickstart demo: bundled model, multi-prompt schedule")
+    g.add_argument("--demo", action="store_true", help="the quickstart demo: the built-in multi-prompt schedule")
     g.set_defaults(func=cmd_generate)
 
     i = sub.add_parser("info", help="print a model file's metadata")

@@ -47,3 +47,14 @@ def test_eval_generate_fn_wraps_the_sampler():
     video = torch.rand(5, 3, 32, 32)
     near = generate(GenerateRequest("a red circle", num_frames=4, seed=0, video=video, strength=0.05))
     assert (near - video[:4]).abs().mean() < 0.06
+
+
+def test_demo_schedule_uses_only_the_world_vocabulary():
+    from streamdit_core.cli import DEMO_SCHEDULE
+    from streamdit_core.prompts import parse_schedule
+    from streamdit_core.world import parse_caption
+
+    keyframes = parse_schedule(DEMO_SCHEDULE).keyframes
+    assert len(keyframes) >= 3
+    for _, prompt in keyframes:
+        parse_caption(prompt)  # raises on a word outside the caption grammar
