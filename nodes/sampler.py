@@ -134,15 +134,15 @@ def advance_stream(
             state = entry.state
 
         frame_index = int(state.frames_emitted)
-        new_state, frames = sampler.advance(
+        new_state, latents = sampler.advance_latents(
             state,
             prompts.schedule,
             chunks=int(chunks_per_run),
             video=source,
             callback=callback,
         )
-        image = frames_to_image(frames)
-        latents = _encode(model, frames)
+        image = frames_to_image(model.pipeline.decode(latents))
+        latents = latents.detach()
         output = StreamOutput(
             stream_id=stream_id,
             frame_index=frame_index,
@@ -172,16 +172,6 @@ def advance_stream(
         {"stream_id": stream_id, "frame_index": frame_index, "frames": output.frame_count, "restarted": restart},
     )
     return result
-
-
-def _encode(model: ModelHandle, frames: torch.Tensor) -> torch.Tensor | None:
-    codec = getattr(model.pipeline, "codec", None)
-    if codec is None:
-        return None
-    device = getattr(model.pipeline, "device", None)
-    x = frames if device is None else frames.to(device)
-    latents: torch.Tensor = codec.encode(x).detach()
-    return latents
 
 
 class StreamDiTSampler:

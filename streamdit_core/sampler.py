@@ -276,6 +276,18 @@ class StreamSampler:
         Raises:
             StreamEnded: the stream's input video has been used up (``on_end='stop'``).
         """
+        state, latents = self.advance_latents(state, schedule, chunks, video, callback)
+        return state, self.pipeline.decode(latents)
+
+    def advance_latents(
+        self,
+        state: StreamState,
+        schedule: PromptSchedule,
+        chunks: int = 1,
+        video: VideoSource | None = None,
+        callback: StepCallback | None = None,
+    ) -> tuple[StreamState, torch.Tensor]:
+        """:meth:`advance` without decoding: the emitted latents ``[1, C, F, h, w]`` (float32, on the device)."""
         if not isinstance(chunks, int) or chunks < 1:
             raise ValueError(f"chunks must be an integer >= 1, got {chunks!r}")
         if state.ended:
@@ -299,11 +311,11 @@ class StreamSampler:
             out.append(emitted)
             if state.end_index >= 0 and state.first_index >= state.end_index:
                 break
-        frames = self.pipeline.decode(torch.cat(out, dim=2))
+        latents = torch.cat(out, dim=2)
         first_emitted = state.first_index - len(out) * p.c
         if state.end_index >= 0:
-            frames = frames[: max(0, state.end_index - first_emitted)]
-        return state, frames
+            latents = latents[:, :, : max(0, state.end_index - first_emitted)]
+        return state, latents
 
     def time_to_first_frame(self, seed: int, schedule: PromptSchedule) -> dict[str, float]:
         """Wall seconds and model calls from nothing to the first emitted chunk, for this start-up mode."""

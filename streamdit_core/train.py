@@ -462,30 +462,28 @@ def _device(name: str | None) -> str:
     return name or ("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def cmd_train(args: argparse.Namespace) -> int:
-    cfg = load_config(args.config, TrainConfig)
-    if args.steps:
-        cfg = type(cfg)(**{**asdict(cfg), "steps": args.steps})
-    if args.minutes:
-        cfg = type(cfg)(**{**asdict(cfg), "max_minutes": args.minutes})
-    trainer = Trainer(cfg, args.out, _device(args.device), init=args.init)
-    if args.resume:
+def _config_from_args(args: argparse.Namespace, cls: type[TrainConfig]) -> TrainConfig:
+    """The config file with ``--steps``/``--minutes`` applied."""
+    cfg = load_config(args.config, cls)
+    overrides = {k: v for k, v in (("steps", args.steps), ("max_minutes", args.minutes)) if v}
+    return type(cfg)(**{**asdict(cfg), **overrides}) if overrides else cfg
+
+
+def _run(trainer: Trainer, resume: bool) -> int:
+    if resume:
         trainer.resume()
     trainer.run()
     return 0
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    cfg = _config_from_args(args, TrainConfig)
+    return _run(Trainer(cfg, args.out, _device(args.device), init=args.init), args.resume)
+
+
 def cmd_distill(args: argparse.Namespace) -> int:
-    cfg = load_config(args.config, DistillConfig)
-    if args.steps:
-        cfg = type(cfg)(**{**asdict(cfg), "steps": args.steps})
-    if args.minutes:
-        cfg = type(cfg)(**{**asdict(cfg), "max_minutes": args.minutes})
-    distiller = Distiller(cfg, args.out, _device(args.device), teacher=args.teacher)  # type: ignore[arg-type]
-    if args.resume:
-        distiller.resume()
-    distiller.run()
-    return 0
+    cfg = _config_from_args(args, DistillConfig)
+    return _run(Distiller(cfg, args.out, _device(args.device), teacher=args.teacher), args.resume)  # type: ignore[arg-type]
 
 
 def cmd_export(args: argparse.Namespace) -> int:

@@ -215,3 +215,12 @@ def test_short_input_loops_holds_or_stops(pipe):
         VideoSource(frames, strength=0.0)
     with pytest.raises(ValueError, match="on_end"):
         VideoSource(frames, on_end="rewind")
+
+
+def test_advance_latents_decode_to_advance_frames(pipe):
+    sampler = _sampler(pipe)
+    state = sampler.init_state(2, SCHEDULE)
+    s1, latents = sampler.advance_latents(state, SCHEDULE, chunks=2)
+    s2, frames = sampler.advance(state, SCHEDULE, chunks=2)
+    assert latents.shape == (1, 3, 4, 32, 32)
+    assert torch.equal(pipe.decode(latents), frames) and torch.equal(s1.latents, s2.latents)
