@@ -94,7 +94,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str = 
         module = _flash_attn_module()
         if module is None:
             resolve_backend("flash_attn", q.device, q.dtype)  # raises the install message
-        return module.flash_attn_func(q, k, v)  # type: ignore[attr-defined, no-any-return]
+        return module.flash_attn_func(q, k, v)  # type: ignore[attr-defined]
     resolve_backend(backend, q.device, q.dtype)  # raises for unknown names
     raise AssertionError("unreachable")
 

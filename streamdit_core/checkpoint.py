@@ -139,10 +139,15 @@ def _load_strict(module: torch.nn.Module, tensors: dict[str, torch.Tensor], what
         if missing:
             parts.append(f"missing keys {missing[:20]}{' …' if len(missing) > 20 else ''} ({len(missing)} in all)")
         if unexpected:
-            parts.append(f"unexpected keys {unexpected[:20]}{' …' if len(unexpected) > 20 else ''} ({len(unexpected)} in all)")
+            parts.append(
+                f"unexpected keys {unexpected[:20]}{' …' if len(unexpected) > 20 else ''} ({len(unexpected)} in all)"
+            )
         if wrong:
             parts.append(
-                "wrong shapes " + ", ".join(f"{k}: file {list(tensors[k].shape)} vs model {list(expected[k].shape)}" for k in wrong[:10])
+                "wrong shapes "
+                + ", ".join(
+                    f"{k}: file {list(tensors[k].shape)} vs model {list(expected[k].shape)}" for k in wrong[:10]
+                )
             )
         raise CheckpointError(f"{what} in {path} does not match its config: " + "; ".join(parts))
     module.load_state_dict({k: v.to(expected[k].dtype) for k, v in tensors.items()}, strict=True)
@@ -163,7 +168,7 @@ def load_checkpoint(path: str | os.PathLike[str], device: str | torch.device = "
     tensors = _read_tensors(path)
     model = StreamDiT(ModelConfig.from_json(meta["streamdit.model_config"]))
     text_encoder = None
-    text_tensors = {k[len(TEXT_PREFIX):]: v for k, v in tensors.items() if k.startswith(TEXT_PREFIX)}
+    text_tensors = {k[len(TEXT_PREFIX) :]: v for k, v in tensors.items() if k.startswith(TEXT_PREFIX)}
     if "streamdit.text_encoder_config" in meta:
         text_encoder = TextEncoder(TextEncoderConfig.from_json(meta["streamdit.text_encoder_config"]))
         _load_strict(text_encoder, text_tensors, "text encoder", path)

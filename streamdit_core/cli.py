@@ -13,8 +13,9 @@ import logging
 import math
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
+from typing import Any
 
 import torch
 
@@ -31,13 +32,15 @@ DEMO_SCHEDULE = """0: a large red circle bouncing on a black background
 """
 
 Command = Callable[[argparse.Namespace], int]
-_EXTRA_COMMANDS: list[tuple[str, Callable[[argparse._SubParsersAction], None]]] = []  # type: ignore[type-arg]
+_EXTRA_COMMANDS: list[tuple[str, Callable[[Any], None]]] = []
 
 
-def register_command(name: str) -> Callable[[Callable[[argparse._SubParsersAction], None]], Callable[[argparse._SubParsersAction], None]]:  # type: ignore[type-arg]
+def register_command(
+    name: str,
+) -> Callable[[Callable[[Any], None]], Callable[[Any], None]]:
     """Decorator for modules that add sub-commands (train, distill, eval, bench)."""
 
-    def wrap(fn: Callable[[argparse._SubParsersAction], None]) -> Callable[[argparse._SubParsersAction], None]:  # type: ignore[type-arg]
+    def wrap(fn: Callable[[Any], None]) -> Callable[[Any], None]:
         _EXTRA_COMMANDS.append((name, fn))
         return fn
 
@@ -104,14 +107,24 @@ def cmd_generate(args: argparse.Namespace) -> int:
     overrides: dict[str, object] = {}
     if args.resume:
         state, meta = load_state(args.resume)
-        settings = __import__("streamdit_core.sampler", fromlist=["StreamSettings"]).StreamSettings.from_json(meta["settings"])
-        schedule = parse_schedule(meta["schedule"], transition=int(meta.get("transition", 0))) if not (args.schedule or args.prompt) else _read_schedule(args)
+        settings = __import__("streamdit_core.sampler", fromlist=["StreamSettings"]).StreamSettings.from_json(
+            meta["settings"]
+        )
+        schedule = (
+            parse_schedule(meta["schedule"], transition=int(meta.get("transition", 0)))
+            if not (args.schedule or args.prompt)
+            else _read_schedule(args)
+        )
     else:
         state = None
         schedule = _read_schedule(args)
         defaults = pipeline.default_settings()
         c = args.chunk_size or defaults.partition.c
-        s = args.micro_steps or (defaults.partition.s if c == defaults.partition.c else max(1, defaults.partition.T * c // defaults.partition.B))
+        s = args.micro_steps or (
+            defaults.partition.s
+            if c == defaults.partition.c
+            else max(1, defaults.partition.T * c // defaults.partition.B)
+        )
         buffer = args.buffer or defaults.partition.B
         overrides["partition"] = Partition.from_buffer(buffer, c, s=s, K=args.reference_frames)
         for name in ("shift", "guidance", "height", "width"):
@@ -149,7 +162,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
         bar.update(i + 1, f"frame {state.frames_emitted}")
     bar.close()
     elapsed = time.perf_counter() - t0
-    video_frames = torch.cat(collected)[:total_frames] if collected else torch.zeros(0, 3, settings.height, settings.width)
+    video_frames = (
+        torch.cat(collected)[:total_frames] if collected else torch.zeros(0, 3, settings.height, settings.width)
+    )
     stem = _outputs(args.out)
     written = [
         write_mp4(video_frames, stem.with_suffix(".mp4"), fps, layout="FCHW"),
@@ -157,15 +172,28 @@ def cmd_generate(args: argparse.Namespace) -> int:
         write_contact_sheet(video_frames, stem.with_name(stem.name + "_contact.png"), layout="FCHW"),
     ]
     if args.save_state:
-        meta = {"settings": settings.to_json(), "schedule": schedule.to_text(), "transition": str(schedule.transition),
-                "model": pipeline.name}
+        meta = {
+            "settings": settings.to_json(),
+            "schedule": schedule.to_text(),
+            "transition": str(schedule.transition),
+            "model": pipeline.name,
+        }
         written.append(save_state(state, args.save_state, meta))
-    stats = {"frames": int(video_frames.shape[0]), "seconds_of_video": video_frames.shape[0] / fps, "wall_seconds": elapsed,
-             "frames_per_second": video_frames.shape[0] / max(elapsed, 1e-9), "time_to_first_frame_s": first_frame_s,
-             "model_calls": state.calls, "model": pipeline.name, "trained": pipeline.trained}
+    stats = {
+        "frames": int(video_frames.shape[0]),
+        "seconds_of_video": video_frames.shape[0] / fps,
+        "wall_seconds": elapsed,
+        "frames_per_second": video_frames.shape[0] / max(elapsed, 1e-9),
+        "time_to_first_frame_s": first_frame_s,
+        "model_calls": state.calls,
+        "model": pipeline.name,
+        "trained": pipeline.trained,
+    }
     log.info("stats %s", json.dumps(stats))
-    sys.stdout.write(f"wrote {video_frames.shape[0]} frames ({stats['seconds_of_video']:.1f} s at {fps} fps) "
-                     f"in {elapsed:.1f} s ({stats['frames_per_second']:.1f} frames/s):\n")
+    sys.stdout.write(
+        f"wrote {video_frames.shape[0]} frames ({stats['seconds_of_video']:.1f} s at {fps} fps) "
+        f"in {elapsed:.1f} s ({stats['frames_per_second']:.1f} frames/s):\n"
+    )
     for path in written:
         sys.stdout.write(f"  {path}\n")
     if not pipeline.trained:

@@ -95,7 +95,7 @@ class ModelConfig:
         return json.dumps(asdict(self), sort_keys=True)
 
     @classmethod
-    def from_json(cls, text: str) -> "ModelConfig":
+    def from_json(cls, text: str) -> ModelConfig:
         data = json.loads(text)
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - known)
@@ -106,7 +106,7 @@ class ModelConfig:
                 data[key] = tuple(data[key])
         return cls(**data)
 
-    def with_(self, **changes: Any) -> "ModelConfig":
+    def with_(self, **changes: Any) -> ModelConfig:
         return replace(self, **changes)
 
 
@@ -115,16 +115,47 @@ PRESETS: dict[str, ModelConfig] = {
     # 8 frames x the whole 8x8 token frame (fast enough for real time on a 2-core CPU).
     "bundled": ModelConfig(patch_size=(1, 8, 8), num_layers=8, window=(8, 8, 8)),
     # A very small layout for unit tests.
-    "test-tiny": ModelConfig(dim=32, ffn_dim=64, num_heads=2, num_layers=2, text_dim=16, text_len=8,
-                             freq_dim=32, patch_size=(1, 2, 2)),
+    "test-tiny": ModelConfig(
+        dim=32, ffn_dim=64, num_heads=2, num_layers=2, text_dim=16, text_len=8, freq_dim=32, patch_size=(1, 2, 2)
+    ),
     # Wan 2.1 text-to-video layouts (16-channel latents from the Wan VAE, umT5-XXL text embeddings).
-    "wan2.1-1.3b": ModelConfig(in_dim=16, out_dim=16, dim=1536, ffn_dim=8960, num_heads=12, num_layers=30,
-                               patch_size=(1, 2, 2), text_dim=4096, text_len=512, freq_dim=256),
-    "wan2.1-14b": ModelConfig(in_dim=16, out_dim=16, dim=5120, ffn_dim=13824, num_heads=40, num_layers=40,
-                              patch_size=(1, 2, 2), text_dim=4096, text_len=512, freq_dim=256),
+    "wan2.1-1.3b": ModelConfig(
+        in_dim=16,
+        out_dim=16,
+        dim=1536,
+        ffn_dim=8960,
+        num_heads=12,
+        num_layers=30,
+        patch_size=(1, 2, 2),
+        text_dim=4096,
+        text_len=512,
+        freq_dim=256,
+    ),
+    "wan2.1-14b": ModelConfig(
+        in_dim=16,
+        out_dim=16,
+        dim=5120,
+        ffn_dim=13824,
+        num_heads=40,
+        num_layers=40,
+        patch_size=(1, 2, 2),
+        text_dim=4096,
+        text_len=512,
+        freq_dim=256,
+    ),
     # Paper-scale benchmark layout: about 4.0 B parameters, 8 latent channels (the paper's TAE).
-    "paper-4b": ModelConfig(in_dim=8, out_dim=8, dim=3072, ffn_dim=7680, num_heads=24, num_layers=32,
-                            patch_size=(1, 2, 2), text_dim=4096, text_len=256, freq_dim=256),
+    "paper-4b": ModelConfig(
+        in_dim=8,
+        out_dim=8,
+        dim=3072,
+        ffn_dim=7680,
+        num_heads=24,
+        num_layers=32,
+        patch_size=(1, 2, 2),
+        text_dim=4096,
+        text_len=256,
+        freq_dim=256,
+    ),
 }
 
 

@@ -11,7 +11,8 @@ import argparse
 import math
 import sys
 import time
-from typing import Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -32,7 +33,11 @@ def sampler_generate_fn(sampler: StreamSampler) -> Callable[[GenerateRequest], t
 
     def generate(request: GenerateRequest) -> torch.Tensor:
         schedule = parse_schedule(request.schedule_text)
-        video = VideoSource(request.video, strength=request.strength) if request.video is not None and request.strength < 1 else None
+        video = (
+            VideoSource(request.video, strength=request.strength)
+            if request.video is not None and request.strength < 1
+            else None
+        )
         state = sampler.init_state(request.seed, schedule, video)
         chunks = math.ceil(request.num_frames / sampler.settings.partition.c)
         _, frames = sampler.advance(state, schedule, chunks=chunks, video=video)
@@ -60,7 +65,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     defaults = pipeline.default_settings()
     partition = defaults.partition
     if args.chunk_size or args.micro_steps:
-        partition = Partition.from_buffer(partition.B, args.chunk_size or partition.c, s=args.micro_steps or partition.s)
+        partition = Partition.from_buffer(
+            partition.B, args.chunk_size or partition.c, s=args.micro_steps or partition.s
+        )
     overrides: dict[str, object] = {"partition": partition}
     if args.guidance is not None:
         overrides["guidance"] = args.guidance
@@ -76,7 +83,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 @register_command("eval")
-def _add_eval(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def _add_eval(sub: Any) -> None:
     e = sub.add_parser("eval", help="score a model against the procedural world's ground truth")
     e.add_argument("--model", default=None, help="a StreamDiT checkpoint (default: the bundled model)")
     e.add_argument("--out", default="docs/eval")

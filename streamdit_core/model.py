@@ -185,7 +185,9 @@ class Block(nn.Module):
         self.norm3 = LayerNorm(d, config.eps, elementwise_affine=True) if config.cross_attn_norm else nn.Identity()
         self.cross_attn = CrossAttention(config)
         self.norm2 = LayerNorm(d, config.eps, elementwise_affine=False)
-        self.ffn = nn.Sequential(nn.Linear(d, config.ffn_dim), nn.GELU(approximate="tanh"), nn.Linear(config.ffn_dim, d))
+        self.ffn = nn.Sequential(
+            nn.Linear(d, config.ffn_dim), nn.GELU(approximate="tanh"), nn.Linear(config.ffn_dim, d)
+        )
         self.modulation = nn.Parameter(torch.randn(1, 6, d) / d**0.5)
 
     def forward(
@@ -201,7 +203,9 @@ class Block(nn.Module):
     ) -> torch.Tensor:
         """x ``[b, L, dim]``; e ``[b, F, 6, dim]`` float32 per-frame modulation; context as in CrossAttention."""
         mod = (self.modulation.float()[:, None] + e).unbind(dim=2)  # 6 × [b, F, dim]
-        y = self.self_attn(modulate(self.norm1(x).float(), mod[0], mod[1]).type_as(x), rope, grid, window, shift, backend)
+        y = self.self_attn(
+            modulate(self.norm1(x).float(), mod[0], mod[1]).type_as(x), rope, grid, window, shift, backend
+        )
         x = x + gate(y.float(), mod[2]).type_as(x)
         x = x + self.cross_attn(self.norm3(x), context, backend)
         y = self.ffn(modulate(self.norm2(x).float(), mod[3], mod[4]).type_as(x))
@@ -250,9 +254,11 @@ class StreamDiT(nn.Module):
         for module in self.modules():
             if isinstance(module, nn.Linear):
                 nn.init.xavier_uniform_(module.weight)
-                nn.init.zeros_(module.bias)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
         nn.init.xavier_uniform_(self.patch_embedding.weight.flatten(1))
-        nn.init.zeros_(self.patch_embedding.bias)
+        if self.patch_embedding.bias is not None:
+            nn.init.zeros_(self.patch_embedding.bias)
         for module in list(self.text_embedding) + list(self.time_embedding):
             if isinstance(module, nn.Linear):
                 nn.init.normal_(module.weight, std=0.02)
@@ -280,7 +286,9 @@ class StreamDiT(nn.Module):
         sigma = sigma[:, :: self.config.patch_size[0]]
         t = sigma.float().reshape(-1) * 1000.0
         with torch.autocast(device_type=t.device.type, enabled=False):
-            e = self.time_embedding(sinusoidal_embedding(self.config.freq_dim, t).to(self.time_embedding[0].weight.dtype)).float()
+            e = self.time_embedding(
+                sinusoidal_embedding(self.config.freq_dim, t).to(self.patch_embedding.weight.dtype)
+            ).float()
             e0 = self.time_projection(e.to(self.time_projection[1].weight.dtype)).float()
         return e.unflatten(0, (batch, -1)), e0.unflatten(0, (batch, -1)).unflatten(-1, (6, -1))
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -33,11 +33,23 @@ BUNDLED_NAME = "streamdit-bundled"
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 
 # Stream settings the bundled layout runs with when a checkpoint stores none.
-_FALLBACK_DEFAULTS: dict[str, object] = {"partition": [0, 8, 2, 1], "shift": 1.0, "guidance": 1.0, "height": 64,
-                                         "width": 64, "fps": 16}
+_FALLBACK_DEFAULTS: dict[str, Any] = {
+    "partition": [0, 8, 2, 1],
+    "shift": 1.0,
+    "guidance": 1.0,
+    "height": 64,
+    "width": 64,
+    "fps": 16,
+}
 
-_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-           "float16": torch.float16, "fp16": torch.float16}
+_DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+}
 
 
 def parse_dtype(name: str | torch.dtype) -> torch.dtype:
@@ -74,7 +86,7 @@ class StreamPipeline:
     codec: Codec
     device: torch.device
     dtype: torch.dtype
-    defaults: dict[str, object] = field(default_factory=dict)
+    defaults: dict[str, Any] = field(default_factory=dict)
     name: str = BUNDLED_NAME
     trained: bool = True
     attention: str = "auto"
@@ -87,22 +99,25 @@ class StreamPipeline:
 
     @property
     def fps(self) -> int:
-        return int(self.defaults.get("fps", 16))  # type: ignore[call-overload]
+        return int(self.defaults.get("fps", 16))
 
-    def default_settings(self, **overrides: object) -> "StreamSettings":
+    def default_settings(self, **overrides: object) -> StreamSettings:
         from .sampler import StreamSettings
 
         d = dict(_FALLBACK_DEFAULTS)
         d.update(self.defaults)
-        K, N, c, s = d["partition"]  # type: ignore[misc]
-        kwargs: dict[str, object] = {
-            "partition": Partition(K=K, N=N, c=c, s=s), "shift": float(d["shift"]),  # type: ignore[arg-type]
-            "guidance": float(d["guidance"]), "height": int(d["height"]), "width": int(d["width"]),  # type: ignore[arg-type]
+        K, N, c, s = d["partition"]
+        kwargs: dict[str, Any] = {
+            "partition": Partition(K=K, N=N, c=c, s=s),
+            "shift": float(d["shift"]),
+            "guidance": float(d["guidance"]),
+            "height": int(d["height"]),
+            "width": int(d["width"]),
         }
         kwargs.update(overrides)
-        return StreamSettings(**kwargs)  # type: ignore[arg-type]
+        return StreamSettings(**kwargs)
 
-    def check_settings(self, settings: "StreamSettings") -> None:
+    def check_settings(self, settings: StreamSettings) -> None:
         """Raise ``ValueError`` naming the setting if this model cannot run ``settings``."""
         cfg = self.model.config
         factor = self.codec.spatial_factor
@@ -112,14 +127,18 @@ class StreamPipeline:
             if size % step:
                 raise ValueError(f"{name}={size} must be a multiple of {step} for this model (codec ×{factor}, patch)")
         if settings.partition.B % cfg.patch_size[0]:
-            raise ValueError(f"buffer B={settings.partition.B} must be a multiple of the temporal patch {cfg.patch_size[0]}")
+            raise ValueError(
+                f"buffer B={settings.partition.B} must be a multiple of the temporal patch {cfg.patch_size[0]}"
+            )
 
     # -- text ---------------------------------------------------------------------------------------------
 
     def encode_prompts(self, prompts: list[str]) -> dict[str, torch.Tensor]:
         """Embeddings ``{prompt: [text_len, text_dim]}`` (float32 on ``device``); each distinct prompt is
         encoded once and cached. External embeddings (e.g. ComfyUI CONDITIONING) take precedence."""
-        missing = [p for p in dict.fromkeys(prompts) if p not in self._prompt_cache and p not in self.external_embeddings]
+        missing = [
+            p for p in dict.fromkeys(prompts) if p not in self._prompt_cache and p not in self.external_embeddings
+        ]
         if missing:
             if self.text_encoder is None:
                 raise ValueError(
@@ -130,7 +149,8 @@ class StreamPipeline:
                 emb = self.text_encoder.encode(missing).float()
             for prompt, e in zip(missing, emb):
                 self._prompt_cache[prompt] = e.clone()
-        return {p: self.external_embeddings.get(p, self._prompt_cache.get(p)) for p in prompts}  # type: ignore[misc]
+        known = {**self._prompt_cache, **self.external_embeddings}
+        return {p: known[p] for p in prompts}
 
     # -- model --------------------------------------------------------------------------------------------
 
@@ -168,16 +188,28 @@ class StreamPipeline:
         return self.codec.decode(latents).cpu()
 
 
-def _pipeline_from(ckpt: LoadedCheckpoint, device: torch.device, dtype: torch.dtype, attention: str, name: str) -> StreamPipeline:
+def _pipeline_from(
+    ckpt: LoadedCheckpoint, device: torch.device, dtype: torch.dtype, attention: str, name: str
+) -> StreamPipeline:
     if ckpt.codec != "pixel":
         raise ValueError(f"{name}: codec {ckpt.codec!r} needs an external VAE (use the ComfyUI nodes)")
     model = ckpt.model.to(device=device, dtype=dtype)
-    return StreamPipeline(model=model, text_encoder=ckpt.text_encoder, codec=PixelCodec(), device=device, dtype=dtype,
-                          defaults=ckpt.defaults, name=name, trained=True, attention=attention)
+    return StreamPipeline(
+        model=model,
+        text_encoder=ckpt.text_encoder,
+        codec=PixelCodec(),
+        device=device,
+        dtype=dtype,
+        defaults=ckpt.defaults,
+        name=name,
+        trained=True,
+        attention=attention,
+    )
 
 
-def placeholder_pipeline(device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32, attention: str = "auto",
-                         seed: int = 0) -> StreamPipeline:
+def placeholder_pipeline(
+    device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32, attention: str = "auto", seed: int = 0
+) -> StreamPipeline:
     """A randomly initialised model of the bundled layout (for tests and for checkouts without weights)."""
     from .world import VOCABULARY
 
@@ -188,9 +220,17 @@ def placeholder_pipeline(device: str | torch.device = "cpu", dtype: torch.dtype 
     torch.nn.init.normal_(model.head.head.weight, std=0.02)
     text = TextEncoder(TextEncoderConfig(vocabulary=tuple(VOCABULARY), text_len=cfg.text_len, dim=cfg.text_dim))
     dev = torch.device(device)
-    return StreamPipeline(model=model.to(dev, dtype).eval(), text_encoder=text.to(dev).eval(), codec=PixelCodec(),
-                          device=dev, dtype=dtype, defaults=dict(_FALLBACK_DEFAULTS),
-                          name=f"{BUNDLED_NAME} (untrained placeholder)", trained=False, attention=attention)
+    return StreamPipeline(
+        model=model.to(dev, dtype).eval(),
+        text_encoder=text.to(dev).eval(),
+        codec=PixelCodec(),
+        device=dev,
+        dtype=dtype,
+        defaults=dict(_FALLBACK_DEFAULTS),
+        name=f"{BUNDLED_NAME} (untrained placeholder)",
+        trained=False,
+        attention=attention,
+    )
 
 
 def load_pipeline(
@@ -204,13 +244,21 @@ def load_pipeline(
     if path is None:
         bundled = bundled_model_path()
         if bundled is None:
-            log.warning("the bundled model's weights are not installed in %s; using an untrained placeholder "
-                        "model of the same layout (frames will be noise)", WEIGHTS_DIR)
+            log.warning(
+                "the bundled model's weights are not installed in %s; using an untrained placeholder "
+                "model of the same layout (frames will be noise)",
+                WEIGHTS_DIR,
+            )
             return placeholder_pipeline(dev, dt, attention)
         path, name = bundled, BUNDLED_NAME
     else:
         name = Path(path).name
     ckpt = load_checkpoint(path, device="cpu")
     meta_defaults = ckpt.defaults
-    log.info("loaded %s (%s parameters, defaults %s)", name, f"{ckpt.model.config.num_parameters():,}", json.dumps(meta_defaults))
+    log.info(
+        "loaded %s (%s parameters, defaults %s)",
+        name,
+        f"{ckpt.model.config.num_parameters():,}",
+        json.dumps(meta_defaults),
+    )
     return _pipeline_from(ckpt, dev, dt, attention, name)

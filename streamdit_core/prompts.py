@@ -60,7 +60,7 @@ class PromptSchedule:
             raise ValueError(f"transition must be >= 0 frames, got {self.transition}")
 
     @classmethod
-    def single(cls, prompt: str) -> "PromptSchedule":
+    def single(cls, prompt: str) -> PromptSchedule:
         return cls(((0, prompt),))
 
     @property
@@ -186,5 +186,9 @@ def per_frame_context(
     rows = []
     for index in frame_indices:
         mix = frame_weights(schedule, max(index, 0))
-        rows.append(sum(w * embeddings[p] for p, w in mix.items()))
+        items = list(mix.items())
+        row = items[0][1] * embeddings[items[0][0]]
+        for p, w in items[1:]:
+            row = row + w * embeddings[p]
+        rows.append(row)
     return torch.stack(rows).unsqueeze(0)

@@ -20,8 +20,9 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import Callable
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -32,6 +33,9 @@ from .stream import StreamState
 from .v2v import StreamEnded, VideoSource, resize_frames
 
 __all__ = ["StreamSettings", "StreamSampler", "StepCallback", "StreamEnded"]
+
+if TYPE_CHECKING:
+    from .pipeline import StreamPipeline
 
 log = get_logger("sampler")
 
@@ -85,7 +89,7 @@ class StreamSettings:
         return json.dumps(d, sort_keys=True)
 
     @classmethod
-    def from_json(cls, text: str) -> "StreamSettings":
+    def from_json(cls, text: str) -> StreamSettings:
         d = json.loads(text)
         K, N, c, s = d.pop("partition")
         if d.get("window") is not None:
@@ -96,7 +100,7 @@ class StreamSettings:
 class StreamSampler:
     """Runs streams of one pipeline with one set of settings. Holds no stream state of its own."""
 
-    def __init__(self, pipeline: "StreamPipeline", settings: StreamSettings) -> None:  # noqa: F821
+    def __init__(self, pipeline: StreamPipeline, settings: StreamSettings) -> None:  # noqa: F821
         self.pipeline = pipeline
         self.settings = settings
         pipeline.check_settings(settings)
@@ -128,9 +132,7 @@ class StreamSampler:
         latents = self._video_cache[key][1]
         return latents[:, :, video.source_indices(indices)]
 
-    def _entering(
-        self, indices: list[int], generator: torch.Generator, video: VideoSource | None
-    ) -> torch.Tensor:
+    def _entering(self, indices: list[int], generator: torch.Generator, video: VideoSource | None) -> torch.Tensor:
         """Fresh frames at the noisy end: noise, or input noised to σ = strength. ``[1, C, c, h, w]``."""
         device = self.pipeline.device
         noise = torch.randn(self._latent_shape(len(indices)), generator=generator, dtype=torch.float32).to(device)
@@ -139,7 +141,9 @@ class StreamSampler:
         x = self._video_latents(video, indices).to(device)
         return (1.0 - video.strength) * x + video.strength * noise
 
-    def _velocity(self, latents: torch.Tensor, sigmas: torch.Tensor, indices: list[int], schedule: PromptSchedule) -> torch.Tensor:
+    def _velocity(
+        self, latents: torch.Tensor, sigmas: torch.Tensor, indices: list[int], schedule: PromptSchedule
+    ) -> torch.Tensor:
         embeddings = self.pipeline.encode_prompts(list(schedule.prompts))
         context = per_frame_context(schedule, indices, embeddings)
         uncond = None
@@ -160,7 +164,6 @@ class StreamSampler:
         """A new stream: warm start (uniform T2V, the paper's) or cold start, per ``settings.warm_start``."""
         if not isinstance(seed, int) or seed < 0:
             raise ValueError(f"seed must be an integer >= 0, got {seed!r}")
-        p = self.settings.partition
         generator = torch.Generator(device="cpu").manual_seed(seed)
         strength = video.strength if video is not None else 1.0
         end_index = video.end_index if video is not None else -1
@@ -231,7 +234,9 @@ class StreamSampler:
         chunk left the buffer on this call (``None`` otherwise). ``state`` is not modified."""
         p = self.settings.partition
         if state.partition != p:
-            raise ValueError(f"stream was started with partition {state.partition.describe()}, settings have {p.describe()}")
+            raise ValueError(
+                f"stream was started with partition {state.partition.describe()}, settings have {p.describe()}"
+            )
         strength = video.strength if video is not None else 1.0
         sigma, sigma_next = self.levels(state.micro_step, strength)
         indices = self._frame_indices(state.first_index)
@@ -304,7 +309,9 @@ class StreamSampler:
             if callback is not None:
                 preview = None
                 if self.pipeline.cheap_decode:
-                    preview = self.pipeline.decode(emitted if emitted is not None else state.latents[:, :, p.K : p.K + p.c])
+                    preview = self.pipeline.decode(
+                        emitted if emitted is not None else state.latents[:, :, p.K : p.K + p.c]
+                    )
                 callback(call, total, preview)
             if emitted is None or first < 0:
                 continue

@@ -15,8 +15,8 @@ Conventions (DESIGN.md §3, binding everywhere in this package):
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 
@@ -75,7 +75,7 @@ class Partition:
         return self.s * self.N
 
     @classmethod
-    def from_buffer(cls, B: int, c: int, s: int = 1, K: int = 0) -> "Partition":
+    def from_buffer(cls, B: int, c: int, s: int = 1, K: int = 0) -> Partition:
         """Build a partition from the buffer length ``B`` and chunk size ``c``; ``B − K`` must divide by ``c``."""
         if B - K < 1 or (B - K) % c != 0:
             raise ValueError(
@@ -164,9 +164,7 @@ def default_chunk_sizes(frames: int) -> tuple[int, ...]:
     return tuple(sizes)
 
 
-def sample_chunk_size(
-    frames: int, chunk_sizes: Sequence[int], t2v_share: float, generator: torch.Generator
-) -> int:
+def sample_chunk_size(frames: int, chunk_sizes: Sequence[int], t2v_share: float, generator: torch.Generator) -> int:
     """Draw a training chunk size: the full buffer (T2V) with probability ``t2v_share``, otherwise uniformly
     among the other sizes in ``chunk_sizes``. ``frames`` is the number of non-reference frames."""
     if not 0.0 <= t2v_share <= 1.0:

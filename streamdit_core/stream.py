@@ -17,6 +17,7 @@ import json
 import os
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import safe_open
@@ -72,7 +73,7 @@ class StreamState:
         g.set_state(self.generator_state.clone())
         return g
 
-    def evolve(self, **changes: object) -> "StreamState":
+    def evolve(self, **changes: object) -> StreamState:
         return replace(self, **changes)  # type: ignore[arg-type]
 
     def validate(self) -> None:
@@ -101,18 +102,18 @@ class StreamState:
         }
 
     @classmethod
-    def from_state_dict(cls, d: dict[str, object]) -> "StreamState":
+    def from_state_dict(cls, d: dict[str, Any]) -> StreamState:
         try:
-            K, N, c, s = (int(v) for v in d["partition"])  # type: ignore[union-attr]
+            K, N, c, s = (int(v) for v in d["partition"])
             state = cls(
                 latents=torch.as_tensor(d["latents"]).float(),
                 sigmas=torch.as_tensor(d["sigmas"]).double(),
-                micro_step=int(d["micro_step"]),  # type: ignore[call-overload]
-                first_index=int(d["first_index"]),  # type: ignore[call-overload]
-                end_index=int(d["end_index"]),  # type: ignore[call-overload]
+                micro_step=int(d["micro_step"]),
+                first_index=int(d["first_index"]),
+                end_index=int(d["end_index"]),
                 generator_state=torch.as_tensor(d["generator_state"]).to(torch.uint8),
-                seed=int(d["seed"]),  # type: ignore[call-overload]
-                calls=int(d["calls"]),  # type: ignore[call-overload]
+                seed=int(d["seed"]),
+                calls=int(d["calls"]),
                 partition=Partition(K=K, N=N, c=c, s=s),
             )
         except KeyError as exc:
@@ -120,7 +121,7 @@ class StreamState:
         state.validate()
         return state
 
-    def load_state_dict(self, d: dict[str, object]) -> "StreamState":
+    def load_state_dict(self, d: dict[str, object]) -> StreamState:
         """Return the state described by ``d`` (states are immutable; this does not modify ``self``)."""
         return StreamState.from_state_dict(d)
 
@@ -154,7 +155,7 @@ def load_state(path: str | os.PathLike[str]) -> tuple[StreamState, dict[str, str
         meta = dict(f.metadata() or {})
         if meta.get("streamdit.format") != STATE_FORMAT:
             raise StateError(f"{p} is not a StreamDiT stream state (format {meta.get('streamdit.format')!r})")
-        d: dict[str, object] = {k: f.get_tensor(k) for k in f.keys()}
+        d: dict[str, Any] = {k: f.get_tensor(k) for k in f.keys()}
     d.update({k: int(meta[f"state.{k}"]) for k in _INT_FIELDS})
     d["partition"] = json.loads(meta["state.partition"])
     return StreamState.from_state_dict(d), meta

@@ -56,7 +56,7 @@ class TextEncoderConfig:
         return json.dumps(asdict(self), sort_keys=True)
 
     @classmethod
-    def from_json(cls, text: str) -> "TextEncoderConfig":
+    def from_json(cls, text: str) -> TextEncoderConfig:
         return cls(**json.loads(text))
 
 
@@ -105,7 +105,12 @@ class TextEncoder(nn.Module):
         self.position_embedding = nn.Parameter(torch.zeros(config.text_len, config.dim))
         self.layers = nn.ModuleList(
             nn.TransformerEncoderLayer(
-                config.dim, config.num_heads, 4 * config.dim, dropout=0.0, activation="gelu", batch_first=True,
+                config.dim,
+                config.num_heads,
+                4 * config.dim,
+                dropout=0.0,
+                activation="gelu",
+                batch_first=True,
                 norm_first=True,
             )
             for _ in range(config.num_layers)

@@ -3,8 +3,10 @@
 Commands::
 
     python -m streamdit_core train   --config configs/bundled_teacher.json --out runs/teacher [--resume]
-    python -m streamdit_core distill --config configs/bundled_distill.json --teacher runs/teacher/ema.safetensors --out runs/student
-    python -m streamdit_core export  --ckpt runs/student/ema.safetensors --out streamdit_core/weights/streamdit-bundled.safetensors
+    python -m streamdit_core distill --config configs/bundled_distill.json \
+        --teacher runs/teacher/ema.safetensors --out runs/student
+    python -m streamdit_core export  --ckpt runs/student/ema.safetensors \
+        --out streamdit_core/weights/streamdit-bundled.safetensors
 
 Training step (DESIGN.md §3): a clip of ``B`` frames from the procedural world, a chunk size drawn from
 the mix (the full-buffer T2V case with probability ``t2v_share``), per-chunk σ drawn in its band,
@@ -29,16 +31,23 @@ import os
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
+from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from .checkpoint import load_checkpoint, save_checkpoint
 from .cli import register_command
 from .config import ModelConfig, preset
 from .log import get_logger
 from .model import StreamDiT
-from .schedule import Partition, default_chunk_sizes, inference_sigmas, next_inference_sigmas, sample_chunk_size, training_sigmas
+from .schedule import (
+    Partition,
+    default_chunk_sizes,
+    inference_sigmas,
+    next_inference_sigmas,
+    sample_chunk_size,
+    training_sigmas,
+)
 from .text import TextEncoder, TextEncoderConfig
 
 __all__ = ["TrainConfig", "DistillConfig", "Trainer", "flow_matching_loss", "distillation_loss"]
@@ -87,7 +96,9 @@ class TrainConfig:
     world: dict[str, object] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "chunk_sizes", tuple(self.chunk_sizes) or default_chunk_sizes(self.buffer - self.reference_frames))
+        object.__setattr__(
+            self, "chunk_sizes", tuple(self.chunk_sizes) or default_chunk_sizes(self.buffer - self.reference_frames)
+        )
         frames = self.buffer - self.reference_frames
         bad = [c for c in self.chunk_sizes if c < 1 or frames % c]
         if bad:
@@ -135,8 +146,9 @@ def noise_clip(x: torch.Tensor, sigma: torch.Tensor, noise: torch.Tensor) -> tor
     return (1.0 - s) * x + s * noise
 
 
-def flow_matching_loss(model: StreamDiT, x: torch.Tensor, sigma: torch.Tensor, noise: torch.Tensor,
-                       context: torch.Tensor) -> torch.Tensor:
+def flow_matching_loss(
+    model: StreamDiT, x: torch.Tensor, sigma: torch.Tensor, noise: torch.Tensor, context: torch.Tensor
+) -> torch.Tensor:
     """Buffered flow matching: MSE between ``v_θ(x_σ)`` and ``ε − x`` over non-reference frames
     (reference frames sit at σ = 0 and are masked out of the loss)."""
     pred = model(noise_clip(x, sigma, noise), sigma, context).float()
@@ -145,8 +157,14 @@ def flow_matching_loss(model: StreamDiT, x: torch.Tensor, sigma: torch.Tensor, n
     return (err * weight).sum() / weight.sum().clamp(min=1.0)
 
 
-def distillation_loss(student: StreamDiT, x_sigma: torch.Tensor, sigma: torch.Tensor, sigma_next: torch.Tensor,
-                      x_teacher: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+def distillation_loss(
+    student: StreamDiT,
+    x_sigma: torch.Tensor,
+    sigma: torch.Tensor,
+    sigma_next: torch.Tensor,
+    x_teacher: torch.Tensor,
+    context: torch.Tensor,
+) -> torch.Tensor:
     """The student's one step must land where the teacher's guided micro-steps landed:
     ``v_target = (x_teacher − x_σ) / (σ_next − σ)`` (frames that do not move are masked out)."""
     delta = (sigma_next - sigma).float()[:, None, :, None, None]
@@ -154,7 +172,15 @@ def distillation_loss(student: StreamDiT, x_sigma: torch.Tensor, sigma: torch.Te
     target = (x_teacher - x_sigma).float() / torch.where(delta == 0, torch.ones_like(delta), delta)
     pred = student(x_sigma, sigma, context).float()
     err = (pred - target).pow(2) * moving
-    return err.sum() / (moving.sum() * x_sigma.shape[1] * x_sigma.shape[3] * x_sigma.shape[4] / moving.shape[1] / moving.shape[3] / moving.shape[4]).clamp(min=1.0)
+    return err.sum() / (
+        moving.sum()
+        * x_sigma.shape[1]
+        * x_sigma.shape[3]
+        * x_sigma.shape[4]
+        / moving.shape[1]
+        / moving.shape[3]
+        / moving.shape[4]
+    ).clamp(min=1.0)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -170,7 +196,7 @@ def _lr_at(step: int, cfg: TrainConfig, time_progress: float = 0.0) -> float:
     return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
 
 
-class _TruthStream(torch.utils.data.IterableDataset):  # type: ignore[type-arg]
+class _TruthStream(torch.utils.data.IterableDataset):
     """Ground truth and captions of random world clips, made on CPU worker processes (the GPU renders them).
     Worker ``w`` of ``n`` draws from a generator seeded ``seed·1000 + start·n + w`` (so a resumed run continues
     with fresh, reproducible draws)."""
@@ -193,8 +219,9 @@ class _TruthStream(torch.utils.data.IterableDataset):  # type: ignore[type-arg]
 class Trainer:
     """Owns the models, the optimiser, EMA, the world sampler, checkpoints and logs."""
 
-    def __init__(self, cfg: TrainConfig, out: str | os.PathLike[str], device: str | torch.device,
-                 init: str | None = None) -> None:
+    def __init__(
+        self, cfg: TrainConfig, out: str | os.PathLike[str], device: str | torch.device, init: str | None = None
+    ) -> None:
         from .world import VOCABULARY, World, WorldConfig
 
         self.cfg, self.out, self.device = cfg, Path(out), torch.device(device)
@@ -202,14 +229,21 @@ class Trainer:
         torch.manual_seed(cfg.seed)  # parameter initialisation only
         if init:
             ckpt = load_checkpoint(init)
-            self.model, self.text = ckpt.model, ckpt.text_encoder
-            if self.text is None:
+            if ckpt.text_encoder is None:
                 raise ValueError(f"{init} has no text encoder")
+            self.model, self.text = ckpt.model, ckpt.text_encoder
         else:
             mcfg: ModelConfig = preset(cfg.model)
             self.model = StreamDiT(mcfg)
-            self.text = TextEncoder(TextEncoderConfig(vocabulary=VOCABULARY, text_len=mcfg.text_len, dim=mcfg.text_dim,
-                                                      num_layers=cfg.text_layers, num_heads=cfg.text_heads))
+            self.text = TextEncoder(
+                TextEncoderConfig(
+                    vocabulary=VOCABULARY,
+                    text_len=mcfg.text_len,
+                    dim=mcfg.text_dim,
+                    num_layers=cfg.text_layers,
+                    num_heads=cfg.text_heads,
+                )
+            )
         self.model.to(self.device).train()
         self.text.to(self.device).train()
         self.ema_model = copy.deepcopy(self.model).eval().requires_grad_(False)
@@ -229,10 +263,15 @@ class Trainer:
         if self._data is None:
             workers = min(8, max(0, (os.cpu_count() or 1) - 2)) if self.device.type == "cuda" else 0
             stream = _TruthStream(self.world.config, self.cfg.batch, self.cfg.buffer, self.cfg.seed, self.step)
-            loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=workers,
-                                                 prefetch_factor=4 if workers else None, persistent_workers=bool(workers))
+            loader = torch.utils.data.DataLoader(
+                stream,
+                batch_size=None,
+                num_workers=workers,
+                prefetch_factor=4 if workers else None,
+                persistent_workers=bool(workers),
+            )
             self._data = iter(loader)
-        return next(self._data)  # type: ignore[call-overload, no-any-return]
+        return next(self._data)  # type: ignore[call-overload]
 
     # -- data ---------------------------------------------------------------------------------------------
 
@@ -312,21 +351,36 @@ class Trainer:
     # -- checkpoints --------------------------------------------------------------------------------------
 
     def defaults(self) -> dict[str, object]:
-        return {"partition": [0, 8, 2, 1], "shift": self.cfg.shift, "guidance": 1.0,
-                "height": self.world.config.height, "width": self.world.config.width, "fps": self.world.config.fps}
+        return {
+            "partition": [0, 8, 2, 1],
+            "shift": self.cfg.shift,
+            "guidance": 1.0,
+            "height": self.world.config.height,
+            "width": self.world.config.width,
+            "fps": self.world.config.fps,
+        }
 
     def save(self) -> None:
-        meta = {"streamdit.defaults": json.dumps(self.defaults()), "streamdit.train_config": json.dumps(asdict(self.cfg)),
-                "streamdit.step": str(self.step)}
+        meta = {
+            "streamdit.defaults": json.dumps(self.defaults()),
+            "streamdit.train_config": json.dumps(asdict(self.cfg)),
+            "streamdit.step": str(self.step),
+        }
         save_checkpoint(self.out / "ema.safetensors", self.ema_model, self.ema_text, meta)
         save_checkpoint(self.out / "live.safetensors", self.model, self.text, meta)
         opt = {f"{i}.{k}": v for i, s in self.opt.state_dict()["state"].items() for k, v in s.items()}
         from safetensors.torch import save_file
 
         tmp = self.out / "optimizer.safetensors.tmp"
-        save_file({k: v.contiguous().cpu() for k, v in opt.items()}, str(tmp),
-                  metadata={"step": str(self.step), "generator": json.dumps(self.gen.get_state().tolist()),
-                            "noise_generator": json.dumps(self.noise_gen.get_state().tolist())})
+        save_file(
+            {k: v.contiguous().cpu() for k, v in opt.items()},
+            str(tmp),
+            metadata={
+                "step": str(self.step),
+                "generator": json.dumps(self.gen.get_state().tolist()),
+                "noise_generator": json.dumps(self.noise_gen.get_state().tolist()),
+            },
+        )
         os.replace(tmp, self.out / "optimizer.safetensors")
 
     def resume(self) -> bool:
@@ -353,7 +407,7 @@ class Trainer:
         log.info("resumed %s at step %d", self.out, self.step)
         return True
 
-    def write_log(self, record: dict[str, object]) -> None:
+    def write_log(self, record: dict[str, Any]) -> None:
         with open(self.log_file, "a") as f:
             f.write(json.dumps(record) + "\n")
 
@@ -365,11 +419,20 @@ class Trainer:
         from .sampler import StreamSampler
         from .video_io import write_contact_sheet
 
-        pipe = StreamPipeline(model=self.ema_model, text_encoder=self.ema_text, codec=PixelCodec(), device=self.device,
-                              dtype=torch.float32, defaults=self.defaults(), trained=True)
+        pipe = StreamPipeline(
+            model=self.ema_model,
+            text_encoder=self.ema_text,
+            codec=PixelCodec(),
+            device=self.device,
+            dtype=torch.float32,
+            defaults=self.defaults(),
+            trained=True,
+        )
         sampler = StreamSampler(pipe, pipe.default_settings(partition=self.sample_partition()))
-        schedule = parse_schedule("0: a large red circle moving right on a black background\n"
-                                  "32: a large blue square moving right on a grey background")
+        schedule = parse_schedule(
+            "0: a large red circle moving right on a black background\n"
+            "32: a large blue square moving right on a grey background"
+        )
         state = sampler.init_state(0, schedule)
         _, frames = sampler.advance(state, schedule, chunks=32 // sampler.settings.partition.c)
         write_contact_sheet(frames, self.out / f"sample_{self.step:06d}.png", layout="FCHW")
@@ -391,8 +454,13 @@ class Trainer:
             done = self.step == cfg.steps or self.time_progress() >= 1.0
             if self.step % cfg.log_every == 0 or done:
                 elapsed = time.perf_counter() - t0
-                record = {"step": self.step, "loss": sum(losses) / len(losses), "lr": _lr_at(self.step, cfg, self.time_progress()),
-                          "elapsed_s": round(elapsed, 1), "samples_per_s": round(len(losses) * cfg.batch / max(elapsed, 1e-9), 1)}
+                record = {
+                    "step": self.step,
+                    "loss": sum(losses) / len(losses),
+                    "lr": _lr_at(self.step, cfg, self.time_progress()),
+                    "elapsed_s": round(elapsed, 1),
+                    "samples_per_s": round(len(losses) * cfg.batch / max(elapsed, 1e-9), 1),
+                }
                 self.write_log(record)
                 log.info("step %(step)d loss %(loss).4f lr %(lr).2e %(samples_per_s).0f samples/s", record)
                 t0, losses = time.perf_counter(), []
@@ -405,10 +473,14 @@ class Trainer:
 class Distiller(Trainer):
     """Per-segment multistep distillation of a guided ``s_teacher``-step teacher into a one-step student."""
 
-    def __init__(self, cfg: DistillConfig, out: str | os.PathLike[str], device: str | torch.device, teacher: str) -> None:
+    def __init__(
+        self, cfg: DistillConfig, out: str | os.PathLike[str], device: str | torch.device, teacher: str
+    ) -> None:
         super().__init__(cfg, out, device, init=teacher)
         ck = load_checkpoint(teacher, device=self.device)
-        self.teacher, self.teacher_text = ck.model.requires_grad_(False), ck.text_encoder.requires_grad_(False)  # type: ignore[union-attr]
+        if ck.text_encoder is None:
+            raise ValueError(f"teacher {teacher} has no text encoder")
+        self.teacher, self.teacher_text = ck.model.requires_grad_(False), ck.text_encoder.requires_grad_(False)
         self.dcfg = cfg
         frames = cfg.buffer
         self.student_partition = Partition(K=0, N=frames // cfg.chunk, c=cfg.chunk, s=1)
@@ -499,7 +571,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 @register_command("train")
-def _add_train(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def _add_train(sub: Any) -> None:
     t = sub.add_parser("train", help="train a StreamDiT model on the procedural world")
     t.add_argument("--config", required=True)
     t.add_argument("--out", required=True)

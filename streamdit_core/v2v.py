@@ -21,7 +21,9 @@ def resize_frames(frames: torch.Tensor, height: int, width: int) -> torch.Tensor
     """``[F, 3, h, w]`` → ``[F, 3, height, width]`` (bilinear with antialiasing; unchanged if already that size)."""
     if frames.shape[-2:] == (height, width):
         return frames.float()
-    return F.interpolate(frames.float(), size=(height, width), mode="bilinear", antialias=True, align_corners=False).clamp(0, 1)
+    return F.interpolate(
+        frames.float(), size=(height, width), mode="bilinear", antialias=True, align_corners=False
+    ).clamp(0, 1)
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,9 @@ def _pair():
     cfg = preset("test-tiny")
     model = StreamDiT(cfg)
     torch.nn.init.normal_(model.head.head.weight)
-    text = TextEncoder(TextEncoderConfig(vocabulary=("red", "circle"), text_len=cfg.text_len, dim=cfg.text_dim, num_heads=2))
+    text = TextEncoder(
+        TextEncoderConfig(vocabulary=("red", "circle"), text_len=cfg.text_len, dim=cfg.text_dim, num_heads=2)
+    )
     return model, text
 
 

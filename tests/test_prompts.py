@@ -26,14 +26,17 @@ def test_weights_hard_switch_and_blend():
     assert frame_weights(late, 0) == {"a": 1.0}
 
 
-@pytest.mark.parametrize("text,line,column,fragment", [
-    ("0: a\nx: b", 2, 1, "whole number"),
-    ('"0": "a",\n  "1" "b"', 2, 3, 'expected "frame": "prompt"'),
-    ('"0": "a" "1": "b"', 1, 10, "expected ','"),
-    ("0: a\n0: b", 2, 1, "given twice"),
-    ("0: a\n3:   ", 2, 1, "empty"),
-    ("   ", 1, 1, "empty"),
-])
+@pytest.mark.parametrize(
+    "text,line,column,fragment",
+    [
+        ("0: a\nx: b", 2, 1, "whole number"),
+        ('"0": "a",\n  "1" "b"', 2, 3, 'expected "frame": "prompt"'),
+        ('"0": "a" "1": "b"', 1, 10, "expected ','"),
+        ("0: a\n0: b", 2, 1, "given twice"),
+        ("0: a\n3:   ", 2, 1, "empty"),
+        ("   ", 1, 1, "empty"),
+    ],
+)
 def test_errors_name_line_and_column(text, line, column, fragment):
     with pytest.raises(ScheduleError) as err:
         parse_schedule(text)

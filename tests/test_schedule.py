@@ -38,7 +38,9 @@ def test_paper_figure2_levels_by_hand():
     assert torch.allclose(inference_sigmas(p, 0), torch.tensor(expected_m0, dtype=torch.float64))
     assert torch.allclose(inference_sigmas(p, 1), torch.tensor(expected_m1, dtype=torch.float64))
     # after the last micro-step the cleanest chunk is at 0 and every other one has moved by 1/6
-    assert torch.allclose(next_inference_sigmas(p, 1), torch.tensor([0, 0, 0, 2 / 6, 2 / 6, 4 / 6, 4 / 6], dtype=torch.float64))
+    assert torch.allclose(
+        next_inference_sigmas(p, 1), torch.tensor([0, 0, 0, 2 / 6, 2 / 6, 4 / 6, 4 / 6], dtype=torch.float64)
+    )
 
 
 def test_distilled_student_levels_by_hand():
@@ -85,7 +87,10 @@ def _life_of_a_frame(p: Partition, shift: float) -> list[float]:
 
 schemes = st.builds(
     lambda K, N, c, s: Partition(K=K, N=N, c=c, s=s),
-    st.integers(0, 3), st.integers(1, 8), st.integers(1, 4), st.integers(1, 5),
+    st.integers(0, 3),
+    st.integers(1, 8),
+    st.integers(1, 4),
+    st.integers(1, 5),
 )
 
 

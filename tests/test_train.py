@@ -4,7 +4,15 @@ import torch
 
 from streamdit_core.checkpoint import save_checkpoint
 from streamdit_core.schedule import Partition, inference_sigmas, next_inference_sigmas, training_sigmas
-from streamdit_core.train import DistillConfig, Distiller, TrainConfig, Trainer, distillation_loss, flow_matching_loss, noise_clip
+from streamdit_core.train import (
+    DistillConfig,
+    Distiller,
+    TrainConfig,
+    Trainer,
+    distillation_loss,
+    flow_matching_loss,
+    noise_clip,
+)
 from streamdit_core.world import World, WorldConfig
 
 WORLD = {"height": 32, "width": 32}
@@ -24,8 +32,21 @@ def _fixed_batch(trainer, seed=123):
 
 def _tiny(tmp_path, **kw):
     torch.set_num_threads(1)
-    cfg = TrainConfig(model="test-tiny", text_heads=2, text_layers=1, buffer=4, batch=8, lr=3e-3, warmup=2, steps=40,
-                      log_every=20, sample_every=0, ckpt_every=40, world=WORLD, **kw)
+    cfg = TrainConfig(
+        model="test-tiny",
+        text_heads=2,
+        text_layers=1,
+        buffer=4,
+        batch=8,
+        lr=3e-3,
+        warmup=2,
+        steps=40,
+        log_every=20,
+        sample_every=0,
+        ckpt_every=40,
+        world=WORLD,
+        **kw,
+    )
     return Trainer(cfg, tmp_path / "teacher", "cpu")
 
 
@@ -52,8 +73,22 @@ def test_distillation_steps_reduce_the_loss(tmp_path):
     tr.run()
     teacher = tmp_path / "teacher.safetensors"
     save_checkpoint(teacher, tr.ema_model, tr.ema_text)
-    cfg = DistillConfig(model="test-tiny", text_heads=2, text_layers=1, buffer=4, chunk=2, teacher_steps=2, batch=8, lr=2e-3,
-                        warmup=2, steps=30, log_every=10, sample_every=0, ckpt_every=30, world=WORLD)
+    cfg = DistillConfig(
+        model="test-tiny",
+        text_heads=2,
+        text_layers=1,
+        buffer=4,
+        chunk=2,
+        teacher_steps=2,
+        batch=8,
+        lr=2e-3,
+        warmup=2,
+        steps=30,
+        log_every=10,
+        sample_every=0,
+        ckpt_every=30,
+        world=WORLD,
+    )
     d = Distiller(cfg, tmp_path / "student", "cpu", teacher=str(teacher))
     x, unique, ids, _, noise = _fixed_batch(d)
     sp = d.student_partition
