@@ -7,6 +7,7 @@ Prints per-phase wall times and the top operators by self CPU and by device time
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 
 import torch
@@ -29,20 +30,28 @@ def main() -> None:
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     phases = {"data+render+text": 0.0, "sigmas": 0.0, "step": 0.0}
     for _ in range(args.steps):
-        sync(); t = time.perf_counter()
-        x, ctx = tr.batch(); sync(); phases["data+render+text"] += time.perf_counter() - t
-        t = time.perf_counter(); tr.sigmas(); phases["sigmas"] += time.perf_counter() - t
-        t = time.perf_counter(); tr.train_step(); sync(); phases["step"] += time.perf_counter() - t
+        sync()
+        t = time.perf_counter()
+        tr.batch()
+        sync()
+        phases["data+render+text"] += time.perf_counter() - t
+        t = time.perf_counter()
+        tr.sigmas()
+        phases["sigmas"] += time.perf_counter() - t
+        t = time.perf_counter()
+        tr.train_step()
+        sync()
+        phases["step"] += time.perf_counter() - t
     for k, v in phases.items():
-        print(f"{k:>18}: {1000 * v / args.steps:8.1f} ms/step")
+        sys.stdout.write(f"{k:>18}: {1000 * v / args.steps:8.1f} ms/step\n")
     acts = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if device == "cuda" else [])
     with torch.profiler.profile(activities=acts) as prof:
         for _ in range(5):
             tr.train_step()
         sync()
-    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15))
+    sys.stdout.write(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15) + "\n")
     if device == "cuda":
-        print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=15))
+        sys.stdout.write(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=15) + "\n")
 
 
 if __name__ == "__main__":

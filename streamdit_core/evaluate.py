@@ -24,9 +24,10 @@ from __future__ import annotations
 import json
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -572,10 +573,10 @@ class EvalConfig:
             parse_caption(caption)
 
     @classmethod
-    def quick(cls, world: WorldConfig | None = None, **overrides) -> EvalConfig:
+    def quick(cls, world: WorldConfig | None = None, **overrides: Any) -> EvalConfig:
         """A small configuration for tests and smoke runs (seconds with a fast generator)."""
         world = world or WorldConfig()
-        base = dict(
+        base: dict[str, Any] = dict(
             world=world, prompts=heldout_captions(world)[:8], seeds=(0,), adherence_frames=24, switch_cases=3,
             switch_frame=16, switch_after=16, drift_frames=400, drift_window=100, v2v_cases=3, v2v_frames=24,
         )
@@ -591,7 +592,7 @@ class EvalConfig:
         if self.drift_prompts:
             return self.drift_prompts
         moving = [c for c in heldout_captions(self.world) if "moving" in c or "bouncing" in c]
-        return (moving or list(heldout_captions(self.world)))[:1]
+        return tuple(moving or list(heldout_captions(self.world)))[:1]
 
     def switch_schedules(self) -> list[tuple[str, str, str]]:
         """``(kind, caption before, caption after)`` per switch case: held-out captions with one attribute
@@ -671,10 +672,10 @@ class EvalReport:
             return v is None or (isinstance(v, float) and math.isnan(v))
 
         def pct(v: float | None) -> str:
-            return "n/a" if missing(v) else f"{100 * v:.1f} %"
+            return "n/a" if v is None or missing(v) else f"{100 * v:.1f} %"
 
         def num(v: float | None, d: int = 2) -> str:
-            return "n/a" if missing(v) else f"{v:.{d}f}"
+            return "n/a" if v is None or missing(v) else f"{v:.{d}f}"
         lines = [f"# Evaluation: {self.name}", ""]
         if self.notes:
             lines += [self.notes, ""]
@@ -756,7 +757,7 @@ def _nanmean(values: Sequence[float]) -> float:
 
 
 def _adherence(gen: _Timer, config: EvalConfig, seam_diffs: list[torch.Tensor]) -> tuple[dict, list[dict]]:
-    rows = []
+    rows: list[dict[str, Any]] = []
     for prompt in config.adherence_prompts:
         for seed in config.seeds:
             frames = gen(GenerateRequest(prompt, config.adherence_frames, seed))
@@ -772,7 +773,7 @@ def _adherence(gen: _Timer, config: EvalConfig, seam_diffs: list[torch.Tensor]) 
 
 
 def _switch(gen: _Timer, config: EvalConfig) -> tuple[dict, list[dict]]:
-    cases = []
+    cases: list[dict[str, Any]] = []
     total = config.switch_frame + config.switch_after
     for i, (kind, before, after) in enumerate(config.switch_schedules()):
         schedule = [(0, before), (config.switch_frame, after)]
@@ -861,7 +862,7 @@ def _wrapped_distance(a: torch.Tensor, b: torch.Tensor, width: int, height: int)
 
 
 def _v2v(gen: _Timer, config: EvalConfig) -> dict:
-    rows = []
+    rows: list[dict[str, Any]] = []
     for i, (source, target) in enumerate(config.v2v_pairs()):
         seed = config.seeds[i % len(config.seeds)]
         clip = render_caption(source, config.v2v_frames, seed, config=config.world)
@@ -911,7 +912,7 @@ def evaluate(generate: GenerateFn, config: EvalConfig | None = None, name: str =
 # ---------------------------------------------------------------------------------------------------- plots
 
 
-def _font():
+def _font() -> Any:
     from PIL import ImageFont
 
     return ImageFont.load_default()
@@ -945,7 +946,7 @@ def _bar_chart(labels: Sequence[str], values: Sequence[float], title: str, path:
     img.save(path)
 
 
-def _line_chart(xs: Sequence[float], series: dict[str, Sequence[float]], title: str, path: Path,
+def _line_chart(xs: Sequence[float], series: Mapping[str, Sequence[float]], title: str, path: Path,
                 ymax: float = 1.0) -> None:
     """A simple PIL line chart of several series over shared ``xs``."""
     from PIL import Image, ImageDraw
