@@ -118,7 +118,9 @@ def gate(x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     return (_per_frame(x, g.shape[1]) * g[:, :, None]).flatten(1, 2)
 
 
-class SelfAttention(nn.Module):
+class _Projections(nn.Module):
+    """Wan's attention parameters: q, k, v, o projections and RMS norms of queries and keys."""
+
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         d = config.dim
@@ -126,6 +128,9 @@ class SelfAttention(nn.Module):
         self.q, self.k, self.v, self.o = (nn.Linear(d, d) for _ in range(4))
         self.norm_q = RMSNorm(d, config.eps) if config.qk_norm else nn.Identity()
         self.norm_k = RMSNorm(d, config.eps) if config.qk_norm else nn.Identity()
+
+
+class SelfAttention(_Projections):
 
     def forward(
         self,
@@ -149,14 +154,7 @@ class SelfAttention(nn.Module):
         return self.o(out.flatten(2))
 
 
-class CrossAttention(nn.Module):
-    def __init__(self, config: ModelConfig) -> None:
-        super().__init__()
-        d = config.dim
-        self.num_heads = config.num_heads
-        self.q, self.k, self.v, self.o = (nn.Linear(d, d) for _ in range(4))
-        self.norm_q = RMSNorm(d, config.eps) if config.qk_norm else nn.Identity()
-        self.norm_k = RMSNorm(d, config.eps) if config.qk_norm else nn.Identity()
+class CrossAttention(_Projections):
 
     def forward(self, x: torch.Tensor, context: torch.Tensor, backend: str) -> torch.Tensor:
         """x: ``[b, L, dim]``; context: ``[b, Lt, dim]`` (shared) or ``[b, F, Lt, dim]`` (per frame)."""
