@@ -163,7 +163,7 @@ def load_checkpoint(path: str | os.PathLike[str], device: str | torch.device = "
     if "streamdit.model_config" not in meta:
         raise CheckpointError(
             f"{path} has no 'streamdit.model_config' metadata: it is not a StreamDiT checkpoint "
-            "(Wan 2.1 checkpoints are not supported yet)"
+            "(Wan 2.1 files load with streamdit_core.wan.load_wan)"
         )
     tensors = _read_tensors(path)
     model = StreamDiT(ModelConfig.from_json(meta["streamdit.model_config"]))
