@@ -20,6 +20,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .attention import attention, effective_window, resolve_backend, window_partition, window_reverse
@@ -98,7 +99,9 @@ class LayerNorm(nn.LayerNorm):
     """LayerNorm computed in float32 (Wan's ``WanLayerNorm``)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return super().forward(x.float()).type_as(x)
+        w = self.weight.float() if self.weight is not None else None
+        b = self.bias.float() if self.bias is not None else None
+        return F.layer_norm(x.float(), self.normalized_shape, w, b, self.eps).type_as(x)
 
 
 def _per_frame(x: torch.Tensor, frames: int) -> torch.Tensor:

@@ -119,3 +119,12 @@ def test_config_validation_and_json():
     assert ModelConfig.from_json(cfg.to_json()) == cfg
     with pytest.raises(ValueError, match="unknown model preset 'nope'"):
         preset("nope")
+
+
+def test_half_precision_model_runs_with_float32_norms():
+    m = _model().to(torch.bfloat16)
+    x, ctx = _inputs()
+    with torch.no_grad():
+        out = m(x.to(torch.bfloat16), torch.rand(1, 4), ctx.to(torch.bfloat16))
+        ref = _model()(x, torch.rand(1, 4) * 0 + 0.5, ctx)
+    assert out.dtype == torch.bfloat16 and out.shape == ref.shape and torch.isfinite(out.float()).all()
