@@ -131,6 +131,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
             if getattr(args, name) is not None:
                 overrides[name] = getattr(args, name)
         overrides["warm_start"] = not args.cold_start
+        overrides["model_frames"] = args.model_frames
+        overrides["lookahead"] = args.lookahead
         settings = pipeline.default_settings(**overrides)
     sampler = StreamSampler(pipeline, settings)
     video = None
@@ -240,6 +242,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--height", type=int, default=None)
     g.add_argument("--width", type=int, default=None)
     g.add_argument("--cold-start", action="store_true", help="start from noise instead of a warm T2V start")
+    g.add_argument(
+        "--model-frames",
+        type=int,
+        default=None,
+        help="frames per model input (FIFO latent partitioning, for base models); default: the whole buffer",
+    )
+    g.add_argument("--lookahead", action="store_true", help="with --model-frames: FIFO lookahead denoising")
     g.add_argument("--video", help="input video for video-to-video")
     g.add_argument("--strength", type=float, default=0.7, help="video-to-video noise level of entering frames")
     g.add_argument("--on-end", default="loop", choices=["loop", "hold", "stop"], help="when the input video ends")

@@ -126,6 +126,13 @@ class StreamPipeline:
             step = factor * cfg.patch_size[1 if name == "height" else 2]
             if size % step:
                 raise ValueError(f"{name}={size} must be a multiple of {step} for this model (codec ×{factor}, patch)")
+        if settings.model_frames is not None and settings.model_frames % (
+            2 * cfg.patch_size[0] if settings.lookahead else cfg.patch_size[0]
+        ):
+            raise ValueError(
+                f"model_frames={settings.model_frames} must be a multiple of the temporal patch {cfg.patch_size[0]}"
+                + (" (twice that with lookahead)" if settings.lookahead else "")
+            )
         if settings.partition.B % cfg.patch_size[0]:
             raise ValueError(
                 f"buffer B={settings.partition.B} must be a multiple of the temporal patch {cfg.patch_size[0]}"

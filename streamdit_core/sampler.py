@@ -28,7 +28,7 @@ import torch
 
 from .log import get_logger
 from .prompts import PromptSchedule, per_frame_context
-from .schedule import Partition, inference_sigmas, next_inference_sigmas, uniform_sigmas
+from .schedule import Partition, frame_blocks, inference_sigmas, next_inference_sigmas, uniform_sigmas
 from .stream import StreamState
 from .v2v import StreamEnded, VideoSource, resize_frames
 
@@ -56,6 +56,10 @@ class StreamSettings:
         window: self-attention window in tokens ``(frames, height, width)``; ``None`` = the model's default.
         warm_start: fill the buffer from a uniform T2V generation (else cold start from noise).
         negative_prompt: the unconditional prompt for guidance.
+        model_frames: frames per model input (``None`` = the whole buffer). Smaller inputs narrow the noise
+            spread each call sees — for base models trained with one noise level per clip (FIFO-Diffusion's
+            latent partitioning); see :func:`~streamdit_core.schedule.frame_blocks`.
+        lookahead: with ``model_frames``, FIFO-Diffusion's lookahead denoising (about twice the calls).
     """
 
     partition: Partition = field(default_factory=Partition)
@@ -66,6 +70,8 @@ class StreamSettings:
     window: tuple[int, int, int] | None = None
     warm_start: bool = True
     negative_prompt: str = ""
+    model_frames: int | None = None
+    lookahead: bool = False
 
     def __post_init__(self) -> None:
         if not isinstance(self.partition, Partition):
@@ -78,6 +84,10 @@ class StreamSettings:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 8:
                 raise ValueError(f"{name} must be an integer >= 8 pixels, got {value!r}")
+        if self.model_frames is not None and (not isinstance(self.model_frames, int) or self.model_frames < 1):
+            raise ValueError(f"model_frames must be an integer >= 1 or None, got {self.model_frames!r}")
+        if self.lookahead and (self.model_frames is None or self.model_frames < 2 or self.model_frames % 2):
+            raise ValueError(f"lookahead needs an even model_frames >= 2, got model_frames={self.model_frames}")
         if self.window is not None:
             if len(self.window) != 3 or any((not isinstance(w, int)) or w < 1 for w in self.window):
                 raise ValueError(f"window must be three integers >= 1 (frames, height, width), got {self.window!r}")
@@ -150,7 +160,23 @@ class StreamSampler:
         if self.settings.guidance != 1.0:
             neg = self.pipeline.encode_prompts([self.settings.negative_prompt])[self.settings.negative_prompt]
             uncond = neg[None, None].expand_as(context)
-        return self.pipeline.velocity(latents, sigmas, context, self.settings.window, self.settings.guidance, uncond)
+        blocks = frame_blocks(latents.shape[2], self.settings.model_frames, self.settings.lookahead)
+        if len(blocks) == 1:
+            return self.pipeline.velocity(
+                latents, sigmas, context, self.settings.window, self.settings.guidance, uncond
+            )
+        v = torch.empty_like(latents, dtype=torch.float32)
+        for i0, i1, w0, w1 in blocks:  # several model calls over parts of the buffer (base-model schedules)
+            part = self.pipeline.velocity(
+                latents[:, :, i0:i1],
+                sigmas[i0:i1],
+                context[:, i0:i1],
+                self.settings.window,
+                self.settings.guidance,
+                None if uncond is None else uncond[:, i0:i1],
+            )
+            v[:, :, w0:w1] = part[:, :, w0 - i0 : w1 - i0].to(v.device)
+        return v
 
     # -- start-up -----------------------------------------------------------------------------------------
 

@@ -31,6 +31,7 @@ __all__ = [
     "default_chunk_sizes",
     "sample_chunk_size",
     "warm_start_steps",
+    "frame_blocks",
 ]
 
 
@@ -184,3 +185,30 @@ def warm_start_steps(partition: Partition) -> list[int]:
     """For the warm start: the uniform-schedule step index (of ``T`` steps) whose latent fills each chunk
     position ``p = 0 … N−1`` at micro-step 0, i.e. ``(N − 1 − p)·s``."""
     return [(partition.N - 1 - p) * partition.s for p in range(partition.N)]
+
+
+def frame_blocks(frames: int, model_frames: int | None, lookahead: bool = False) -> list[tuple[int, int, int, int]]:
+    """How one step's velocity is computed with several model calls over parts of the buffer (FIFO-Diffusion's
+    latent partitioning and lookahead denoising, for base models trained with one noise level per clip).
+
+    Returns ``(input_start, input_end, write_start, write_end)`` per model call, in frames of the buffer:
+    * ``model_frames=None`` (or ``>= frames``): one call over the whole buffer.
+    * partitioning: consecutive blocks of ``model_frames`` frames, each written back whole; the noise spread
+      inside one model input shrinks by the number of blocks.
+    * lookahead: calls over ``model_frames`` frames with a stride of half that; only the noisier half is
+      written back, so every written frame (after the first half-block) sees ``model_frames/2`` cleaner frames
+      before it in the same input. About twice the calls of partitioning.
+    The write ranges cover ``[0, frames)`` exactly once, in order.
+    """
+    if model_frames is None or model_frames >= frames:
+        return [(0, frames, 0, frames)]
+    if model_frames < 1:
+        raise ValueError(f"model_frames must be >= 1, got {model_frames}")
+    if not lookahead:
+        return [
+            (a, min(a + model_frames, frames), a, min(a + model_frames, frames)) for a in range(0, frames, model_frames)
+        ]
+    if model_frames < 2 or model_frames % 2:
+        raise ValueError(f"lookahead needs an even model_frames >= 2, got {model_frames}")
+    half = model_frames // 2
+    return [(max(0, a - half), min(a + half, frames), a, min(a + half, frames)) for a in range(0, frames, half)]

@@ -233,3 +233,33 @@ def test_advance_latents_decode_to_advance_frames(pipe):
     s2, frames = sampler.advance(state, SCHEDULE, chunks=2)
     assert latents.shape == (1, 3, 4, 32, 32)
     assert torch.equal(pipe.decode(latents), frames) and torch.equal(s1.latents, s2.latents)
+
+
+def test_base_model_schedules_split_the_model_calls(pipe):
+    calls = []
+    original = pipe.velocity
+
+    def counting(latents, *args, **kwargs):
+        calls.append(latents.shape[2])
+        return original(latents, *args, **kwargs)
+
+    full = _sampler(pipe)
+    state = full.init_state(0, SCHEDULE)
+    pipe.velocity = counting
+    try:
+        split = _sampler(pipe, model_frames=4)
+        ahead = _sampler(pipe, model_frames=4, lookahead=True)
+        a = split.step(state, SCHEDULE)[0]
+        assert calls == [4, 4, 4, 4]
+        calls.clear()
+        b = ahead.step(state, SCHEDULE)[0]
+        assert calls == [2, 4, 4, 4, 4, 4, 4, 4]
+        calls.clear()
+        whole = _sampler(pipe, model_frames=16).step(state, SCHEDULE)[0]
+        assert calls == [16]
+    finally:
+        pipe.velocity = original
+    assert torch.equal(whole.latents, full.step(state, SCHEDULE)[0].latents)
+    assert not torch.equal(a.latents, whole.latents) and not torch.equal(a.latents, b.latents)
+    with pytest.raises(ValueError, match="lookahead"):
+        StreamSettings(model_frames=3, lookahead=True)

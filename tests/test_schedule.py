@@ -147,3 +147,30 @@ def test_chunk_size_mix():
 
 def test_warm_start_steps():
     assert warm_start_steps(Partition(K=0, N=4, c=2, s=3)) == [9, 6, 3, 0]
+
+
+@pytest.mark.parametrize(
+    "frames,model_frames,lookahead",
+    [(16, None, False), (16, 4, False), (10, 4, False), (16, 4, True), (10, 4, True), (16, 16, True)],
+)
+def test_frame_blocks_write_every_frame_once(frames, model_frames, lookahead):
+    from streamdit_core.schedule import frame_blocks
+
+    blocks = frame_blocks(frames, model_frames, lookahead)
+    written = [f for _, _, w0, w1 in blocks for f in range(w0, w1)]
+    assert written == list(range(frames))
+    for i0, i1, w0, w1 in blocks:
+        assert i0 <= w0 < w1 <= i1 and (model_frames is None or i1 - i0 <= model_frames)
+        if lookahead and model_frames < frames and w0 > 0:
+            assert w0 - i0 == model_frames // 2  # cleaner frames ahead of every written frame
+    if model_frames and model_frames < frames:
+        assert len(blocks) == -(-frames // (model_frames // 2 if lookahead else model_frames))
+
+
+def test_frame_blocks_errors():
+    from streamdit_core.schedule import frame_blocks
+
+    with pytest.raises(ValueError, match="even model_frames"):
+        frame_blocks(16, 3, lookahead=True)
+    with pytest.raises(ValueError, match="model_frames must be >= 1"):
+        frame_blocks(16, 0)
