@@ -19,7 +19,6 @@ noised input; at ``strength = 1`` it is exactly text-to-video (same noise draws,
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING
@@ -349,10 +348,3 @@ class StreamSampler:
         if state.end_index >= 0:
             latents = latents[:, :, : max(0, state.end_index - first_emitted)]
         return state, latents
-
-    def time_to_first_frame(self, seed: int, schedule: PromptSchedule) -> dict[str, float]:
-        """Wall seconds and model calls from nothing to the first emitted chunk, for this start-up mode."""
-        start = time.perf_counter()
-        state = self.init_state(seed, schedule)
-        state, _ = self.advance(state, schedule, chunks=1)
-        return {"seconds": time.perf_counter() - start, "model_calls": float(state.calls)}

@@ -18,8 +18,7 @@ def test_flops_match_the_dense_estimate_and_shrink_with_windows():
     assert abs((full - windowed) - attention_full * (1 - 16 * 16 * 16 / tokens)) / full < 1e-9
 
 
-def test_bundled_case_runs_and_reports():
-    torch.set_num_threads(1)
+def test_bundled_case_runs_and_reports(one_thread):
     row = run_case(CASES["bundled"], torch.device("cpu"), torch.float32, repeats=1)
     assert row["frames_per_second"] > 0 and row["speedup"] > 0 and row["peak_gpu_memory_gib"] is None
     assert "| bundled | cpu | float32 |" in to_markdown([row])

@@ -47,7 +47,7 @@ def test_bad_input_is_a_clear_error(tmp_path):
     assert res.returncode == 2 and "chunk size c=3" in res.stderr
 
 
-def test_eval_generate_fn_wraps_the_sampler():
+def test_eval_generate_fn_wraps_the_sampler(one_thread):
     import torch
 
     from streamdit_core.evaluate import GenerateRequest
@@ -55,7 +55,6 @@ def test_eval_generate_fn_wraps_the_sampler():
     from streamdit_core.pipeline import placeholder_pipeline
     from streamdit_core.sampler import StreamSampler
 
-    torch.set_num_threads(1)
     pipe = placeholder_pipeline()
     sampler = StreamSampler(pipe, pipe.default_settings(height=32, width=32))
     generate = sampler_generate_fn(sampler)

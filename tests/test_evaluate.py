@@ -30,15 +30,7 @@ from streamdit_core.world import (
     render_schedule,
 )
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """These tests run many small tensor ops; on a busy 2-core machine torch's intra-op threads spin against
-    each other (observed 50-100x slowdowns), so this module runs single-threaded and restores the setting."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def ground_truth(request: GenerateRequest) -> torch.Tensor:
@@ -66,8 +58,18 @@ def time_shuffled(request: GenerateRequest) -> torch.Tensor:
 
 
 def small_config(**overrides) -> EvalConfig:
-    base = dict(adherence_frames=16, direction_window=6, switch_cases=3, switch_frame=12, switch_after=12,
-                drift_frames=240, drift_window=60, v2v_cases=2, v2v_frames=16, prompts=None)
+    base = dict(
+        adherence_frames=16,
+        direction_window=6,
+        switch_cases=3,
+        switch_frame=12,
+        switch_after=12,
+        drift_frames=240,
+        drift_window=60,
+        v2v_cases=2,
+        v2v_frames=16,
+        prompts=None,
+    )
     base.update(overrides)
     if base["prompts"] is None:
         from streamdit_core.world import heldout_captions
@@ -147,7 +149,7 @@ def test_seams_switch_and_drift_detect_defects():
         frames = render_schedule(delayed, request.num_frames, request.seed).frames.clone()
         frames[::chunk] = (frames[::chunk] + 0.15).clamp(0, 1)  # every chunk starts brighter: a seam
         if request.num_frames >= 200:  # the long stream: colours drift in its second half
-            frames[request.num_frames // 2:] = frames[request.num_frames // 2:].flip(1)
+            frames[request.num_frames // 2 :] = frames[request.num_frames // 2 :].flip(1)
         return frames
 
     r = evaluate(defective, small_config(chunk_size=chunk, v2v_cases=0, switch_after=20))

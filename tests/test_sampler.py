@@ -19,8 +19,7 @@ SCHEDULE = parse_schedule(
 
 
 @pytest.fixture(scope="module")
-def pipe():
-    torch.set_num_threads(1)
+def pipe(one_thread):
     return placeholder_pipeline()
 
 

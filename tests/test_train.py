@@ -1,5 +1,6 @@
 """A few training and distillation steps on a tiny config reduce the loss (CPU, seconds)."""
 
+import pytest
 import torch
 
 from streamdit_core.checkpoint import save_checkpoint
@@ -14,6 +15,8 @@ from streamdit_core.train import (
     noise_clip,
 )
 from streamdit_core.world import World, WorldConfig
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 WORLD = {"height": 32, "width": 32}
 
@@ -31,7 +34,6 @@ def _fixed_batch(trainer, seed=123):
 
 
 def _tiny(tmp_path, **kw):
-    torch.set_num_threads(1)
     cfg = TrainConfig(
         model="test-tiny",
         text_heads=2,

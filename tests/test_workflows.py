@@ -33,8 +33,12 @@ from comfy_executor import (
 )
 
 WORKFLOWS = {p.stem: p for p in workflow_files()}
-REQUIRED = {"streamdit_text_to_video", "streamdit_prompt_schedule", "streamdit_video_to_video",
-            "streamdit_save_and_resume"}
+REQUIRED = {
+    "streamdit_text_to_video",
+    "streamdit_prompt_schedule",
+    "streamdit_video_to_video",
+    "streamdit_save_and_resume",
+}
 
 pack = load_pack()
 host = pack_module("nodes.host")
@@ -50,8 +54,12 @@ def test_required_workflows_exist() -> None:
 
 
 def test_workflow_files_are_up_to_date_with_the_nodes() -> None:
-    out = subprocess.run([sys.executable, str(REPO / "workflows" / "build_workflows.py"), "--check"],
-                         capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [sys.executable, str(REPO / "workflows" / "build_workflows.py"), "--check"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode == 0, out.stderr
 
 
@@ -144,14 +152,7 @@ def test_workflow_converts_to_a_complete_api_prompt(name: str) -> None:
 # Execution
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread() -> Iterator[None]:
-    """Small models on a busy 2-core machine: torch's intra-op threads spin against each other, so this module
-    runs single-threaded and restores the setting."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture()

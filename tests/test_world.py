@@ -28,15 +28,7 @@ from streamdit_core.world import (
     render_stream,
 )
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """These tests run many small tensor ops; on a busy 2-core machine torch's intra-op threads spin against
-    each other (observed 50-100x slowdowns), so this module runs single-threaded and restores the setting."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _gen(seed: int) -> torch.Generator:
@@ -192,8 +184,10 @@ def test_parse_caption_examples_and_errors():
     spec = parse_caption(
         "a large blue square bouncing and a small yellow triangle standing still on a striped background"
     )
-    assert spec == SceneSpec("striped", (ObjectSpec("large", "blue", "square", "bouncing"),
-                                         ObjectSpec("small", "yellow", "triangle", "still")))
+    assert spec == SceneSpec(
+        "striped",
+        (ObjectSpec("large", "blue", "square", "bouncing"), ObjectSpec("small", "yellow", "triangle", "still")),
+    )
     assert parse_caption("A small red circle moving left on a black background.").objects[0].motion == "left"
     with pytest.raises(ValueError, match=r"'pink' at position 2"):
         parse_caption("a small pink circle moving left on a black background")
