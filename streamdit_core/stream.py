@@ -25,7 +25,7 @@ from safetensors.torch import save_file
 
 from .schedule import Partition
 
-__all__ = ["StreamState", "save_state", "load_state", "StateError"]
+__all__ = ["StreamState", "save_state", "load_state", "load_state_extras", "StateError"]
 
 STATE_FORMAT = "streamdit-state-1"
 
@@ -129,11 +129,22 @@ class StreamState:
 _INT_FIELDS = ("micro_step", "first_index", "end_index", "seed", "calls")
 
 
-def save_state(state: StreamState, path: str | os.PathLike[str], metadata: dict[str, str] | None = None) -> Path:
+_EXTRA = "extra."
+
+
+def save_state(
+    state: StreamState,
+    path: str | os.PathLike[str],
+    metadata: dict[str, str] | None = None,
+    extras: dict[str, torch.Tensor] | None = None,
+) -> Path:
     """Write a state as safetensors (atomically: temp file, then rename). ``metadata`` is stored alongside
-    (e.g. the settings and schedule as JSON) and returned by :func:`load_state`."""
+    (e.g. the settings and schedule as JSON) and returned by :func:`load_state`; ``extras`` are tensors that
+    travel with the stream (e.g. a streaming decoder's cache), returned by :func:`load_state_extras`."""
     d = state.state_dict()
     tensors = {k: v for k, v in d.items() if isinstance(v, torch.Tensor)}
+    for key, value in (extras or {}).items():
+        tensors[_EXTRA + key] = value.detach().to("cpu")
     meta = {"streamdit.format": STATE_FORMAT}
     meta.update({f"state.{k}": str(d[k]) for k in _INT_FIELDS})
     meta["state.partition"] = json.dumps(d["partition"])
@@ -155,7 +166,13 @@ def load_state(path: str | os.PathLike[str]) -> tuple[StreamState, dict[str, str
         meta = dict(f.metadata() or {})
         if meta.get("streamdit.format") != STATE_FORMAT:
             raise StateError(f"{p} is not a StreamDiT stream state (format {meta.get('streamdit.format')!r})")
-        d: dict[str, Any] = {k: f.get_tensor(k) for k in f.keys()}
+        d: dict[str, Any] = {k: f.get_tensor(k) for k in f.keys() if not k.startswith(_EXTRA)}
     d.update({k: int(meta[f"state.{k}"]) for k in _INT_FIELDS})
     d["partition"] = json.loads(meta["state.partition"])
     return StreamState.from_state_dict(d), meta
+
+
+def load_state_extras(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
+    """The ``extras`` tensors saved with a state by :func:`save_state` (``{}`` if there are none)."""
+    with safe_open(str(path), framework="pt") as f:
+        return {k[len(_EXTRA) :]: f.get_tensor(k) for k in f.keys() if k.startswith(_EXTRA)}
