@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from .checkpoint import LoadedCheckpoint, load_checkpoint, shard_paths
-from .codec import Codec, PixelCodec
+from .codec import LATENT_CODECS, Codec, LatentCodec, PixelCodec, wan21_codec
 from .config import ModelConfig, preset
 from .log import get_logger
 from .model import StreamDiT
@@ -25,7 +25,15 @@ from .text import TextEncoder, TextEncoderConfig
 if TYPE_CHECKING:
     from .sampler import StreamSettings
 
-__all__ = ["StreamPipeline", "load_pipeline", "bundled_model_path", "placeholder_pipeline", "BUNDLED_NAME"]
+__all__ = [
+    "StreamPipeline",
+    "load_pipeline",
+    "load_wan_pipeline",
+    "bundled_model_path",
+    "placeholder_pipeline",
+    "BUNDLED_NAME",
+    "WAN_BASE_DEFAULTS",
+]
 
 log = get_logger("pipeline")
 
@@ -40,6 +48,20 @@ _FALLBACK_DEFAULTS: dict[str, Any] = {
     "height": 64,
     "width": 64,
     "fps": 16,
+}
+
+# Stream settings for a base Wan 2.1 T2V checkpoint (no StreamDiT training): diagonal chunks of one latent frame
+# and FIFO-style model inputs of 4 latent frames, so each model call sees a narrow noise spread (0.19 of a
+# frame's denoising trajectory; docs/NODES.md "Base models"). 480×832 (Wan's 480p), shift 8 and CFG 5 as for
+# Wan 2.1 1.3B text-to-video.
+WAN_BASE_DEFAULTS: dict[str, Any] = {
+    "partition": [0, 16, 1, 2],
+    "shift": 8.0,
+    "guidance": 5.0,
+    "height": 480,
+    "width": 832,
+    "fps": 16,
+    "model_frames": 4,
 }
 
 _DTYPES = {
@@ -78,6 +100,8 @@ class StreamPipeline:
     device, dtype: where and in what precision the model runs (latents stay float32).
     defaults: stream settings stored with the checkpoint (partition, shift, guidance, size, fps).
     name: a display name; trained: False for a randomly initialised placeholder.
+    base_model: True for a video model trained with one noise level per clip (a plain Wan 2.1), not with
+        StreamDiT's buffered flow matching: it needs narrow per-input noise spreads (``model_frames``).
     attention: attention backend name passed to the model.
     """
 
@@ -90,12 +114,13 @@ class StreamPipeline:
     name: str = BUNDLED_NAME
     trained: bool = True
     attention: str = "auto"
+    base_model: bool = False
     external_embeddings: dict[str, torch.Tensor] = field(default_factory=dict)
     _prompt_cache: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
 
     @property
     def cheap_decode(self) -> bool:
-        return isinstance(self.codec, PixelCodec)
+        return isinstance(self.codec, (PixelCodec, LatentCodec))  # a latent codec's decode is a linear preview
 
     @property
     def fps(self) -> int:
@@ -114,6 +139,9 @@ class StreamPipeline:
             "height": int(d["height"]),
             "width": int(d["width"]),
         }
+        if d.get("model_frames") is not None:
+            kwargs["model_frames"] = int(d["model_frames"])
+            kwargs["lookahead"] = bool(d.get("lookahead", False))
         kwargs.update(overrides)
         return StreamSettings(**kwargs)
 
@@ -198,13 +226,18 @@ class StreamPipeline:
 def _pipeline_from(
     ckpt: LoadedCheckpoint, device: torch.device, dtype: torch.dtype, attention: str, name: str
 ) -> StreamPipeline:
-    if ckpt.codec != "pixel":
-        raise ValueError(f"{name}: codec {ckpt.codec!r} needs an external VAE (use the ComfyUI nodes)")
+    codec: Codec
+    if ckpt.codec == "pixel":
+        codec = PixelCodec()
+    elif ckpt.codec in LATENT_CODECS:
+        codec = LATENT_CODECS[ckpt.codec]()  # frames come from the host's VAE (ComfyUI: StreamDiT Decode)
+    else:
+        raise ValueError(f"{name}: unknown codec {ckpt.codec!r}; known: {['pixel', *LATENT_CODECS]}")
     model = ckpt.model.to(device=device, dtype=dtype)
     return StreamPipeline(
         model=model,
         text_encoder=ckpt.text_encoder,
-        codec=PixelCodec(),
+        codec=codec,
         device=device,
         dtype=dtype,
         defaults=ckpt.defaults,
@@ -269,3 +302,36 @@ def load_pipeline(
         json.dumps(meta_defaults),
     )
     return _pipeline_from(ckpt, dev, dt, attention, name)
+
+
+def load_wan_pipeline(
+    path: str | Path,
+    device: str | torch.device = "cpu",
+    dtype: str | torch.dtype = torch.float32,
+    attention: str = "auto",
+) -> StreamPipeline:
+    """A pipeline around a base Wan 2.1 T2V checkpoint (original key names, see :mod:`streamdit_core.wan`): no
+    text encoder (prompts come as embeddings, :class:`~streamdit_core.prompts.ConditionedSchedule`), Wan 2.1's
+    latent space (frames through the host's VAE), :data:`WAN_BASE_DEFAULTS`, ``base_model=True``."""
+    from .wan import load_wan
+
+    dev, dt = torch.device(device), parse_dtype(dtype)
+    loaded = load_wan(path, device="cpu", dtype=dt)
+    cfg = loaded.model.config
+    if cfg.in_dim != 16:
+        raise ValueError(f"{Path(path).name}: {cfg.in_dim} latent channels; only Wan 2.1 (16 channels) is supported")
+    codec = wan21_codec()
+    log.info("loaded Wan checkpoint %s (%s parameters, stored as %s)", Path(path).name,
+             f"{cfg.num_parameters():,}", "/".join(loaded.stored_dtypes))
+    return StreamPipeline(
+        model=loaded.model.to(device=dev, dtype=dt),
+        text_encoder=None,
+        codec=codec,
+        device=dev,
+        dtype=dt,
+        defaults=dict(WAN_BASE_DEFAULTS),
+        name=Path(path).name,
+        trained=True,
+        attention=attention,
+        base_model=True,
+    )

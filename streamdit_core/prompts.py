@@ -21,11 +21,21 @@ previous prompt's embedding into the new one linearly (weight of the new prompt 
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
 
-__all__ = ["ScheduleError", "PromptSchedule", "parse_schedule", "frame_weights", "per_frame_context"]
+__all__ = [
+    "ScheduleError",
+    "PromptSchedule",
+    "ConditionedSchedule",
+    "AnySchedule",
+    "parse_schedule",
+    "frame_weights",
+    "per_frame_context",
+    "pad_tokens",
+]
 
 
 class ScheduleError(ValueError):
@@ -192,3 +202,66 @@ def per_frame_context(
             row = row + w * embeddings[p]
         rows.append(row)
     return torch.stack(rows).unsqueeze(0)
+
+
+def pad_tokens(embedding: torch.Tensor, length: int) -> torch.Tensor:
+    """``[L, D]`` → ``[length, D]`` with zero rows appended (``length >= L``). Zero rows are what umT5-style
+    encoders put at padded positions, so padding does not change a prompt's meaning."""
+    if embedding.shape[0] > length:
+        raise ValueError(f"cannot pad {embedding.shape[0]} tokens to {length}")
+    if embedding.shape[0] == length:
+        return embedding
+    pad = embedding.new_zeros(length - embedding.shape[0], embedding.shape[1])
+    return torch.cat([embedding, pad])
+
+
+@dataclass(frozen=True, eq=False)
+class ConditionedSchedule:
+    """A prompt schedule whose prompts come as embeddings made outside the pipeline (e.g. ComfyUI
+    ``CONDITIONING`` from the user's umT5). The sampler uses ``embeddings`` instead of encoding text, frame by
+    frame exactly as for a text schedule (:func:`per_frame_context`, blends included).
+
+    Attributes:
+        schedule: keyframes whose "prompts" are keys into ``embeddings``.
+        embeddings: ``{key: [L, D]}`` float tensors for every prompt of ``schedule``; different token counts are
+            zero-padded to the longest (also ``negative``).
+        negative: ``[L, D]``, what guidance steers away from; ``None`` = the model's own negative prompt.
+    """
+
+    schedule: PromptSchedule
+    embeddings: Mapping[str, torch.Tensor]
+    negative: torch.Tensor | None = None
+
+    def __post_init__(self) -> None:
+        missing = [p for p in self.schedule.prompts if p not in self.embeddings]
+        if missing:
+            raise ValueError(f"no embeddings for the scheduled prompts {missing}")
+        tensors = {k: self.embeddings[k] for k in self.schedule.prompts}
+        everything = list(tensors.values()) + ([self.negative] if self.negative is not None else [])
+        for name, t in [*tensors.items(), *([("negative", self.negative)] if self.negative is not None else [])]:
+            if not isinstance(t, torch.Tensor) or t.dim() != 2 or t.shape[0] < 1:
+                raise ValueError(f"embedding {name!r} must be a [tokens, width] tensor, got {_shape(t)}")
+        widths = {int(t.shape[1]) for t in everything}
+        if len(widths) != 1:
+            raise ValueError(f"embeddings have different widths {sorted(widths)}; use one text encoder")
+        length = max(int(t.shape[0]) for t in everything)
+        object.__setattr__(self, "embeddings", {k: pad_tokens(v.float(), length) for k, v in tensors.items()})
+        if self.negative is not None:
+            object.__setattr__(self, "negative", pad_tokens(self.negative.float(), length))
+
+    @property
+    def width(self) -> int:
+        """The embedding width ``D`` (the model's ``text_dim`` must equal it)."""
+        return int(next(iter(self.embeddings.values())).shape[1])
+
+    @property
+    def prompts(self) -> tuple[str, ...]:
+        return self.schedule.prompts
+
+
+def _shape(t: object) -> object:
+    return list(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+
+
+AnySchedule = PromptSchedule | ConditionedSchedule
+"""What the sampler accepts: text prompts (encoded by the pipeline) or ready embeddings."""

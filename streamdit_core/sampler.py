@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from .log import get_logger
-from .prompts import PromptSchedule, per_frame_context
+from .prompts import AnySchedule, ConditionedSchedule, per_frame_context
 from .schedule import Partition, frame_blocks, inference_sigmas, next_inference_sigmas, uniform_sigmas
 from .stream import StreamState
 from .v2v import StreamEnded, VideoSource, resize_frames
@@ -113,7 +113,7 @@ class StreamSampler:
         self.pipeline = pipeline
         self.settings = settings
         pipeline.check_settings(settings)
-        self._video_cache: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._video_cache: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
 
     # -- levels -------------------------------------------------------------------------------------------
 
@@ -134,10 +134,22 @@ class StreamSampler:
 
     def _video_latents(self, video: VideoSource, indices: list[int]) -> torch.Tensor:
         """Encoded input frames for output indices, ``[1, C, len(indices), h, w]`` (input encoded once)."""
-        key = id(video.frames)
+        key = (id(video.frames), id(video.encoder))
         if key not in self._video_cache or self._video_cache[key][0] is not video.frames:
             frames = resize_frames(video.frames, self.settings.height, self.settings.width)
-            self._video_cache = {key: (video.frames, self.pipeline.encode_frames(frames))}
+            if video.encoder is not None:  # an external VAE: raw latents → the model's space
+                encoded = video.encoder(frames).float()
+                normalise = getattr(self.pipeline.codec, "normalise", None)
+                if normalise is not None:
+                    encoded = normalise(encoded)
+            else:
+                encoded = self.pipeline.encode_frames(frames)
+            encoded = encoded.float().to(self.pipeline.device)
+            want = self._latent_shape(video.num_frames)
+            if tuple(encoded.shape) != want:
+                raise ValueError(f"the encoded input video is {list(encoded.shape)}, the stream needs {list(want)} "
+                                 "(latent channels, frames and size must match the model)")
+            self._video_cache = {key: (video.frames, encoded)}
         latents = self._video_cache[key][1]
         return latents[:, :, video.source_indices(indices)]
 
@@ -151,14 +163,21 @@ class StreamSampler:
         return (1.0 - video.strength) * x + video.strength * noise
 
     def _velocity(
-        self, latents: torch.Tensor, sigmas: torch.Tensor, indices: list[int], schedule: PromptSchedule
+        self, latents: torch.Tensor, sigmas: torch.Tensor, indices: list[int], schedule: AnySchedule
     ) -> torch.Tensor:
-        embeddings = self.pipeline.encode_prompts(list(schedule.prompts))
+        negative = None
+        if isinstance(schedule, ConditionedSchedule):  # embeddings made outside the pipeline
+            embeddings = dict(schedule.embeddings)
+            negative = schedule.negative
+            schedule = schedule.schedule
+        else:
+            embeddings = self.pipeline.encode_prompts(list(schedule.prompts))
         context = per_frame_context(schedule, indices, embeddings)
         uncond = None
         if self.settings.guidance != 1.0:
-            neg = self.pipeline.encode_prompts([self.settings.negative_prompt])[self.settings.negative_prompt]
-            uncond = neg[None, None].expand_as(context)
+            if negative is None:
+                negative = self.pipeline.encode_prompts([self.settings.negative_prompt])[self.settings.negative_prompt]
+            uncond = negative.to(context.device)[None, None].expand_as(context)
         blocks = frame_blocks(latents.shape[2], self.settings.model_frames, self.settings.lookahead)
         if len(blocks) == 1:
             return self.pipeline.velocity(
@@ -182,7 +201,7 @@ class StreamSampler:
     def init_state(
         self,
         seed: int,
-        schedule: PromptSchedule,
+        schedule: AnySchedule,
         video: VideoSource | None = None,
         callback: StepCallback | None = None,
     ) -> StreamState:
@@ -218,7 +237,7 @@ class StreamSampler:
     def _warm_state(
         self,
         seed: int,
-        schedule: PromptSchedule,
+        schedule: AnySchedule,
         video: VideoSource | None,
         generator: torch.Generator,
         strength: float,
@@ -253,7 +272,7 @@ class StreamSampler:
     # -- stepping -----------------------------------------------------------------------------------------
 
     def step(
-        self, state: StreamState, schedule: PromptSchedule, video: VideoSource | None = None
+        self, state: StreamState, schedule: AnySchedule, video: VideoSource | None = None
     ) -> tuple[StreamState, torch.Tensor | None]:
         """One model call. Returns the new state and the emitted chunk's latents ``[1, C, c, h, w]`` when a
         chunk left the buffer on this call (``None`` otherwise). ``state`` is not modified."""
@@ -292,7 +311,7 @@ class StreamSampler:
     def advance(
         self,
         state: StreamState,
-        schedule: PromptSchedule,
+        schedule: AnySchedule,
         chunks: int = 1,
         video: VideoSource | None = None,
         callback: StepCallback | None = None,
@@ -312,7 +331,7 @@ class StreamSampler:
     def advance_latents(
         self,
         state: StreamState,
-        schedule: PromptSchedule,
+        schedule: AnySchedule,
         chunks: int = 1,
         video: VideoSource | None = None,
         callback: StepCallback | None = None,

@@ -212,3 +212,23 @@ def frame_blocks(frames: int, model_frames: int | None, lookahead: bool = False)
         raise ValueError(f"lookahead needs an even model_frames >= 2, got {model_frames}")
     half = model_frames // 2
     return [(max(0, a - half), min(a + half, frames), a, min(a + half, frames)) for a in range(0, frames, half)]
+
+
+def noise_spread(
+    partition: Partition, model_frames: int | None = None, lookahead: bool = False
+) -> float:
+    """The widest spread of denoising progress inside one model input, as a fraction of a frame's trajectory
+    (0 = every frame of every input at the same level, 1 = pure noise next to clean frames), over every
+    micro-step of the schedule. Measured on the unshifted levels (progress ``u``), so it does not depend on the
+    time shift. Reference frames (clean) count as part of the inputs they are in.
+
+    A base model trained with one noise level per clip needs this small: FIFO-Diffusion's 4 partitions give
+    about 0.25; the whole StreamDiT staircase in one input is ``1 − 1/N``.
+    """
+    widest = 0.0
+    for m in range(partition.s):
+        levels = inference_sigmas(partition, m, 1.0)
+        for i0, i1, _w0, _w1 in frame_blocks(partition.B, model_frames, lookahead):
+            part = levels[i0:i1]
+            widest = max(widest, float(part.max() - part.min()))
+    return widest

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal, get_args
 
@@ -35,11 +36,18 @@ class VideoSource:
         strength: noise level the input enters at; 1 = pure noise (text-to-video), small = close to the input.
         on_end: when the stream needs frames past the end: ``loop`` from the start, ``hold`` the last frame,
             or ``stop`` the stream once the last input frame has been emitted.
+        encoder: frames ``[F, 3, H, W]`` (already at the stream's size) → the raw latents ``[1, C, F', h, w]``
+            of a VAE outside the pipeline (Wan's, from the host; the sampler maps them into the model's space
+            with the codec's ``normalise``); ``None`` = the pipeline's own codec.
+        temporal_factor: input frames per latent frame of ``encoder`` after the first (causal VAEs: ``F' =
+            (F − 1) // t + 1``); 1 for frame-wise codecs.
     """
 
     frames: torch.Tensor
     strength: float = 0.7
     on_end: OnEnd = "loop"
+    encoder: Callable[[torch.Tensor], torch.Tensor] | None = None
+    temporal_factor: int = 1
 
     def __post_init__(self) -> None:
         if self.frames.dim() != 4 or self.frames.shape[1] != 3 or self.frames.shape[0] < 1:
@@ -48,10 +56,13 @@ class VideoSource:
             raise ValueError(f"strength must be in (0, 1], got {self.strength}")
         if self.on_end not in get_args(OnEnd):
             raise ValueError(f"on_end must be one of {list(get_args(OnEnd))}, got {self.on_end!r}")
+        if not isinstance(self.temporal_factor, int) or self.temporal_factor < 1:
+            raise ValueError(f"temporal_factor must be an integer >= 1, got {self.temporal_factor!r}")
 
     @property
     def num_frames(self) -> int:
-        return int(self.frames.shape[0])
+        """Stream frames the input provides (latent frames for a causal VAE)."""
+        return (int(self.frames.shape[0]) - 1) // self.temporal_factor + 1
 
     @property
     def end_index(self) -> int:
