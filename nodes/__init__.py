@@ -9,10 +9,12 @@ import logging
 from typing import Any
 
 from . import host
+from .conditioning import StreamDiTConditioningSchedule
 from .inputs import StreamDiTPromptSchedule, StreamDiTVideoInput
 from .model import StreamDiTModelLoader, StreamDiTSettings
 from .sampler import StreamDiTSampler
 from .state import StreamDiTLoadState, StreamDiTReset, StreamDiTSaveState, streams_json
+from .vae import StreamDiTDecode
 from .writer import StreamDiTWriter
 
 logger = logging.getLogger("StreamDiT.nodes")
@@ -28,6 +30,8 @@ NODE_CLASS_MAPPINGS: dict[str, type] = {
     "StreamDiTSaveState": StreamDiTSaveState,
     "StreamDiTLoadState": StreamDiTLoadState,
     "StreamDiTReset": StreamDiTReset,
+    "StreamDiTConditioningSchedule": StreamDiTConditioningSchedule,
+    "StreamDiTDecode": StreamDiTDecode,
 }
 
 NODE_DISPLAY_NAME_MAPPINGS: dict[str, str] = {
@@ -40,6 +44,8 @@ NODE_DISPLAY_NAME_MAPPINGS: dict[str, str] = {
     "StreamDiTSaveState": "StreamDiT Save State",
     "StreamDiTLoadState": "StreamDiT Load State",
     "StreamDiTReset": "StreamDiT Reset",
+    "StreamDiTConditioningSchedule": "StreamDiT Conditioning Schedule",
+    "StreamDiTDecode": "StreamDiT Decode",
 }
 
 

@@ -9,6 +9,9 @@ Socket types (custom type strings; ComfyUI matches them by string equality):
 * ``STREAMDIT_LATENT``   :class:`StreamOutput` — what one sampler run produced (latents, frame index, and the
   committed stream state right after the run, which the save node writes).
 * ``STREAMDIT_STATE``    :class:`StateHandle` — a stream state loaded from a file, to resume from.
+
+ComfyUI's own types used as inputs: ``CONDITIONING`` (a list of ``[tensor [B, L, D], dict]``), ``VAE``
+(``comfy.sd.VAE``), ``IMAGE``.
 """
 
 from __future__ import annotations
@@ -26,6 +29,8 @@ PROMPTS = "STREAMDIT_PROMPTS"
 VIDEO = "STREAMDIT_VIDEO"
 LATENT = "STREAMDIT_LATENT"
 STATE = "STREAMDIT_STATE"
+CONDITIONING = "CONDITIONING"
+VAE = "VAE"
 
 CATEGORY = "StreamDiT"
 
@@ -76,13 +81,16 @@ class VideoSpec:
     frames: torch.Tensor
     strength: float
     on_end: str
+    encoder: Any = None  # frames → raw VAE latents (latent models); None = the model's own codec
+    temporal_factor: int = 1
 
     def source(self) -> Any:
         """The core ``VideoSource`` (the core resizes to the stream's resolution and caches the encoding by
-        frames tensor, so the same tensor object is passed on every run)."""
+        frames tensor and encoder, so the same objects are passed on every run)."""
         from ._core import core
 
-        return core("v2v").VideoSource(self.frames, strength=self.strength, on_end=self.on_end)
+        return core("v2v").VideoSource(self.frames, strength=self.strength, on_end=self.on_end, encoder=self.encoder,
+                                       temporal_factor=self.temporal_factor)
 
 
 @dataclass(frozen=True, eq=False)
@@ -97,6 +105,10 @@ class StreamOutput:
         state: the committed stream state right after this run (immutable; the save node writes it).
         settings: the stream's settings.
         model: the model handle.
+        restarted: the stream (re)started on this run (a streaming decoder must start again too).
+        resume_decoder: on a restart from a saved state, the decoder state saved with it (``DecoderState``).
+        decoder_state: after StreamDiT Decode, the decoder's state right after decoding this run (Save State
+            writes it). Its outputs count decoded frames in ``frame_index``/``frame_count``.
     """
 
     stream_id: str
@@ -106,6 +118,9 @@ class StreamOutput:
     state: Any
     settings: Any
     model: ModelHandle
+    restarted: bool = False
+    resume_decoder: Any = None
+    decoder_state: Any = None
 
 
 @dataclass(frozen=True, eq=False)
@@ -116,6 +131,7 @@ class StateHandle:
     metadata: dict[str, str]
     path: str
     origin: tuple[Any, ...]
+    decoder_state: Any = None
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -135,6 +151,7 @@ class StreamEntry:
     last_prompt_id: str | None = None
     last_result: tuple[Any, ...] | None = None
     runs: int = 0
+    decoder: Any = None  # nodes.vae.DecoderRecord: the streaming decoder's state, kept across queue runs
 
 
 class StreamRegistry:
@@ -167,6 +184,7 @@ class StreamRegistry:
             found.state = None
             found.last_prompt_id = None
             found.last_result = None
+            found.decoder = None
         return True
 
     def ids(self) -> list[str]:

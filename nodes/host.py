@@ -34,6 +34,10 @@ MODEL_FOLDER = "streamdit"
 """ComfyUI model folder key; files live in ``<ComfyUI>/models/streamdit`` (and extra_model_paths.yaml)."""
 MODEL_EXTENSIONS: frozenset[str] = frozenset({".safetensors"})
 """The only extension listed and loaded: safetensors never executes code (no pickles)."""
+DIFFUSION_FOLDER = "diffusion_models"
+"""ComfyUI's folder for diffusion models (``models/diffusion_models`` and ``models/unet``): Wan files live there."""
+DIFFUSION_EXTENSIONS: frozenset[str] = frozenset({".safetensors", ".sft"})
+"""Safetensors under both names ComfyUI uses; pickles are never listed."""
 
 
 class StreamInterrupted(Exception):
@@ -202,6 +206,85 @@ def model_file_path(name: str) -> str | None:
         ):
             return candidate
     return None
+
+
+def _walk(root_dir: str, extensions: frozenset[str]) -> list[str]:
+    names: list[str] = []
+    if not os.path.isdir(root_dir):
+        return names
+    for dirpath, _dirs, files in os.walk(root_dir, followlinks=True):
+        for f in files:
+            if os.path.splitext(f)[1].lower() in extensions:
+                names.append(os.path.relpath(os.path.join(dirpath, f), root_dir).replace(os.sep, "/"))
+    return names
+
+
+def _inside(root_dir: str, name: str) -> str | None:
+    candidate = os.path.abspath(os.path.join(root_dir, name))
+    root = os.path.abspath(root_dir)
+    if os.path.commonpath([candidate, root]) == root and os.path.isfile(candidate):
+        return candidate
+    return None
+
+
+def diffusion_model_dirs() -> list[str]:
+    """ComfyUI's diffusion-model folders (``models/diffusion_models``, ``models/unet``, extra paths)."""
+    _load_host()
+    if _folder_paths is not None:
+        return [str(p) for p in _folder_paths.get_folder_paths(DIFFUSION_FOLDER)]
+    return [os.path.join(models_directory(), DIFFUSION_FOLDER)]
+
+
+def list_diffusion_model_files() -> list[str]:
+    """Safetensors files (relative paths, sorted) in ComfyUI's diffusion-model folders."""
+    _load_host()
+    if _folder_paths is not None:
+        names = _folder_paths.get_filename_list(DIFFUSION_FOLDER)
+        return sorted(str(n) for n in names if os.path.splitext(str(n))[1].lower() in DIFFUSION_EXTENSIONS)
+    found: set[str] = set()
+    for root_dir in diffusion_model_dirs():
+        found.update(_walk(root_dir, DIFFUSION_EXTENSIONS))
+    return sorted(found)
+
+
+def diffusion_model_path(name: str) -> str | None:
+    """Absolute path of a file listed by :func:`list_diffusion_model_files`, or ``None``."""
+    _load_host()
+    if _folder_paths is not None:
+        found = _folder_paths.get_full_path(DIFFUSION_FOLDER, name)
+        return None if found is None else str(found)
+    for root_dir in diffusion_model_dirs():
+        path = _inside(root_dir, name)
+        if path is not None:
+            return path
+    return None
+
+
+def wan_preview_factors() -> tuple[Any, Any] | None:
+    """ComfyUI's latent → RGB preview factors for Wan 2.1 (``[16, 3]``, ``[3]`` tensors), or ``None``."""
+    _load_host()
+    if _folder_paths is None:
+        return None
+    formats = _try_import("comfy.latent_formats")
+    fmt = getattr(formats, "Wan21", None)
+    if fmt is None:
+        return None
+    import torch
+
+    try:
+        return torch.tensor(fmt.latent_rgb_factors), torch.tensor(fmt.latent_rgb_factors_bias)
+    except Exception:  # an older/newer ComfyUI without these attributes: the core's rough default is used
+        return None
+
+
+def prepare_vae(vae: Any) -> None:
+    """Let ComfyUI load a ``VAE``'s weights onto its device before we drive its modules directly (no-op
+    without ComfyUI or for objects without a ``patcher``)."""
+    _load_host()
+    patcher = getattr(vae, "patcher", None)
+    if _model_management is None or patcher is None:
+        return
+    _model_management.load_models_gpu([patcher])
 
 
 # --------------------------------------------------------------------------------------------------------------

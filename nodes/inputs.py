@@ -7,7 +7,7 @@ from typing import Any
 import torch
 
 from ._core import core
-from .common import CATEGORY, PROMPTS, VIDEO, PromptsSpec, VideoSpec, image_to_frames
+from .common import CATEGORY, PROMPTS, VAE, VIDEO, PromptsSpec, VideoSpec, image_to_frames
 
 ON_END = ("loop", "hold", "stop")
 
@@ -80,7 +80,7 @@ class StreamDiTVideoInput:
         "Feeds IMAGE frames (e.g. from Load Video → Get Video Components, or a Load Image batch) into the "
         "stream: every chunk entering the buffer is the matching input chunk noised to 'strength' instead of "
         "pure noise, so the output follows the input's layout and motion. Frames are resized to the stream's "
-        "resolution."
+        "resolution. Latent models (Wan 2.1) need the VAE connected: the frames are encoded with it once."
     )
     CATEGORY = f"{CATEGORY}/conditioning"
     RETURN_TYPES = (VIDEO,)
@@ -113,18 +113,27 @@ class StreamDiTVideoInput:
                         "emitted (reset to start again).",
                     },
                 ),
-            }
+            },
+            "optional": {
+                "vae": (VAE, {"tooltip": "For latent models (Wan 2.1): the Wan VAE that encodes the input frames "
+                              "(every 4 frames become one latent frame). Leave unconnected for the bundled model."}),
+            },
         }
 
-    def prepare(self, images: torch.Tensor, strength: float, on_end: str) -> tuple[VideoSpec]:
-        return (make_video(images, strength, on_end),)
+    def prepare(self, images: torch.Tensor, strength: float, on_end: str, vae: Any | None = None) -> tuple[VideoSpec]:
+        return (make_video(images, strength, on_end, vae),)
 
 
-def make_video(images: torch.Tensor, strength: float, on_end: str) -> VideoSpec:
-    """Validate and package input frames."""
+def make_video(images: torch.Tensor, strength: float, on_end: str, vae: Any | None = None) -> VideoSpec:
+    """Validate and package input frames (with the VAE encoder for latent models)."""
     if on_end not in ON_END:
         raise ValueError(f"on_end {on_end!r} is not one of {list(ON_END)}")
     if not 0.0 < float(strength) <= 1.0:
         raise ValueError(f"strength must be in (0, 1], got {strength}")
     frames = image_to_frames(images, "images")
-    return VideoSpec(frames=frames, strength=float(strength), on_end=on_end)
+    if vae is None:
+        return VideoSpec(frames=frames, strength=float(strength), on_end=on_end)
+    from .vae import frame_encoder
+
+    return VideoSpec(frames=frames, strength=float(strength), on_end=on_end, encoder=frame_encoder(vae),
+                     temporal_factor=4)

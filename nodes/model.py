@@ -22,30 +22,74 @@ BUNDLED = "streamdit-bundled (default)"
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 ATTENTION = ("auto", "sdpa", "math", "flash_attn")
 
+DIFFUSION_PREFIX = f"{host.DIFFUSION_FOLDER}/"
+"""Combo entries for Wan files in ComfyUI's ``models/diffusion_models`` start with this."""
+
 _SHARD = re.compile(r"-(\d{5})-of-(\d{5})\.safetensors$", re.IGNORECASE)
 
 _CACHE_SIZE = 2
 _cache: OrderedDict[tuple[Any, ...], ModelHandle] = OrderedDict()
 _cache_lock = threading.Lock()
 
+_wan_check: dict[str, tuple[tuple[int, int], bool]] = {}
+_wan_check_lock = threading.Lock()
+
+
+def _is_wan_file(path: str) -> bool:
+    """Whether a file's keys are Wan 2.1's (header only; cached by path, mtime and size so listing stays cheap)."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return False
+    stamp = (st.st_mtime_ns, st.st_size)
+    with _wan_check_lock:
+        found = _wan_check.get(path)
+        if found is not None and found[0] == stamp:
+            return found[1]
+    try:
+        result = bool(core("wan").is_wan_checkpoint(path))
+    except Exception:  # an unreadable file is simply not listed
+        result = False
+    with _wan_check_lock:
+        _wan_check[path] = (stamp, result)
+    return result
+
+
+def list_wan_models() -> list[str]:
+    """Wan 2.1 checkpoints in ComfyUI's diffusion-model folders, as ``diffusion_models/<name>``."""
+    out = []
+    for name in host.list_diffusion_model_files():
+        path = host.diffusion_model_path(name)
+        if path is not None and _is_wan_file(path):
+            out.append(DIFFUSION_PREFIX + name)
+    return out
+
 
 def list_models() -> list[str]:
-    """The loader's choices: the bundled model, then checkpoint files (a sharded checkpoint is listed once, by
-    its first shard, which loads all of them)."""
+    """The loader's choices: the bundled model, then StreamDiT checkpoint files (a sharded checkpoint is listed
+    once, by its first shard, which loads all of them), then Wan 2.1 files from ``models/diffusion_models``."""
     files = []
     for name in host.list_model_files():
         match = _SHARD.search(name)
         if match is None or int(match.group(1)) == 1:
             files.append(name)
-    return [BUNDLED, *files]
+    try:
+        wan = list_wan_models()
+    except Exception:  # listing must never break the loader
+        logger.warning("could not list Wan models in %s", host.DIFFUSION_FOLDER, exc_info=True)
+        wan = []
+    return [BUNDLED, *files, *wan]
 
 
 def _model_help() -> str:
     dirs = host.model_search_dirs()
     where = dirs[0] if dirs else os.path.join("ComfyUI", "models", host.MODEL_FOLDER)
+    wan_dirs = host.diffusion_model_dirs()
+    wan_where = wan_dirs[0] if wan_dirs else os.path.join("ComfyUI", "models", host.DIFFUSION_FOLDER)
     return (
-        f"StreamDiT checkpoints (.safetensors) go in {where} (or a 'streamdit:' entry of extra_model_paths.yaml); "
-        f"restart or refresh ComfyUI after copying, or pick {BUNDLED!r}, which is always available"
+        f"StreamDiT checkpoints (.safetensors) go in {where} (or a 'streamdit:' entry of extra_model_paths.yaml), "
+        f"Wan 2.1 text-to-video files in {wan_where}; restart or refresh ComfyUI after copying, or pick "
+        f"{BUNDLED!r}, which is always available"
     )
 
 
@@ -67,15 +111,25 @@ def load_model(model: str, dtype: str = "auto", attention: str = "auto") -> Mode
         raise ValueError(f"attention {attention!r} is not one of {list(ATTENTION)}")
     device = host.torch_device()
     torch_dtype = _resolve_dtype(dtype, device)
+    wan = False
     if model == BUNDLED:
         path = None
         stamp: tuple[Any, ...] = ()
     else:
-        if not model.lower().endswith(tuple(host.MODEL_EXTENSIONS)):
-            raise ValueError(f"model {model!r} is not a .safetensors file. {_model_help()}")
-        path = host.model_file_path(model)
+        if model.startswith(DIFFUSION_PREFIX):
+            name = model[len(DIFFUSION_PREFIX) :]
+            if not name.lower().endswith(tuple(host.DIFFUSION_EXTENSIONS)):
+                raise ValueError(f"model {model!r} is not a safetensors file. {_model_help()}")
+            path = host.diffusion_model_path(name)
+            wan = True
+        else:
+            if not model.lower().endswith(tuple(host.MODEL_EXTENSIONS)):
+                raise ValueError(f"model {model!r} is not a .safetensors file. {_model_help()}")
+            path = host.model_file_path(model)
         if path is None:
             raise FileNotFoundError(f"model {model!r} was not found. {_model_help()}")
+        if not wan:  # a plain Wan file copied into models/streamdit loads too
+            wan = "streamdit.format" not in _metadata(path) and _is_wan_file(path)
         st = os.stat(path)
         stamp = (st.st_mtime_ns, st.st_size)
     key = (model, path, stamp, str(torch_dtype), str(device), attention)
@@ -86,14 +140,20 @@ def load_model(model: str, dtype: str = "auto", attention: str = "auto") -> Mode
             return found
     pipeline_mod = core("pipeline")
     try:
-        pipeline = pipeline_mod.load_pipeline(path, device=device, dtype=torch_dtype, attention=attention)
+        if wan:
+            assert path is not None
+            pipeline = pipeline_mod.load_wan_pipeline(path, device=device, dtype=torch_dtype, attention=attention)
+        else:
+            pipeline = pipeline_mod.load_pipeline(path, device=device, dtype=torch_dtype, attention=attention)
     except FileNotFoundError as exc:
         raise FileNotFoundError(f"{exc}. {_model_help()}") from exc
     except Exception as exc:  # safetensors raises its own error type for a damaged file
         if path is None:
             raise
-        raise ValueError(f"{model!r} is not a usable StreamDiT checkpoint ({type(exc).__name__}: {exc}). "
+        kind = "Wan 2.1 text-to-video" if wan else "StreamDiT"
+        raise ValueError(f"{model!r} is not a usable {kind} checkpoint ({type(exc).__name__}: {exc}). "
                          f"{_model_help()}") from exc
+    _use_host_preview(pipeline)
     handle = ModelHandle(
         pipeline=pipeline,
         name=model,
@@ -111,12 +171,32 @@ def load_model(model: str, dtype: str = "auto", attention: str = "auto") -> Mode
     return handle
 
 
+def _metadata(path: str) -> dict[str, str]:
+    try:
+        return dict(core("checkpoint").read_metadata(path))
+    except Exception:  # unreadable: the loader reports it when it tries to load
+        return {}
+
+
+def _use_host_preview(pipeline: Any) -> None:
+    """Give a Wan latent codec ComfyUI's own latent → RGB preview factors when they are available."""
+    codec = pipeline.codec
+    if getattr(codec, "name", None) != "wan2.1":
+        return
+    factors = host.wan_preview_factors()
+    if factors is not None:
+        pipeline.codec = core("codec").wan21_codec(*factors)
+
+
 class StreamDiTModelLoader:
     """Loads a StreamDiT model; the bundled default needs no download."""
 
     DESCRIPTION = (
         "Loads a StreamDiT video model. 'streamdit-bundled (default)' is the small model shipped with the pack "
-        "and always works; other checkpoints (.safetensors) are read from ComfyUI/models/streamdit."
+        "and always works; other checkpoints (.safetensors) are read from ComfyUI/models/streamdit, and Wan 2.1 "
+        "text-to-video files (e.g. wan2.1_t2v_1.3B_fp16.safetensors) from ComfyUI/models/diffusion_models, listed "
+        "as 'diffusion_models/<file>'. Wan models take prompts as CONDITIONING (StreamDiT Conditioning Schedule) "
+        "and need a Wan VAE for frames (StreamDiT Decode)."
     )
     CATEGORY = f"{CATEGORY}/loaders"
     RETURN_TYPES = (MODEL,)
@@ -137,8 +217,9 @@ class StreamDiTModelLoader:
                     choices,
                     {
                         "default": BUNDLED,
-                        "tooltip": "Which model to load: the bundled default, or a .safetensors file from "
-                        "ComfyUI/models/streamdit.",
+                        "tooltip": "Which model to load: the bundled default, a .safetensors file from "
+                        "ComfyUI/models/streamdit, or a Wan 2.1 text-to-video file from "
+                        "ComfyUI/models/diffusion_models ('diffusion_models/...').",
                     },
                 ),
                 "dtype": (
@@ -248,7 +329,23 @@ class StreamDiTSettings:
                     {"default": "", "multiline": False, "tooltip": "What guidance steers away from (used only when "
                      "guidance > 1)."},
                 ),
-            }
+            },
+            "optional": {
+                "model_frames": (
+                    "INT",
+                    {"default": -1, "min": -1, "max": 256, "tooltip": "Frames per model input (FIFO-Diffusion's "
+                     "latent partitioning, for base models such as a plain Wan 2.1): each step is computed with "
+                     "several model calls over parts of the buffer, narrowing the noise spread each call sees. "
+                     "0 = the whole buffer in one call (StreamDiT-trained models); -1 = model default (base Wan: "
+                     "4)."},
+                ),
+                "lookahead": (
+                    "BOOLEAN",
+                    {"default": False, "tooltip": "With model_frames: FIFO-Diffusion's lookahead denoising (calls "
+                     "with a stride of model_frames/2 that keep only the noisier half; about twice the calls). "
+                     "model_frames must be even."},
+                ),
+            },
         }
 
     def build(
@@ -267,23 +364,48 @@ class StreamDiTSettings:
         window_width: int,
         warm_start: bool,
         negative_prompt: str = "",
-    ) -> tuple[Any]:
-        return (
-            build_settings(
-                model,
-                chunk_size=chunk_size,
-                chunks=chunks,
-                micro_steps=micro_steps,
-                reference_frames=reference_frames,
-                shift=shift,
-                guidance=guidance,
-                height=height,
-                width=width,
-                window=(window_frames, window_height, window_width),
-                warm_start=warm_start,
-                negative_prompt=negative_prompt,
-            ),
+        model_frames: int | None = None,
+        lookahead: bool | None = None,
+    ) -> dict[str, Any]:
+        settings = build_settings(
+            model,
+            chunk_size=chunk_size,
+            chunks=chunks,
+            micro_steps=micro_steps,
+            reference_frames=reference_frames,
+            shift=shift,
+            guidance=guidance,
+            height=height,
+            width=width,
+            window=(window_frames, window_height, window_width),
+            warm_start=warm_start,
+            negative_prompt=negative_prompt,
+            model_frames=-1 if model_frames is None else int(model_frames),
+            lookahead=bool(lookahead),
         )
+        text = spread_report(model, settings)
+        host.node_text(text)
+        return {"ui": {"text": [text]}, "result": (settings,)}
+
+
+def spread_report(model: ModelHandle, settings: Any) -> str:
+    """One line on the noise spread per model input; for a base model above the threshold, a warning (also
+    logged) that says which settings to use instead."""
+    schedule = core("schedule")
+    spread = float(schedule.noise_spread(settings.partition, settings.model_frames, settings.lookahead))
+    limit = float(schedule.BASE_MODEL_MAX_SPREAD)
+    if not getattr(model.pipeline, "base_model", False):
+        return f"noise spread per model input {spread:.2f} (StreamDiT-trained model: any spread is fine)"
+    if spread <= limit:
+        return f"noise spread per model input {spread:.2f} (base model: OK, <= {limit:.2f})"
+    text = (
+        f"WARNING: {model.name} is a base model (trained with one noise level per clip) but each model input "
+        f"spans {spread:.2f} of the denoising trajectory (> {limit:.2f}): expect blurry or broken frames. Set "
+        "model_frames (e.g. 4, or -1 for the model default) or use more chunks so each input sees a narrow "
+        "spread; see docs/NODES.md 'Base models'."
+    )
+    logger.warning(text)
+    return text
 
 
 _WHOLE_AXIS = 4096
@@ -310,8 +432,11 @@ def build_settings(
     window: tuple[int, int, int] = (0, 0, 0),
     warm_start: bool = True,
     negative_prompt: str = "",
+    model_frames: int = -1,
+    lookahead: bool = False,
 ) -> Any:
-    """The model's default settings with the non-default values replaced; the core validates them."""
+    """The model's default settings with the non-default values replaced; the core validates them.
+    ``model_frames``: −1 = the model's default, 0 = the whole buffer, else frames per model input."""
     defaults = model.pipeline.default_settings()
     part = defaults.partition
     Partition = core("schedule").Partition
@@ -336,6 +461,12 @@ def build_settings(
         changes["height"] = int(height)
     if width > 0:
         changes["width"] = int(width)
+    if model_frames == 0:
+        changes["model_frames"], changes["lookahead"] = None, False
+    elif model_frames > 0:
+        changes["model_frames"], changes["lookahead"] = int(model_frames), bool(lookahead)
+    elif lookahead and defaults.model_frames is not None:
+        changes["lookahead"] = True
     if any(w > 0 for w in window):
         base = defaults.window or _model_window(model.pipeline) or (_WHOLE_AXIS,) * 3
         changes["window"] = tuple(int(w) if w > 0 else int(base[i]) for i, w in enumerate(window))

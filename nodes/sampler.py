@@ -59,6 +59,29 @@ def _check_resume_compatible(handle: StateHandle, settings: Any, model: ModelHan
         logger.warning("resuming a state saved with model %r on model %r", saved_model, model.name)
 
 
+def _check_prompts(model: ModelHandle, settings: Any, prompts: PromptsSpec) -> None:
+    """Conditioning that the model cannot use is an error naming the input, before any model call."""
+    pipeline = model.pipeline
+    conditioned = isinstance(prompts.schedule, core("prompts").ConditionedSchedule)
+    if conditioned:
+        text_dim = int(pipeline.model.config.text_dim)
+        if prompts.schedule.width != text_dim:
+            raise ValueError(
+                f"prompts: the conditioning is {prompts.schedule.width} wide but {model.name!r} expects {text_dim} "
+                "(Wan 2.1: umT5-XXL, CLIPLoader type 'wan')"
+            )
+        if settings.guidance != 1.0 and prompts.schedule.negative is None and pipeline.text_encoder is None:
+            raise ValueError(
+                f"guidance {settings.guidance} needs a negative prompt: connect 'negative' on StreamDiT Conditioning "
+                "Schedule (e.g. CLIPTextEncode of what to avoid), or set guidance to 1"
+            )
+    elif pipeline.text_encoder is None:
+        raise ValueError(
+            f"prompts: {model.name!r} has no text encoder of its own; build the schedule with StreamDiT Conditioning "
+            "Schedule from CLIPTextEncode (CLIPLoader type 'wan' for Wan 2.1)"
+        )
+
+
 def _callback_factory(node_id: str | None) -> Any:
     progress: list[host.Progress] = []
 
@@ -112,6 +135,7 @@ def advance_stream(
         callback = _callback_factory(node_id)
 
         restart = reset or entry.state is None or entry.config_key != config_key
+        _check_prompts(model, settings, prompts)
         host.check_interrupt()
         host.prepare_model(model.pipeline)
         if restart:
@@ -151,6 +175,8 @@ def advance_stream(
             state=new_state,
             settings=settings,
             model=model,
+            restarted=restart,
+            resume_decoder=initial_state.decoder_state if restart and initial_state is not None else None,
         )
         result = (image, frame_index, output)
         # Commit only now: an interrupt or error above leaves the stream exactly where it was.

@@ -15,6 +15,8 @@ from .sampler import settings_json
 logger = logging.getLogger("StreamDiT.nodes")
 
 IF_MISSING = ("start fresh", "error")
+DECODER_PREFIX = "decoder."
+"""Extra tensors of a state file that hold the streaming decoder's cache (StreamDiT Decode)."""
 
 
 def _output_path(name: str, input_name: str) -> tuple[str, str]:
@@ -44,7 +46,11 @@ def save_stream_state(latent: StreamOutput, filename_prefix: str) -> tuple[str, 
         "settings": settings_json(latent.settings),
         "frames_emitted": str(int(latent.state.frames_emitted)),
     }
-    core("stream").save_state(latent.state, path, metadata=metadata)  # atomic (temp file + rename)
+    extras = None
+    if latent.decoder_state is not None:  # from StreamDiT Decode: the causal VAE cache continues with the stream
+        extras = {DECODER_PREFIX + k: v for k, v in latent.decoder_state.state_dict().items()}
+        metadata["decoder_frame_index"] = str(int(latent.decoder_state.frame_index))
+    core("stream").save_state(latent.state, path, metadata=metadata, extras=extras)  # atomic (temp + rename)
     logger.info("saved stream %s at frame %d to %s", latent.stream_id, int(latent.state.frames_emitted), path)
     return path, rel
 
@@ -65,10 +71,17 @@ def load_stream_state(state_file: str, if_missing: str = "error") -> StateHandle
     stream_mod = core("stream")
     try:
         state, metadata = stream_mod.load_state(path)
+        extras = stream_mod.load_state_extras(path)
+        decoder = None
+        if any(k.startswith(DECODER_PREFIX) for k in extras):
+            decoder = core("causal_decode").DecoderState.from_state_dict(
+                {k[len(DECODER_PREFIX) :]: v for k, v in extras.items() if k.startswith(DECODER_PREFIX)}
+            )
     except (ValueError, KeyError, OSError) as exc:
         raise ValueError(f"state_file {rel!r} is not a StreamDiT stream state: {exc}") from exc
     st = os.stat(path)
-    return StateHandle(state=state, metadata=dict(metadata), path=path, origin=(path, st.st_mtime_ns, st.st_size))
+    return StateHandle(state=state, metadata=dict(metadata), path=path, origin=(path, st.st_mtime_ns, st.st_size),
+                       decoder_state=decoder)
 
 
 class StreamDiTSaveState:
@@ -90,7 +103,8 @@ class StreamDiTSaveState:
     def INPUT_TYPES(cls) -> dict[str, Any]:
         return {
             "required": {
-                "latent": (LATENT, {"tooltip": "The StreamDiT Sampler's 'latent' output (carries the state)."}),
+                "latent": (LATENT, {"tooltip": "The StreamDiT Sampler's 'latent' output (carries the state), or "
+                           "StreamDiT Decode's (also saves the decoder cache, for seamless resumes of Wan streams)."}),
                 "filename_prefix": (
                     "STRING",
                     {"default": "streamdit/state", "tooltip": "File name inside the output folder; "

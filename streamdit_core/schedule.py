@@ -214,6 +214,11 @@ def frame_blocks(frames: int, model_frames: int | None, lookahead: bool = False)
     return [(max(0, a - half), min(a + half, frames), a, min(a + half, frames)) for a in range(0, frames, half)]
 
 
+BASE_MODEL_MAX_SPREAD = 0.3
+"""Above this :func:`noise_spread`, a base model (one noise level per training clip) is warned about: FIFO-Diffusion
+runs base models at about 0.25 (4 partitions); StreamDiT's whole staircase in one input is ``1 − 1/N``."""
+
+
 def noise_spread(
     partition: Partition, model_frames: int | None = None, lookahead: bool = False
 ) -> float:
