@@ -17,9 +17,10 @@ from comfy_executor import REPO, load_pack, pack_module
 
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN"}
 SOCKET_TYPES = {"IMAGE", "STREAMDIT_MODEL", "STREAMDIT_SETTINGS", "STREAMDIT_PROMPTS", "STREAMDIT_VIDEO",
-                "STREAMDIT_LATENT", "STREAMDIT_STATE"}
+                "STREAMDIT_LATENT", "STREAMDIT_STATE", "CONDITIONING", "VAE"}
 EXPECTED_IDS = {"StreamDiTModelLoader", "StreamDiTSettings", "StreamDiTPromptSchedule", "StreamDiTVideoInput",
-                "StreamDiTSampler", "StreamDiTWriter", "StreamDiTSaveState", "StreamDiTLoadState", "StreamDiTReset"}
+                "StreamDiTSampler", "StreamDiTWriter", "StreamDiTSaveState", "StreamDiTLoadState", "StreamDiTReset",
+                "StreamDiTConditioningSchedule", "StreamDiTDecode"}
 
 pack = load_pack()
 CLASSES = pack.NODE_CLASS_MAPPINGS
@@ -164,7 +165,7 @@ def test_importing_the_pack_is_cheap_and_loads_no_model() -> None:
         f"spec = importlib.util.spec_from_file_location('p', {str(REPO / '__init__.py')!r}, "
         f"submodule_search_locations=[{str(REPO)!r}])\n"
         "m = importlib.util.module_from_spec(spec); sys.modules['p'] = m; spec.loader.exec_module(m)\n"
-        "assert len(m.NODE_CLASS_MAPPINGS) == 9\n"
+        "assert len(m.NODE_CLASS_MAPPINGS) == 11\n"
         "heavy = [k for k in sys.modules if k.startswith('p.streamdit_core.') and k.split('.')[-1] in "
         "('model', 'pipeline', 'sampler', 'video_io')]\n"
         "assert not heavy, heavy\n"

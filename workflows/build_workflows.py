@@ -37,10 +37,28 @@ STOCK_NODES: dict[str, dict[str, Any]] = {
         "outputs": [("images", "IMAGE"), ("audio", "AUDIO"), ("fps", "FLOAT")],
     },
     "PreviewImage": {"inputs": [("images", "IMAGE", False)], "outputs": []},
+    "CLIPLoader": {
+        "inputs": [("clip_name", "COMBO", True), ("type", "COMBO", True), ("device", "COMBO", True)],
+        "outputs": [("CLIP", "CLIP")],
+    },
+    "CLIPTextEncode": {
+        "inputs": [("text", "STRING", True), ("clip", "CLIP", False)],
+        "outputs": [("CONDITIONING", "CONDITIONING")],
+    },
+    "VAELoader": {"inputs": [("vae_name", "COMBO", True)], "outputs": [("VAE", "VAE")]},
 }
 FRONTEND_ONLY = {"Note", "MarkdownNote"}
 
 EXAMPLE_VIDEO = "streamdit_example.mp4"
+
+# The file names of Comfy-Org's repackaged Wan 2.1 files (as in ComfyUI's own Wan text-to-video template).
+WAN_MODEL = "diffusion_models/wan2.1_t2v_1.3B_fp16.safetensors"
+WAN_TEXT_ENCODER = "umt5_xxl_fp8_e4m3fn_scaled.safetensors"
+WAN_VAE = "wan_2.1_vae.safetensors"
+WAN_NEGATIVE = (  # Wan 2.1's recommended negative prompt (as in its own code and ComfyUI's template)
+    "色调艳丽，过曝，静态，细节模糊不清，字幕，风格，作品，画作，画面，静止，整体发灰，最差质量，低质量，JPEG压缩残留，丑陋的，残缺的，"
+    "多余的手指，画得不好的手部，画得不好的脸部，畸形的，毁容的，形态畸形的肢体，手指融合，静止不动的画面，杂乱的背景，三条腿，背景人很多，倒着走"
+)
 """The file name the video-to-video example's Load Video node points at (any video in ComfyUI/input works)."""
 
 
@@ -357,12 +375,55 @@ def reset_stream(pack: ModuleType) -> dict[str, Any]:
     return wf.to_json()
 
 
+def wan_text_to_video(pack: ModuleType) -> dict[str, Any]:
+    wf = Workflow(pack)
+    loader = wf.add("StreamDiTModelLoader", (COL[0], 60), model=WAN_MODEL)
+    settings = wf.add("StreamDiTSettings", (COL[1], 60))
+    wf.link(loader, "model", settings, "model")
+    clip = wf.add("CLIPLoader", (COL[0], 330), clip_name=WAN_TEXT_ENCODER, type="wan", device="default")
+    first = wf.add("CLIPTextEncode", (COL[1], 700), title="Prompt from frame 0",
+                   text="a fox running through a snowy forest, tracking shot, daytime")
+    second = wf.add("CLIPTextEncode", (COL[1], 900), title="Prompt from frame 12",
+                    text="a fox running across a frozen lake at sunset, tracking shot")
+    negative = wf.add("CLIPTextEncode", (COL[1], 1100), title="Negative prompt", text=WAN_NEGATIVE)
+    for encode in (first, second, negative):
+        wf.link(clip, "CLIP", encode, "clip")
+    schedule = wf.add("StreamDiTConditioningSchedule", (COL[2], 700), keyframes="0, 12", transition=2)
+    wf.link(first, "CONDITIONING", schedule, "conditioning_1")
+    wf.link(second, "CONDITIONING", schedule, "conditioning_2")
+    wf.link(negative, "CONDITIONING", schedule, "negative")
+    sampler = wf.add("StreamDiTSampler", (COL[2], 60), stream_id="wan-1", seed=42, chunks_per_run=4)
+    wf.link(loader, "model", sampler, "model")
+    wf.link(settings, "settings", sampler, "settings")
+    wf.link(schedule, "prompts", sampler, "prompts")
+    vae = wf.add("VAELoader", (COL[2], 480), vae_name=WAN_VAE)
+    decode = wf.add("StreamDiTDecode", (COL[3], 60))
+    wf.link(sampler, "latent", decode, "latent")
+    wf.link(vae, "VAE", decode, "vae")
+    writer = wf.add("StreamDiTWriter", (COL[4], 60), filename_prefix="streamdit/wan", fps=16.0)
+    wf.link(decode, "frames", writer, "images")
+    wf.link(decode, "latent", writer, "latent")
+    wf.note((COL[3], 700), (
+        "Wan 2.1 1.3B streaming (training-free, base model)\n\n"
+        "Files (Comfy-Org's repackaged Wan 2.1): models/diffusion_models/wan2.1_t2v_1.3B_fp16.safetensors "
+        "(listed by the StreamDiT loader as diffusion_models/...), models/text_encoders/"
+        "umt5_xxl_fp8_e4m3fn_scaled.safetensors, models/vae/wan_2.1_vae.safetensors.\n\n"
+        "Settings left at 0 use the base-Wan defaults: one latent frame per chunk, 16 in flight, 2 calls per "
+        "position, model inputs of 4 latent frames (FIFO-style: a base model needs a narrow noise spread per "
+        "call; Settings warns otherwise), 480x832, shift 8, CFG 5. Every run emits chunks_per_run latent frames "
+        "= 4 video frames each; StreamDiT Decode keeps the VAE cache between runs, so there are no seams.\n\n"
+        "Keyframes count latent frames: the second prompt takes over at latent frame 12 (video frame 45)."
+    ), size=(760, 300))
+    return wf.to_json()
+
+
 EXAMPLES = {
     "streamdit_text_to_video": text_to_video,
     "streamdit_prompt_schedule": prompt_schedule,
     "streamdit_video_to_video": video_to_video,
     "streamdit_save_and_resume": save_and_resume,
     "streamdit_reset_stream": reset_stream,
+    "streamdit_wan_text_to_video": wan_text_to_video,
 }
 
 
