@@ -7,7 +7,7 @@ Skipped unless both are set:
 
 The ComfyUI folder is not modified: the server runs with ``--base-directory`` pointing at a temporary folder
 whose ``custom_nodes/`` holds this repository (a symlink; ``STREAMDIT_COMFYUI_INSTALL=copy`` copies instead),
-on 127.0.0.1 on a free port, and is stopped by its PID. See docs/NODES.md for a recipe::
+on 127.0.0.1 on a free port (or ``STREAMDIT_COMFYUI_PORT``), and is stopped by its PID. See docs/NODES.md for a recipe::
 
     STREAMDIT_COMFYUI_DIR=~/ComfyUI STREAMDIT_COMFYUI_PYTHON=~/ComfyUI/venv/bin/python \\
         python -m pytest tests/test_real_comfyui.py -s -v
@@ -21,6 +21,8 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
+import textwrap
 import time
 import urllib.error
 import urllib.parse
@@ -69,7 +71,7 @@ class Server:
 
     def __init__(self, base: Path) -> None:
         self.base = base
-        self.port = _free_port()
+        self.port = int(os.environ.get("STREAMDIT_COMFYUI_PORT") or _free_port())
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = base / f"comfyui-{self.port}.log"
         self.proc: subprocess.Popen[bytes] | None = None
@@ -162,6 +164,101 @@ def _make_checkpoint(path: Path) -> list[Path]:
     return list(checkpoint.save_checkpoint(path, pipe.model, pipe.text_encoder, max_shard_bytes=4_000_000))
 
 
+# A tiny Wan 2.1 VAE of ComfyUI's own class (width 8 instead of 96; every other size as the real one), written as
+# a state dict that ComfyUI's VAELoader detects as Wan 2.1 by its keys. Runs in ComfyUI's Python.
+_TINY_WAN_VAE = textwrap.dedent("""
+    import sys
+    sys.path.insert(0, sys.argv[1])
+    import comfy.cli_args
+    comfy.cli_args.args.cpu = True
+    import torch
+    from safetensors.torch import save_file
+    import comfy.ldm.wan.vae as wan_vae
+    vae = wan_vae.WanVAE(dim=8, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=2, attn_scales=[],
+                         temperal_downsample=[False, True, True])
+    g = torch.Generator().manual_seed(0)
+    sd = {}
+    for name, p in vae.state_dict().items():  # ComfyUI's layers skip weight init: set every tensor
+        if name.endswith("gamma"):
+            t = torch.ones(p.shape)
+        elif p.dim() > 1:
+            t = torch.randn(p.shape, generator=g) / (p[0].numel() ** 0.5)
+        else:
+            t = torch.randn(p.shape, generator=g) * 0.02
+        sd[name] = t.contiguous()
+    save_file(sd, sys.argv[2])
+""")
+
+# Test-only nodes, installed next to the pack: CONDITIONING without a text encoder (ComfyUI's umT5-XXL has a fixed
+# 5.7 B-parameter config, too big for this test), and a check that the streamed frames equal one decode of all
+# latents so far by ComfyUI's own VAE.decode (with ComfyUI's own Wan latent statistics).
+_HELPERS = textwrap.dedent("""
+    import hashlib
+    import torch
+
+    class StreamDiTTestTextEncode:
+        CATEGORY = "testing"
+        RETURN_TYPES = ("CONDITIONING",)
+        FUNCTION = "encode"
+
+        @classmethod
+        def INPUT_TYPES(cls):
+            return {"required": {"text": ("STRING", {"default": ""}), "width": ("INT", {"default": 32}),
+                                 "tokens": ("INT", {"default": 24})}}
+
+        def encode(self, text, width, tokens):
+            seed = int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little")
+            g = torch.Generator().manual_seed(seed)
+            return ([[torch.randn(1, tokens, width, generator=g), {"pooled_output": None}]],)
+
+    _seen = {}
+
+    class StreamDiTTestDecodeCheck:
+        CATEGORY = "testing"
+        RETURN_TYPES = ()
+        FUNCTION = "check"
+        OUTPUT_NODE = True
+
+        @classmethod
+        def INPUT_TYPES(cls):
+            return {"required": {"frames": ("IMAGE",), "latent": ("STREAMDIT_LATENT",), "vae": ("VAE",)}}
+
+        def check(self, frames, latent, vae):
+            import comfy.latent_formats
+            runs = _seen.setdefault(latent.stream_id, [])
+            if latent.frame_index == 0:
+                runs.clear()
+            runs.append((latent.latents.detach().cpu(), frames.detach().cpu()))
+            latents = torch.cat([r[0] for r in runs], dim=2)
+            streamed = torch.cat([r[1] for r in runs])
+            raw = comfy.latent_formats.Wan21().process_out(latents)
+            full = vae.decode(raw)[0]  # ComfyUI's own one-shot decode: [T, H, W, 3]
+            diff = float((full - streamed).abs().max()) if full.shape == streamed.shape else float("inf")
+            return {"ui": {"max_diff": [diff], "frames": [int(streamed.shape[0])],
+                           "latent_frames": [int(latents.shape[2])], "std": [float(full.std())]}}
+
+    NODE_CLASS_MAPPINGS = {"StreamDiTTestTextEncode": StreamDiTTestTextEncode,
+                           "StreamDiTTestDecodeCheck": StreamDiTTestDecodeCheck}
+""")
+
+
+def _make_wan_files(root: Path) -> None:
+    """A tiny Wan-layout transformer and a tiny Wan 2.1 VAE under the file names the Wan workflow uses."""
+    assert COMFY_DIR and COMFY_PYTHON
+    builder = load_builder()
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import wan_fakes
+
+    wan_fakes.write_tiny_wan(root / "models" / builder.WAN_MODEL)
+    vae_path = root / "models" / "vae" / builder.WAN_VAE
+    vae_path.parent.mkdir(parents=True, exist_ok=True)
+    subprocess.run([COMFY_PYTHON, "-c", _TINY_WAN_VAE, COMFY_DIR, str(vae_path)], check=True, timeout=300,
+                   capture_output=True)
+    helpers = root / "custom_nodes" / "streamdit_test_helpers"
+    helpers.mkdir(parents=True, exist_ok=True)
+    (helpers / "__init__.py").write_text(_HELPERS, encoding="utf-8")
+
+
 @pytest.fixture(scope="module")
 def base(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("comfyui-base")
@@ -174,6 +271,7 @@ def base(tmp_path_factory: pytest.TempPathFactory) -> Path:
         target.symlink_to(REPO, target_is_directory=True)
     _make_example_video(root / "input" / load_builder().EXAMPLE_VIDEO)
     _make_checkpoint(root / "models" / "streamdit" / "test" / "streamdit-test.safetensors")
+    _make_wan_files(root)
     return root
 
 
@@ -380,3 +478,102 @@ def test_a_checkpoint_in_models_streamdit_is_listed_and_streams(server: Server, 
     except urllib.error.HTTPError as exc:
         assert exc.code == 400  # ComfyUI's own combo validation
     print(f"checkpoint: {listed[0]} listed once (sharded) and streamed {counts} frames")
+
+
+def test_wan_workflow_streams_and_decodes_seamlessly(server: Server, object_info: dict[str, Any]) -> None:
+    """The Wan 2.1 workflow with a tiny random Wan-layout transformer (in models/diffusion_models, listed by the
+    loader) and a tiny Wan 2.1 VAE of ComfyUI's own class loaded by the stock VAELoader. The text encoder is the
+    one replacement: CLIPLoader + CLIPTextEncode (umT5-XXL cannot be made small in ComfyUI) become a test node
+    with the same CONDITIONING output. Three queue runs: frames advance, and the frames decoded run by run equal
+    ComfyUI's own one-shot VAE decode of all latents so far."""
+    builder = load_builder()
+    assert builder.WAN_MODEL in object_info["StreamDiTModelLoader"]["input"]["required"]["model"][0]
+    assert builder.WAN_VAE in object_info["VAELoader"]["input"]["required"]["vae_name"][0]
+    workflow = load_workflow(REPO / "workflows" / "streamdit_wan_text_to_video.json")
+    prompt = ui_to_api(workflow, specs_from_object_info(object_info))
+    for node_id in find_nodes(prompt, "CLIPLoader"):
+        del prompt[node_id]
+    for node_id in find_nodes(prompt, "CLIPTextEncode"):
+        text = prompt[node_id]["inputs"]["text"]
+        prompt[node_id] = {"class_type": "StreamDiTTestTextEncode", "inputs": {"text": text, "width": 32,
+                                                                              "tokens": 24}}
+    (settings_id,) = find_nodes(prompt, "StreamDiTSettings")
+    prompt[settings_id]["inputs"].update(height=32, width=32)  # the tiny VAE is as slow per pixel as any
+    (sampler_id,) = find_nodes(prompt, "StreamDiTSampler")
+    (decode_id,) = find_nodes(prompt, "StreamDiTDecode")
+    (vae_id,) = find_nodes(prompt, "VAELoader")
+    (writer_id,) = find_nodes(prompt, "StreamDiTWriter")
+    stream_id = f"wan-{uuid.uuid4().hex[:6]}"
+    prompt[sampler_id]["inputs"]["stream_id"] = stream_id
+    prompt["900"] = {"class_type": "StreamDiTTestDecodeCheck",
+                     "inputs": {"frames": [decode_id, 0], "latent": [decode_id, 2], "vae": [vae_id, 0]}}
+    per_run = prompt[sampler_id]["inputs"]["chunks_per_run"]
+    results = []
+    for _ in range(RUNS):
+        start = time.monotonic()
+        history = server.queue(prompt)
+        status = history["status"]
+        assert status["status_str"] == "success", json.dumps(status["messages"])[-3000:]
+        check = history["outputs"]["900"]
+        results.append((server.get("/streamdit/streams")[stream_id], check["latent_frames"][0], check["frames"][0],
+                        check["max_diff"][0], _frames_in(history, writer_id), time.monotonic() - start,
+                        check["std"][0]))
+        if len(results) == 1:  # Settings runs once, then its output is cached (and not in later histories)
+            assert "base model: OK" in history["outputs"][settings_id]["text"][0]
+    latent_counts = [r[0] for r in results]
+    assert latent_counts == [per_run * (i + 1) for i in range(RUNS)]
+    assert [r[1] for r in results] == latent_counts
+    assert [r[2] for r in results] == [1 + 4 * (n - 1) for n in latent_counts]  # 1 frame, then 4 per latent
+    assert [r[4] for r in results] == [r[2] for r in results]  # the writer's file holds every decoded frame
+    assert all(r[3] <= 1e-5 for r in results), results  # run-by-run decode == ComfyUI's one-shot decode
+    assert all(r[6] > 1e-3 for r in results)  # non-trivial frames
+    print(f"wan: {RUNS} runs, stream {stream_id!r} at latent frames {latent_counts}, decoded frames "
+          f"{[r[2] for r in results]}, max |streamed - one-shot decode| {[r[3] for r in results]}, seconds per run "
+          f"{[round(r[5], 2) for r in results]}")
+
+
+_CHUNKED_DECODE = textwrap.dedent("""
+    import json, sys
+    sys.path.insert(0, sys.argv[1])
+    sys.path.insert(0, sys.argv[2])
+    import comfy.cli_args
+    comfy.cli_args.args.cpu = True
+    import torch
+    import comfy.sd
+    from safetensors.torch import load_file
+    from streamdit_core.causal_decode import DecoderState, ModuleStepDecoder, count_causal_convs, decode_chunk
+    vae = comfy.sd.VAE(sd=load_file(sys.argv[3]))
+    model = vae.first_stage_model
+    assert type(model).__module__ == "comfy.ldm.wan.vae", type(model)
+    z = torch.randn(1, 16, 8, 4, 6, generator=torch.Generator().manual_seed(0))
+    full = vae.decode(z)[0]  # ComfyUI's own one-shot decode, [T, H, W, 3]
+    out = {}
+    for chunks in ([8], [1] * 8, [1, 2, 3, 2], [3, 5]):
+        step = ModuleStepDecoder(model.conv2, model.decoder, count_causal_convs(model.decoder), vae.device,
+                                 vae.vae_dtype)
+        state, pieces, start = DecoderState.fresh(step.num_slots), [], 0
+        for n in chunks:
+            state, frames = decode_chunk(step, state, z[:, :, start:start + n])
+            pieces.append(frames)
+            start += n
+        got = torch.cat(pieces).permute(0, 2, 3, 1)
+        out[str(chunks)] = [list(got.shape), float((got - full).abs().max())]
+    print(json.dumps({"full": list(full.shape), "std": float(full.std()), "chunks": out}))
+""")
+
+
+def test_chunked_decode_equals_comfyui_wan_vae_decode(base: Path) -> None:
+    """The core's streaming decode on ComfyUI's own WanVAE class (tiny random weights, as VAELoader builds it)
+    against ComfyUI's ``VAE.decode`` of the whole latent video, for several chunkings."""
+    assert COMFY_DIR and COMFY_PYTHON
+    vae_path = base / "models" / "vae" / load_builder().WAN_VAE
+    out = subprocess.run([COMFY_PYTHON, "-c", _CHUNKED_DECODE, COMFY_DIR, str(REPO), str(vae_path)],
+                         capture_output=True, text=True, timeout=600, check=False)
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["full"][0] == 1 + 4 * 7 and result["std"] > 1e-3
+    for chunks, (shape, diff) in result["chunks"].items():
+        assert shape == result["full"], chunks
+        assert diff <= 1e-5, (chunks, diff)
+    print(f"ComfyUI WanVAE: one-shot decode {result['full']}, chunked max |diff| "
+          f"{ {k: v[1] for k, v in result['chunks'].items()} }")
