@@ -161,10 +161,14 @@ class StreamPipeline:
                 f"model_frames={settings.model_frames} must be a multiple of the temporal patch {cfg.patch_size[0]}"
                 + (" (twice that with lookahead)" if settings.lookahead else "")
             )
-        if settings.partition.B % cfg.patch_size[0]:
-            raise ValueError(
-                f"buffer B={settings.partition.B} must be a multiple of the temporal patch {cfg.patch_size[0]}"
-            )
+        pt = cfg.patch_size[0]
+        for name, value in (("buffer B", settings.partition.B), ("chunk size c", settings.partition.c),
+                            ("reference frames K", settings.partition.K)):
+            if value % pt:
+                raise ValueError(
+                    f"{name}={value} must be a multiple of the model's temporal patch {pt} "
+                    "(frames inside one token share a noise level)"
+                )
 
     # -- text ---------------------------------------------------------------------------------------------
 

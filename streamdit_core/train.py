@@ -244,6 +244,14 @@ class Trainer:
                     num_heads=cfg.text_heads,
                 )
             )
+        pt = self.model.config.patch_size[0]
+        chunks = (cfg.chunk,) if isinstance(cfg, DistillConfig) else cfg.chunk_sizes
+        bad = [c for c in chunks if c % pt] + ([cfg.reference_frames] if cfg.reference_frames % pt else [])
+        if bad or cfg.buffer % pt:
+            raise ValueError(
+                f"chunk sizes {list(chunks)}, reference_frames {cfg.reference_frames} and buffer "
+                f"{cfg.buffer} must be multiples of the model's temporal patch {pt}"
+            )
         self.model.to(self.device).train()
         self.text.to(self.device).train()
         self.ema_model = copy.deepcopy(self.model).eval().requires_grad_(False)

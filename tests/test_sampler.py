@@ -64,7 +64,7 @@ def test_same_seed_same_frames_other_seed_other_frames(pipe):
     assert torch.equal(a, b) and not torch.equal(a, c)
 
 
-@pytest.mark.parametrize("c,s,warm", [(1, 1, True), (2, 1, True), (2, 2, False), (16, 2, True), (4, 1, False)])
+@pytest.mark.parametrize("c,s,warm", [(8, 1, True), (2, 1, True), (2, 2, False), (16, 2, True), (4, 1, False)])
 def test_chunk_sizes_run_and_count_calls(pipe, c, s, warm):
     p = Partition.from_buffer(16, c, s=s)
     sampler = _sampler(pipe, partition=p, warm_start=warm)
@@ -77,6 +77,12 @@ def test_chunk_sizes_run_and_count_calls(pipe, c, s, warm):
         assert start_calls == (p.N - 1) * s and state2.calls == start_calls + 2 * s
     else:  # the cold start flushes N−1 chunks first
         assert start_calls == 0 and state2.calls == (p.N - 1 + 2) * s
+
+
+def test_odd_chunk_size_is_rejected_for_a_temporal_patch_of_two(pipe):
+    assert pipe.model.config.patch_size[0] == 2
+    with pytest.raises(ValueError, match="chunk size c=1 must be a multiple of the model's temporal patch 2"):
+        _sampler(pipe, partition=Partition.from_buffer(16, 1))
 
 
 def test_reference_frames_stay_clean_and_fixed_within_a_chunk(pipe):
