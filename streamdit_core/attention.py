@@ -17,7 +17,7 @@ plain SDPA with a warning, since cuDNN's shape limits are not queryable up front
 from __future__ import annotations
 
 import importlib
-from functools import lru_cache
+from functools import cache, lru_cache
 from typing import Literal, get_args
 
 import torch
@@ -87,7 +87,7 @@ _sdpa_cudnn = _sdpa_cudnn_impl
 try:
     _op = torch.library.custom_op("streamdit::sdpa_cudnn", mutates_args=())(_sdpa_cudnn_impl)
 
-    @_op.register_fake  # type: ignore[untyped-decorator,misc]
+    @_op.register_fake
     def _sdpa_cudnn_fake(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         return q.new_empty((*q.shape[:-1], v.shape[-1]))
 
@@ -96,7 +96,7 @@ except (AttributeError, RuntimeError, TypeError):  # very old torch: no custom_o
     pass
 
 
-@lru_cache(maxsize=None)
+@cache
 def _cudnn_probe(device: str, dtype: torch.dtype) -> bool:
     """Whether the cuDNN attention kernel runs on this device and dtype (a tiny real call, cached)."""
     try:
@@ -168,7 +168,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str = 
         out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
         return out.transpose(1, 2)
     if backend == "cudnn":
-        return _sdpa_cudnn(q, k, v)  # type: ignore[no-any-return]
+        return _sdpa_cudnn(q, k, v)
     if backend == "math":
         scale = q.shape[-1] ** -0.5
         scores = torch.einsum("blhd,bmhd->bhlm", q.float(), k.float()) * scale

@@ -18,6 +18,8 @@ Tensor shapes: latents ``[batch, channels, frames, height, width]``; tokens ``[b
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -183,7 +185,7 @@ class CrossAttention(_Projections):
         k = self.norm_k(self.k(ctx)).unflatten(-1, (self.num_heads, -1))
         return k, self.v(ctx).unflatten(-1, (self.num_heads, -1))
 
-    @torch.compiler.disable  # type: ignore[untyped-decorator,misc]  # the run layout varies; never specialise on it
+    @torch.compiler.disable  # the run layout varies; never specialise on it
     def forward_cached(self, x: torch.Tensor, runs: CrossKV, frames: int, backend: str) -> torch.Tensor:
         """Cross-attention with precomputed keys/values: the tokens of each run of frames (contiguous in
         ``x`` ``[b, L, dim]``, ``frames`` token-grid frames) attend to that run's keys/values at once."""
@@ -314,7 +316,7 @@ class StreamDiT(nn.Module):
         return option and not torch.is_grad_enabled()
 
     @staticmethod
-    def _tensor_key(t: torch.Tensor, params: list[torch.Tensor]) -> tuple[object, ...]:
+    def _tensor_key(t: torch.Tensor, params: Sequence[torch.Tensor]) -> tuple[object, ...]:
         """Identity of an input tensor (and of the weights a cached value came from). Inference tensors have
         no version counter; they are never modified in place by this package."""
         try:
@@ -340,15 +342,16 @@ class StreamDiT(nn.Module):
         """Keys/values of every block for ``context`` (``[b, Lt, D]`` or per frame ``[b, F, Lt, D]``, before the
         temporal-patch subsampling), cached by the context tensor's identity. Consecutive frames with equal
         context rows form one run: their keys/values are computed once and their tokens attend in one call."""
-        params = [p for p in self.text_embedding.parameters()]
-        for block in self.blocks:
+        params: list[torch.Tensor] = list(self.text_embedding.parameters())
+        blocks = [cast(Block, b) for b in self.blocks]
+        for block in blocks:
             params += [block.cross_attn.k.weight, block.cross_attn.v.weight]
             if isinstance(block.cross_attn.norm_k, RMSNorm):
                 params.append(block.cross_attn.norm_k.weight)
         key = (*self._tensor_key(context, params), dtype, grid_frames)
-        for k, ref, value in self._kv_cache:
-            if k == key and ref is context:
-                return value
+        for cached_key, ref, found in self._kv_cache:
+            if cached_key == key and ref is context:
+                return found
         if context.dim() == 4:
             ctx = context[:, :: self.config.patch_size[0]]
             starts = [0] + [i for i in range(1, ctx.shape[1]) if not torch.equal(ctx[:, i], ctx[:, i - 1])]
@@ -358,11 +361,11 @@ class StreamDiT(nn.Module):
             bounds, rows = [(0, grid_frames)], context[:, None]
         emb = self.text_embedding(rows.to(dtype))  # [b, runs, Lt, dim]
         value: list[CrossKV] = []
-        for block in self.blocks:
+        for block in blocks:
             k, v = block.cross_attn.project_context(emb.flatten(0, 1))  # [b·runs, Lt, h, dh]
             k, v = k.unflatten(0, (emb.shape[0], -1)), v.unflatten(0, (emb.shape[0], -1))
             value.append(tuple((f0, f1, k[:, i], v[:, i]) for i, (f0, f1) in enumerate(bounds)))
-        self._kv_cache = [*self._kv_cache[-1:], (key, context, value)]
+        self._kv_cache = [*self._kv_cache[-3:], (key, context, value)]  # guidance and model_frames use several
         return value
 
     def initialize_weights(self) -> None:

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, fields, replace
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -203,11 +203,16 @@ class Fp8Linear(nn.Module):
     as ``uint8`` so ``model.to(dtype)`` leaves it alone). Off CUDA, or where ``torch._scaled_mm`` is missing,
     the same quantisation is emulated in float32 (for tests)."""
 
+    weight: nn.Parameter
+    bias: nn.Parameter | None
+    weight_fp8: torch.Tensor
+    weight_scale: torch.Tensor
+
     def __init__(self, linear: nn.Linear, rowwise: bool, use_scaled_mm: bool) -> None:
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.weight = linear.weight
-        self.bias = linear.bias
+        self.weight = cast(nn.Parameter, linear.weight)
+        self.bias = cast("nn.Parameter | None", linear.bias)
         self.rowwise = rowwise
         self.use_scaled_mm = use_scaled_mm
         with torch.no_grad():
@@ -243,6 +248,7 @@ def _block_linears(model: StreamDiT) -> list[tuple[nn.Module, str]]:
     """(parent, attribute) of every linear layer applied to the video tokens inside the blocks (the
     cross-attention key/value projections of the text are cached, so they stay in the model dtype)."""
     out: list[tuple[nn.Module, str]] = []
+    block: Any
     for block in model.blocks:
         sa, ca = block.self_attn, block.cross_attn
         out += [(sa, "q"), (sa, "k"), (sa, "v"), (sa, "o"), (ca, "q"), (ca, "o"), (block.ffn, "0"), (block.ffn, "2")]
@@ -256,7 +262,8 @@ def _set_fp8(model: StreamDiT, mode: str, status: dict[str, str]) -> None:
         if isinstance(layer, Fp8Linear):
             restored = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None,
                                  device="meta")
-            restored.weight, restored.bias = layer.weight, layer.bias
+            restored.weight = layer.weight  # the same Parameter objects: nothing is copied
+            restored.bias = cast(nn.Parameter, layer.bias)
             setattr(parent, name, restored)
     if mode == "off":
         return

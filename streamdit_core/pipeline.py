@@ -19,6 +19,7 @@ from .codec import Codec, PixelCodec
 from .config import ModelConfig, preset
 from .log import get_logger
 from .model import StreamDiT
+from .perf import PerfOptions
 from .schedule import Partition
 from .text import TextEncoder, TextEncoderConfig
 
@@ -79,6 +80,8 @@ class StreamPipeline:
     defaults: stream settings stored with the checkpoint (partition, shift, guidance, size, fps).
     name: a display name; trained: False for a randomly initialised placeholder.
     attention: attention backend name passed to the model.
+    The model's inference speed-ups are ``model.perf`` (set with :meth:`set_perf`); the pipeline keeps the
+    σ and context tensors it passes identity-stable across calls so the model's caches hit.
     """
 
     model: StreamDiT
@@ -92,6 +95,24 @@ class StreamPipeline:
     attention: str = "auto"
     external_embeddings: dict[str, torch.Tensor] = field(default_factory=dict)
     _prompt_cache: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
+    _sigma_memo: dict[tuple[float, ...], torch.Tensor] = field(default_factory=dict, repr=False)
+    _guided_memo: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = field(default=None, repr=False)
+
+    def set_perf(self, options: PerfOptions) -> dict[str, str]:
+        """Switch the model's inference speed-ups (GPU-only parts are dropped on a CPU); returns what is on."""
+        return self.model.set_perf(options.for_device(self.device))
+
+    def _device_sigmas(self, sigmas: torch.Tensor) -> torch.Tensor:
+        """``[B]`` levels → ``[1, B]`` float32 on the device, the same tensor for the same values."""
+        if sigmas.device.type != "cpu":
+            return sigmas.to(self.device, torch.float32)[None]
+        key = tuple(float(v) for v in sigmas.tolist())
+        found = self._sigma_memo.get(key)
+        if found is None:
+            if len(self._sigma_memo) >= 64:
+                self._sigma_memo.clear()
+            found = self._sigma_memo[key] = sigmas.to(self.device, torch.float32)[None]
+        return found
 
     @property
     def cheap_decode(self) -> bool:
@@ -173,12 +194,18 @@ class StreamPipeline:
         """One model call (two batched with guidance). latents ``[1, C, B, h, w]``; sigmas ``[B]``;
         context/uncond ``[1, B, Lt, D]``. Returns the (guided) velocity ``[1, C, B, h, w]`` float32."""
         x = latents.to(self.device, self.dtype)
-        sig = sigmas.to(self.device, torch.float32)[None]
+        sig = self._device_sigmas(sigmas)
         ctx = context.to(self.device)
         if guidance != 1.0:
             if uncond is None:
                 raise ValueError("guidance != 1 needs an unconditional context")
-            x, sig, ctx = torch.cat([x, x]), torch.cat([sig, sig]), torch.cat([ctx, uncond.to(self.device)])
+            memo = self._guided_memo
+            if memo is not None and memo[0] is context and memo[1] is uncond:
+                both = memo[2]
+            else:
+                both = torch.cat([ctx, uncond.to(self.device)])
+                self._guided_memo = (context, uncond, both)
+            x, sig, ctx = torch.cat([x, x]), torch.cat([sig, sig]), both
         with torch.inference_mode():
             v = self.model(x, sig, ctx, window=window, attention_backend=self.attention).float()
         if guidance != 1.0:
@@ -196,11 +223,17 @@ class StreamPipeline:
 
 
 def _pipeline_from(
-    ckpt: LoadedCheckpoint, device: torch.device, dtype: torch.dtype, attention: str, name: str
+    ckpt: LoadedCheckpoint,
+    device: torch.device,
+    dtype: torch.dtype,
+    attention: str,
+    name: str,
+    perf: PerfOptions | None = None,
 ) -> StreamPipeline:
     if ckpt.codec != "pixel":
         raise ValueError(f"{name}: codec {ckpt.codec!r} needs an external VAE (use the ComfyUI nodes)")
     model = ckpt.model.to(device=device, dtype=dtype)
+    model.set_perf((perf or PerfOptions()).for_device(device))
     return StreamPipeline(
         model=model,
         text_encoder=ckpt.text_encoder,
@@ -215,7 +248,11 @@ def _pipeline_from(
 
 
 def placeholder_pipeline(
-    device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32, attention: str = "auto", seed: int = 0
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    attention: str = "auto",
+    seed: int = 0,
+    perf: PerfOptions | None = None,
 ) -> StreamPipeline:
     """A randomly initialised model of the bundled layout (for tests and for checkouts without weights)."""
     from .world import VOCABULARY
@@ -227,8 +264,10 @@ def placeholder_pipeline(
     torch.nn.init.normal_(model.head.head.weight, std=0.02)
     text = TextEncoder(TextEncoderConfig(vocabulary=tuple(VOCABULARY), text_len=cfg.text_len, dim=cfg.text_dim))
     dev = torch.device(device)
+    model = model.to(dev, dtype).eval()
+    model.set_perf((perf or PerfOptions()).for_device(dev))
     return StreamPipeline(
-        model=model.to(dev, dtype).eval(),
+        model=model,
         text_encoder=text.to(dev).eval(),
         codec=PixelCodec(),
         device=dev,
@@ -245,8 +284,13 @@ def load_pipeline(
     device: str | torch.device = "cpu",
     dtype: str | torch.dtype = torch.float32,
     attention: str = "auto",
+    perf: PerfOptions | str | None = None,
 ) -> StreamPipeline:
-    """Load a StreamDiT checkpoint (``None`` = the bundled default model) into a pipeline."""
+    """Load a StreamDiT checkpoint (``None`` = the bundled default model) into a pipeline.
+
+    ``perf``: inference speed-ups, a :class:`~streamdit_core.perf.PerfOptions` or a level name
+    (``plain``, ``safe`` — the default —, ``fast``, ``fastest``); GPU-only parts are dropped on a CPU."""
+    options = PerfOptions.level(perf) if isinstance(perf, str) else perf
     dev, dt = torch.device(device), parse_dtype(dtype)
     if path is None:
         bundled = bundled_model_path()
@@ -256,7 +300,7 @@ def load_pipeline(
                 "model of the same layout (frames will be noise)",
                 WEIGHTS_DIR,
             )
-            return placeholder_pipeline(dev, dt, attention)
+            return placeholder_pipeline(dev, dt, attention, perf=options)
         path, name = bundled, BUNDLED_NAME
     else:
         name = Path(path).name
@@ -268,4 +312,4 @@ def load_pipeline(
         f"{ckpt.model.config.num_parameters():,}",
         json.dumps(meta_defaults),
     )
-    return _pipeline_from(ckpt, dev, dt, attention, name)
+    return _pipeline_from(ckpt, dev, dt, attention, name, options)
