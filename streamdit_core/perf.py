@@ -302,9 +302,11 @@ def _set_compile(model: StreamDiT, mode: str, status: dict[str, str]) -> None:
     try:
         import torch._dynamo as dynamo
 
-        for name in ("recompile_limit", "cache_size_limit"):  # 2 graphs (shifted or not) per shape
-            if hasattr(dynamo.config, name) and getattr(dynamo.config, name) < 64:
-                setattr(dynamo.config, name, 64)
+        # 2 graphs (shifted windows or not) per shape and precision; blocks share them (parameters are graph
+        # inputs), but a generous limit keeps a surprise recompile per block from silently falling back to eager
+        for name in ("recompile_limit", "cache_size_limit"):
+            if hasattr(dynamo.config, name) and getattr(dynamo.config, name) < 256:
+                setattr(dynamo.config, name, 256)
         kwargs: dict[str, Any] = {"dynamic": False}
         if mode != "default":
             kwargs["mode"] = mode
