@@ -433,9 +433,12 @@ def run_case(
     decoder: bool = True,
     rates: Rates | None = None,
     report: Callable[[dict[str, Any]], None] | None = None,
+    profile: tuple[str, ...] = (),
+    profile_dir: Path | None = None,
 ) -> dict[str, Any]:
     """Measure one case (see the module docstring). ``report(row)`` is called after every measurement with
-    the row so far (the command writes it to disk)."""
+    the row so far (the command writes it to disk). Modes named in ``profile`` are also run twice under
+    ``torch.profiler``; the kernel table goes to ``profile_dir/profile_<case>_<mode>.txt``."""
     cfg = preset(case.model)
     c, f, h, w = case.latent
     p = case.partition
@@ -445,6 +448,7 @@ def run_case(
         "case": case.name,
         "device": str(device),
         "dtype": str(dtype).removeprefix("torch."),
+        "threads": torch.get_num_threads(),
         "parameters": cfg.num_parameters(),
         "layout": {"dim": cfg.dim, "ffn_dim": cfg.ffn_dim, "heads": cfg.num_heads, "layers": cfg.num_layers,
                    "patch": list(cfg.patch_size), "text_len": cfg.text_len},
@@ -513,6 +517,14 @@ def run_case(
                 })
                 if best is None or ms < best[0]:
                     best = (ms, options, attention)
+                if mode in profile and profile_dir is not None:  # without CUDA graphs: kernels stay visible
+                    graphed = model.perf
+                    model.perf = replace(graphed, cuda_graphs=False)
+                    try:
+                        entry["profile"] = profile_calls(
+                            call, device, profile_dir / f"profile_{case.name}_{mode}.txt")
+                    finally:
+                        model.perf = graphed
             except Exception as exc:  # noqa: BLE001 - record and go on with the next mode
                 entry["error"] = _error_text(exc)
                 log.error("mode %s of %s failed: %s", mode, case.name, traceback.format_exc())
@@ -593,6 +605,72 @@ def to_markdown(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _best(row: dict[str, Any], modes: tuple[str, ...] | None = None) -> dict[str, Any] | None:
+    ok = [m for m in row.get("modes", []) if "ms_per_call" in m and (modes is None or m["mode"] in modes)]
+    return min(ok, key=lambda m: m["ms_per_call"]) if ok else None
+
+
+def targets(rows: list[dict[str, Any]]) -> list[str]:
+    """Issue 6's targets, checked against the rows that exist (GPU rows only, except the CPU one)."""
+    out: list[str] = []
+
+    def line(ok: bool, text: str) -> None:
+        out.append(f"- {'met' if ok else 'MISSED'}: {text}")
+
+    for r in rows:
+        best = _best(r)
+        if best is None:
+            continue
+        gpu, case = r["device"].startswith("cuda"), r["case"]
+        base = r.get("baseline", {}).get("ms_per_call")
+        if gpu and case == "paper-4b":
+            line(best["ms_per_call"] <= 160, f"paper-4b fastest mode ({best['mode']}) {best['ms_per_call']:.1f} "
+                 f"ms/call ≤ 160 ms ({best['video_fps']:.1f} video FPS; the paper: 482 ms, 16 FPS)")
+            bf16 = _best(r, ("fast", "safe", "plain"))
+            floor = (r.get("floors_measured") or r["floors_nominal"])["compute_floor_ms_bf16"]
+            if bf16 is not None:
+                line(bf16["ms_per_call"] <= 1.1 * floor, f"paper-4b bf16 ({bf16['mode']}) {bf16['ms_per_call']:.1f} "
+                     f"ms within 10 % of the compute floor {floor:.1f} ms ({bf16['ms_per_call'] / floor:.2f}x)")
+        if gpu and case.startswith("wan2.1-1.3b"):
+            line(best["video_fps"] >= 60, f"{case} ({best['mode']}) {best['video_fps']:.1f} video FPS ≥ 60 "
+                 f"({best['ms_per_call']:.1f} ms/call; Self-Forcing 17 FPS, LongLive 20.7 FPS)")
+        if gpu and base and (case == "paper-4b" or case.startswith("wan2.1-1.3b")):
+            line(base / best["ms_per_call"] >= 2.5,
+                 f"{case} speed-up over the eager baseline {base / best['ms_per_call']:.2f}x ≥ 2.5x")
+        if not gpu and case == "bundled":
+            line(best["video_fps"] >= 8, f"bundled on CPU ({r.get('threads', '?')} threads) "
+                 f"{best['video_fps']:.1f} FPS ≥ 8")
+    return out
+
+
+def profile_calls(fn: Callable[[], Any], device: torch.device, path: Path, calls: int = 2) -> str:
+    """Run ``fn`` ``calls`` times under ``torch.profiler`` and write the per-kernel table (sorted by device
+    time) to ``path``. Returns the path, or the error text."""
+    try:
+        from torch.profiler import ProfilerActivity, profile
+
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+        with profile(activities=activities) as prof:
+            for _ in range(calls):
+                fn()
+            _sync(device)
+        averages = prof.key_averages()
+        keys = ("device_time_total", "cuda_time_total") if device.type == "cuda" else ()
+        for key in (*keys, "self_cpu_time_total"):
+            try:
+                table = averages.table(sort_by=key, row_limit=40, max_name_column_width=90)
+                break
+            except (AttributeError, KeyError, ValueError):
+                continue
+        else:
+            table = str(averages)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(f"{calls} calls\n{table}\n")
+        return str(path)
+    except Exception as exc:  # noqa: BLE001
+        return f"error: {_error_text(exc)}"
+
+
 def _meta(device: torch.device) -> dict[str, Any]:
     meta: dict[str, Any] = {
         "torch": torch.__version__,
@@ -657,14 +735,16 @@ def cmd_bench(args: argparse.Namespace) -> int:
         tmp.write_text(json.dumps(data, indent=2, default=str))
         tmp.replace(path)
         (out / "bench.md").write_text(
-            "\n".join(f"<!-- {json.dumps(m)} -->" for m in data["runs"]) + "\n\n" + to_markdown(data["rows"]))
+            "\n".join(f"<!-- {json.dumps(m)} -->" for m in data["runs"]) + "\n\n" + to_markdown(data["rows"])
+            + "\n" + "\n".join(targets(data["rows"])) + "\n")
 
     for name in names:
         log.info("benchmarking %s on %s (%s), modes %s", name, device, dtype, ",".join(modes))
         run_case(CASES[name], device, dtype, args.repeats, modes, args.compile_mode, not args.no_ttff,
-                 not args.no_decoder, rates, report=save)
+                 not args.no_decoder, rates, report=save,
+                 profile=tuple(m for m in (args.profile or "").split(",") if m), profile_dir=out)
     save()
-    sys.stdout.write(to_markdown(data["rows"]))
+    sys.stdout.write(to_markdown(data["rows"]) + "\n" + "\n".join(targets(data["rows"])) + "\n")
     return 0
 
 
@@ -684,6 +764,7 @@ def _add_bench(sub: Any) -> None:
     b.add_argument("--no-ttff", action="store_true", help="skip the time-to-first-frame runs")
     b.add_argument("--no-decoder", action="store_true", help="skip the decoder timing")
     b.add_argument("--no-rates", action="store_true", help="skip measuring the GPU's matmul/attention/copy rates")
+    b.add_argument("--profile", default=None, help="comma-separated modes to also run under torch.profiler")
     b.add_argument("--out", default="outputs/bench")
     b.set_defaults(func=cmd_bench)
 

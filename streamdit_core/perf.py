@@ -412,6 +412,7 @@ def apply_perf(model: StreamDiT, options: PerfOptions) -> dict[str, str]:
     elif graphs:
         status["cuda_graphs"] = "on"
     model.perf = replace(options, cuda_graphs=graphs)
+    model._graphs = GraphRunner()  # a new runner: a capture failure under other options is forgotten
     model.clear_caches()
     model.perf_status = status
     return status
