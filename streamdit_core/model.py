@@ -165,6 +165,11 @@ class SelfAttention(_Projections):
 
 
 class CrossAttention(_Projections):
+    # Cached keys/values of this call's context (set by StreamDiT before each call). They are read only inside
+    # the compiler-disabled forward_cached, so torch.compile never specialises on the run layout, which changes
+    # while a prompt transition moves through the buffer; ``cached`` is the only flag the compiled code sees.
+    runs: CrossKV | None = None
+    cached: bool = False
 
     def forward(self, x: torch.Tensor, context: torch.Tensor, backend: str) -> torch.Tensor:
         """x: ``[b, L, dim]``; context: ``[b, Lt, dim]`` (shared) or ``[b, F, Lt, dim]`` (per frame)."""
@@ -186,9 +191,12 @@ class CrossAttention(_Projections):
         return k, self.v(ctx).unflatten(-1, (self.num_heads, -1))
 
     @torch.compiler.disable  # the run layout varies; never specialise on it
-    def forward_cached(self, x: torch.Tensor, runs: CrossKV, frames: int, backend: str) -> torch.Tensor:
-        """Cross-attention with precomputed keys/values: the tokens of each run of frames (contiguous in
-        ``x`` ``[b, L, dim]``, ``frames`` token-grid frames) attend to that run's keys/values at once."""
+    def forward_cached(self, x: torch.Tensor, frames: int, backend: str) -> torch.Tensor:
+        """Cross-attention with the precomputed keys/values in ``self.runs``: the tokens of each run of frames
+        (contiguous in ``x`` ``[b, L, dim]``, ``frames`` token-grid frames) attend to that run's keys/values."""
+        runs = self.runs
+        if runs is None:
+            raise RuntimeError("forward_cached needs the context's keys/values in CrossAttention.runs")
         q = self.norm_q(self.q(x)).unflatten(-1, (self.num_heads, -1))  # [b, L, h, dh]
         per = x.shape[1] // frames
         outs = [attention(q[:, f0 * per : f1 * per], k, v, backend) for f0, f1, k, v in runs]
@@ -222,19 +230,18 @@ class Block(nn.Module):
         window: tuple[int, int, int],
         shift: bool,
         backend: str,
-        cross_kv: CrossKV | None = None,
     ) -> torch.Tensor:
         """x ``[b, L, dim]``; e ``[b, F, 6, dim]`` float32 per-frame modulation; context as in CrossAttention
-        (ignored when ``cross_kv``, this block's cached keys/values of the context, is given)."""
+        (ignored when ``cross_attn.cached``: the context's keys/values were precomputed)."""
         mod = (self.modulation.float()[:, None] + e).unbind(dim=2)  # 6 × [b, F, dim]
         y = self.self_attn(
             modulate(self.norm1(x).float(), mod[0], mod[1]).type_as(x), rope, grid, window, shift, backend
         )
         x = x + gate(y.float(), mod[2]).type_as(x)
-        if cross_kv is None:
-            x = x + self.cross_attn(self.norm3(x), context, backend)
+        if self.cross_attn.cached:
+            x = x + self.cross_attn.forward_cached(self.norm3(x), e.shape[1], backend)
         else:
-            x = x + self.cross_attn.forward_cached(self.norm3(x), cross_kv, e.shape[1], backend)
+            x = x + self.cross_attn(self.norm3(x), context, backend)
         y = self.ffn(modulate(self.norm2(x).float(), mod[3], mod[4]).type_as(x))
         return x + gate(y.float(), mod[5]).type_as(x)
 
@@ -451,9 +458,15 @@ class StreamDiT(nn.Module):
 
         def core(x: torch.Tensor, e: torch.Tensor, e0: torch.Tensor) -> torch.Tensor:
             tokens = self.patch_embedding(x).flatten(2).transpose(1, 2)  # [b, L, dim]
-            for i, block in enumerate(self.blocks):
-                kv = None if cross is None else cross[i]
-                tokens = block(tokens, e0, ctx, rope, grid, win, shift=(i % 2 == 1), backend=backend, cross_kv=kv)
+            try:
+                for i, block in enumerate(self.blocks):
+                    attn = cast(Block, block).cross_attn
+                    attn.runs, attn.cached = (None, False) if cross is None else (cross[i], True)
+                    tokens = block(tokens, e0, ctx, rope, grid, win, shift=(i % 2 == 1), backend=backend)
+            finally:
+                for block in self.blocks:
+                    cast(Block, block).cross_attn.runs = None  # hold no references between calls
+                    cast(Block, block).cross_attn.cached = False
             out = self.head(tokens, e)  # [b, L, C_out·pf·ph·pw]
             return self.unpatchify(out, grid)
 

@@ -263,6 +263,14 @@ def test_compiled_blocks_equal_eager():
     out = _run(model, PerfOptions(compile="default"), x, sigma, ctx)
     assert model.perf_status.get("compile") == "default"
     assert torch.allclose(out, ref, atol=1e-4)
+    from torch._dynamo.utils import counters
+
+    graphs = counters["stats"]["unique_graphs"]
+    for kind, per_frame in _contexts(prompts, 4).items():  # prompt runs change: no recompilation
+        with torch.inference_mode():
+            got = model(x, sigma, per_frame)
+        assert torch.allclose(got, _run_plain_copy(model, x, sigma, per_frame), atol=1e-4), kind
+    assert counters["stats"]["unique_graphs"] == graphs
 
 
 # -- bench ------------------------------------------------------------------------------------------------
