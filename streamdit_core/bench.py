@@ -585,7 +585,7 @@ def to_markdown(rows: list[dict[str, Any]]) -> str:
     for r in rows:
         for key in ("floors_nominal", "floors_measured"):
             fl = r.get(key)
-            if fl:
+            if fl and r["device"].startswith("cuda"):  # the floors use GPU rates
                 lines.append(
                     f"| {r['case']} | {fl['matmul_tflop']:.1f} + {fl['attention_tflop']:.1f} | {fl['bytes_gb']:.1f} | "
                     f"{fl['compute_floor_ms_bf16']:.1f} | {fl['compute_floor_ms_fp8']:.1f} | "
