@@ -324,14 +324,15 @@ class StreamDiT(nn.Module):
 
     @staticmethod
     def _tensor_key(t: torch.Tensor, params: Sequence[torch.Tensor]) -> tuple[object, ...]:
-        """Identity of an input tensor (and of the weights a cached value came from). Inference tensors have
-        no version counter; they are never modified in place by this package."""
-        try:
-            version = t._version
-        except RuntimeError:
-            version = -1
-        weights = tuple(p._version for p in params)
-        return (id(t), t.data_ptr(), tuple(t.shape), t.stride(), t.dtype, str(t.device), version, weights)
+        """Identity of an input tensor (and of the weights a cached value came from). Inference tensors (ComfyUI
+        loads and runs everything in inference mode) have no version counter: for them only the address counts;
+        this package never modifies them in place."""
+
+        def version(x: torch.Tensor) -> int:
+            return -1 if x.is_inference() else x._version
+
+        weights = tuple((p.data_ptr(), version(p)) for p in params)
+        return (id(t), t.data_ptr(), tuple(t.shape), t.stride(), t.dtype, str(t.device), version(t), weights)
 
     def _time_cached(self, sigma: torch.Tensor, batch: int, frames: int) -> tuple[torch.Tensor, torch.Tensor]:
         if not self._caching(self.perf.layout_cache):

@@ -222,18 +222,25 @@ class StreamPipeline:
         return self.codec.decode(latents).cpu()
 
 
+def _perf_options(perf: PerfOptions | str | None) -> PerfOptions:
+    """A level name (``plain``, ``safe``, ``fast``, ``fastest``), an option list, options, or ``None`` (safe)."""
+    if perf is None:
+        return PerfOptions()
+    return PerfOptions.level(perf) if isinstance(perf, str) else perf
+
+
 def _pipeline_from(
     ckpt: LoadedCheckpoint,
     device: torch.device,
     dtype: torch.dtype,
     attention: str,
     name: str,
-    perf: PerfOptions | None = None,
+    perf: PerfOptions | str | None = None,
 ) -> StreamPipeline:
     if ckpt.codec != "pixel":
         raise ValueError(f"{name}: codec {ckpt.codec!r} needs an external VAE (use the ComfyUI nodes)")
     model = ckpt.model.to(device=device, dtype=dtype)
-    model.set_perf((perf or PerfOptions()).for_device(device))
+    model.set_perf(_perf_options(perf).for_device(device))
     return StreamPipeline(
         model=model,
         text_encoder=ckpt.text_encoder,
@@ -252,7 +259,7 @@ def placeholder_pipeline(
     dtype: torch.dtype = torch.float32,
     attention: str = "auto",
     seed: int = 0,
-    perf: PerfOptions | None = None,
+    perf: PerfOptions | str | None = None,
 ) -> StreamPipeline:
     """A randomly initialised model of the bundled layout (for tests and for checkouts without weights)."""
     from .world import VOCABULARY
@@ -265,7 +272,7 @@ def placeholder_pipeline(
     text = TextEncoder(TextEncoderConfig(vocabulary=tuple(VOCABULARY), text_len=cfg.text_len, dim=cfg.text_dim))
     dev = torch.device(device)
     model = model.to(dev, dtype).eval()
-    model.set_perf((perf or PerfOptions()).for_device(dev))
+    model.set_perf(_perf_options(perf).for_device(dev))
     return StreamPipeline(
         model=model,
         text_encoder=text.to(dev).eval(),
@@ -290,7 +297,7 @@ def load_pipeline(
 
     ``perf``: inference speed-ups, a :class:`~streamdit_core.perf.PerfOptions` or a level name
     (``plain``, ``safe`` — the default —, ``fast``, ``fastest``); GPU-only parts are dropped on a CPU."""
-    options = PerfOptions.level(perf) if isinstance(perf, str) else perf
+    options = _perf_options(perf)
     dev, dt = torch.device(device), parse_dtype(dtype)
     if path is None:
         bundled = bundled_model_path()

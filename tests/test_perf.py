@@ -157,6 +157,17 @@ def test_layout_cache_is_bit_identical_and_keyed_by_grid():
     assert torch.equal(cached, _run(model, PLAIN, x2, sig2, ctx))
 
 
+def test_caches_work_with_inference_mode_weights_and_inputs():
+    """ComfyUI creates weights and inputs under torch.inference_mode (no version counters)."""
+    with torch.inference_mode():
+        model = _model()
+        x, sigma, prompts = _inputs(model.config)
+        ctx = _contexts(prompts, 4)["switch"]
+        ref = _run(model, PLAIN, x, sigma, ctx)
+        assert torch.allclose(_run(model, PerfOptions(), x, sigma, ctx), ref, atol=1e-5)
+        assert torch.allclose(model(x, sigma, ctx), ref, atol=1e-5) and len(model._kv_cache) == 1
+
+
 def test_caches_stay_out_of_autograd():
     model = _model().train()
     x, sigma, prompts = _inputs(model.config)
