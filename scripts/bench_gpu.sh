@@ -13,6 +13,7 @@
 #   REPEATS       timed calls per mode for the large cases (default: 5)
 set -u
 OUT=${1:?usage: scripts/bench_gpu.sh OUTDIR}
+mkdir -p "$OUT" && OUT=$(cd "$OUT" && pwd)  # absolute: the script changes to the repository root
 PY=${PYTHON:-python}
 BUDGET=${BUDGET_S:-470}
 COMPILE=${COMPILE_MODE:-default}
