@@ -20,7 +20,9 @@ BUNDLED = "streamdit-bundled (default)"
 """Combo entry for the model shipped inside the pack; always listed, needs no download."""
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
-ATTENTION = ("auto", "sdpa", "math", "flash_attn")
+ATTENTION = ("auto", "sdpa", "math", "flash_attn", "cudnn")
+SPEED = ("safe", "plain", "fast", "fastest")
+"""Inference speed-up levels (streamdit_core.perf.PERF_LEVELS)."""
 
 DIFFUSION_PREFIX = f"{host.DIFFUSION_FOLDER}/"
 """Combo entries for Wan files in ComfyUI's ``models/diffusion_models`` start with this."""
@@ -105,10 +107,13 @@ def _resolve_dtype(name: str, device: Any) -> Any:
     return getattr(torch, name)
 
 
-def load_model(model: str, dtype: str = "auto", attention: str = "auto") -> ModelHandle:
-    """Load (or reuse) a pipeline. ``model`` is :data:`BUNDLED` or a file name from the StreamDiT model folder."""
+def load_model(model: str, dtype: str = "auto", attention: str = "auto", speed: str = "safe") -> ModelHandle:
+    """Load (or reuse) a pipeline. ``model`` is :data:`BUNDLED` or a file name from the StreamDiT model folder;
+    ``speed`` is an inference speed-up level (:data:`SPEED`)."""
     if attention not in ATTENTION:
         raise ValueError(f"attention {attention!r} is not one of {list(ATTENTION)}")
+    if speed not in SPEED:
+        raise ValueError(f"speed {speed!r} is not one of {list(SPEED)}")
     device = host.torch_device()
     torch_dtype = _resolve_dtype(dtype, device)
     wan = False
@@ -132,7 +137,7 @@ def load_model(model: str, dtype: str = "auto", attention: str = "auto") -> Mode
             wan = "streamdit.format" not in _metadata(path) and _is_wan_file(path)
         st = os.stat(path)
         stamp = (st.st_mtime_ns, st.st_size)
-    key = (model, path, stamp, str(torch_dtype), str(device), attention)
+    key = (model, path, stamp, str(torch_dtype), str(device), attention, speed)
     with _cache_lock:
         found = _cache.get(key)
         if found is not None:
@@ -154,6 +159,8 @@ def load_model(model: str, dtype: str = "auto", attention: str = "auto") -> Mode
         raise ValueError(f"{model!r} is not a usable {kind} checkpoint ({type(exc).__name__}: {exc}). "
                          f"{_model_help()}") from exc
     _use_host_preview(pipeline)
+    status = pipeline.set_perf(core("perf").PerfOptions.level(speed))
+    logger.info("StreamDiT speed-ups for %s: %s", model, status)
     handle = ModelHandle(
         pipeline=pipeline,
         name=model,
@@ -234,15 +241,29 @@ class StreamDiTModelLoader:
                     list(ATTENTION),
                     {
                         "default": "auto",
-                        "tooltip": "Attention kernel. auto = flash_attn if installed and usable, else PyTorch "
-                        "SDPA; math = slow reference. A backend that is not installed is an error.",
+                        "tooltip": "Attention kernel. auto = cuDNN attention on GPUs that support it (fastest on "
+                        "H100), else flash_attn if installed, else PyTorch SDPA; math = slow reference. A backend "
+                        "that is not available is an error.",
                     },
                 ),
-            }
+            },
+            "optional": {
+                "speed": (
+                    list(SPEED),
+                    {
+                        "default": "safe",
+                        "tooltip": "Inference speed-ups. safe = text keys/values, RoPE and time embedding computed "
+                        "once and reused (same results). plain = none (the reference). fast = + torch.compile and "
+                        "CUDA graphs (GPU; the first run compiles for up to a minute or two; same results up to "
+                        "rounding). fastest = + fp8 linear layers on H100/Ada GPUs (a few % change of the model "
+                        "output). On a CPU, fast/fastest keep only what helps there.",
+                    },
+                ),
+            },
         }
 
-    def load(self, model: str, dtype: str, attention: str) -> tuple[ModelHandle]:
-        return (load_model(model, dtype, attention),)
+    def load(self, model: str, dtype: str, attention: str, speed: str | None = None) -> tuple[ModelHandle]:
+        return (load_model(model, dtype, attention, speed or "safe"),)
 
 
 class StreamDiTSettings:

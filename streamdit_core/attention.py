@@ -1,22 +1,31 @@
 """The one attention dispatcher, and window partitioning for 3-D window self-attention.
 
 Backends:
-* ``sdpa``   — ``torch.nn.functional.scaled_dot_product_attention`` (picks cuDNN/flash kernels on GPUs).
+* ``sdpa``   — ``torch.nn.functional.scaled_dot_product_attention`` with PyTorch's own kernel choice.
+* ``cudnn``  — SDPA restricted to the cuDNN kernel (``SDPBackend.CUDNN_ATTENTION``); CUDA, fp16/bf16 only.
+  On an H100 it runs about twice as fast as SDPA's default (flash) kernel at this model's shapes.
 * ``flash_attn`` — the ``flash_attn`` package (``pip install flash-attn``); CUDA, fp16/bf16 only.
 * ``math``   — plain matmul + softmax in float32; the reference.
-* ``auto``   — ``flash_attn`` when installed and usable for the inputs, else ``sdpa``.
+* ``auto``   — ``cudnn`` where a probe shows it works for the device and dtype, else ``flash_attn`` when
+  installed and usable, else ``sdpa``.
 
 An unknown backend, or a requested backend that is not available, raises; there is no silent fallback.
+(One exception, logged: if the cuDNN kernel rejects a particular shape at run time, that call goes through
+plain SDPA with a warning, since cuDNN's shape limits are not queryable up front.)
 """
 
 from __future__ import annotations
 
 import importlib
-from functools import lru_cache
+from functools import cache, lru_cache
 from typing import Literal, get_args
 
 import torch
 import torch.nn.functional as F
+
+from .log import get_logger
+
+log = get_logger("attention")
 
 __all__ = [
     "Backend",
@@ -24,12 +33,13 @@ __all__ = [
     "attention",
     "resolve_backend",
     "flash_attn_available",
+    "cudnn_attention_available",
     "effective_window",
     "window_partition",
     "window_reverse",
 ]
 
-Backend = Literal["auto", "sdpa", "flash_attn", "math"]
+Backend = Literal["auto", "sdpa", "cudnn", "flash_attn", "math"]
 BACKENDS: tuple[str, ...] = get_args(Backend)
 
 
@@ -45,6 +55,70 @@ def flash_attn_available() -> bool:
     return _flash_attn_module() is not None
 
 
+def _sdpa_cudnn_raw(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """SDPA through the cuDNN kernel only. ``[b, L, h, d]`` in and out (output contiguous)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+    return out.transpose(1, 2).contiguous()
+
+
+_cudnn_failed_shapes: set[tuple[object, ...]] = set()
+
+
+def _sdpa_cudnn_impl(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    key = (tuple(q.shape), tuple(k.shape), q.dtype, q.device)
+    if key not in _cudnn_failed_shapes:
+        try:
+            return _sdpa_cudnn_raw(q, k, v)
+        except RuntimeError as exc:
+            if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+                raise  # a CUDA-graph capture must fail as a whole; its caller falls back
+            _cudnn_failed_shapes.add(key)
+            log.warning("cuDNN attention rejected q%s k%s (%s); using plain SDPA for this shape",
+                        list(q.shape), list(k.shape), str(exc).splitlines()[0][:200])
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+    return out.transpose(1, 2).contiguous()
+
+
+# An opaque custom op, so torch.compile neither traces into the sdpa_kernel context nor breaks its graph.
+_sdpa_cudnn = _sdpa_cudnn_impl
+try:
+    _op = torch.library.custom_op("streamdit::sdpa_cudnn", mutates_args=())(_sdpa_cudnn_impl)
+
+    @_op.register_fake
+    def _sdpa_cudnn_fake(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return q.new_empty((*q.shape[:-1], v.shape[-1]))
+
+    _sdpa_cudnn = _op
+except (AttributeError, RuntimeError, TypeError):  # very old torch: no custom_op; eager use still works
+    pass
+
+
+@cache
+def _cudnn_probe(device: str, dtype: torch.dtype) -> bool:
+    """Whether the cuDNN attention kernel runs on this device and dtype (a tiny real call, cached)."""
+    try:
+        q = torch.randn(1, 128, 2, 64, device=device, dtype=dtype)
+        _sdpa_cudnn_raw(q, q, q)
+        torch.cuda.synchronize(device)
+        return True
+    except Exception as exc:  # noqa: BLE001 - any failure means "not usable here"
+        log.info("cuDNN attention is not usable on %s %s: %s", device, dtype, str(exc).splitlines()[0][:200])
+        return False
+
+
+def cudnn_attention_available(device: torch.device, dtype: torch.dtype) -> bool:
+    """cuDNN attention needs CUDA, fp16/bf16 and a cuDNN build that supports this GPU (probed once)."""
+    if device.type != "cuda" or dtype not in (torch.float16, torch.bfloat16):
+        return False
+    if not torch.backends.cudnn.is_available():
+        return False
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return _cudnn_probe(f"cuda:{index}", dtype)
+
+
 def resolve_backend(name: str, device: torch.device, dtype: torch.dtype) -> str:
     """Turn a backend name into a concrete backend for tensors on ``device`` with ``dtype``.
 
@@ -56,7 +130,14 @@ def resolve_backend(name: str, device: torch.device, dtype: torch.dtype) -> str:
         raise ValueError(f"unknown attention backend {name!r}; choose one of {list(BACKENDS)}")
     flash_ok = device.type == "cuda" and dtype in (torch.float16, torch.bfloat16)
     if name == "auto":
+        if cudnn_attention_available(device, dtype):
+            return "cudnn"
         return "flash_attn" if flash_ok and flash_attn_available() else "sdpa"
+    if name == "cudnn" and not cudnn_attention_available(device, dtype):
+        raise RuntimeError(
+            f"attention backend 'cudnn' needs CUDA tensors in float16/bfloat16 and a cuDNN that supports this GPU, "
+            f"got {device.type} {dtype}; choose 'auto', 'sdpa' or 'math'"
+        )
     if name == "flash_attn":
         if not flash_attn_available():
             raise RuntimeError(
@@ -86,6 +167,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str = 
     if backend == "sdpa":
         out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
         return out.transpose(1, 2)
+    if backend == "cudnn":
+        return _sdpa_cudnn(q, k, v)
     if backend == "math":
         scale = q.shape[-1] ** -0.5
         scores = torch.einsum("blhd,bmhd->bhlm", q.float(), k.float()) * scale

@@ -1,19 +1,36 @@
-"""``python -m streamdit_core bench``: speed of one model call over the full buffer, per preset.
+"""``python -m streamdit_core bench``: speed of one model call over the full buffer, per preset and mode.
 
-For each preset it times, after warm-up, the model call of the streaming scheme (CUDA events on a GPU,
-``perf_counter`` on a CPU) and, in the same process, a plain baseline (the same model, eager, full
-attention through plain SDPA, same dtype), and reports the speed-up, frames per second
-(``c`` frames per ``s`` calls), peak GPU memory and achieved TFLOP/s from the analytic count of
-:func:`model_flops`. Results go to ``<out>/bench.json`` and ``<out>/bench.md``.
+For each case (a preset at a latent size with a streaming scheme) it measures, in one process:
+
+* the **baseline**: the same model in plain eager PyTorch, full attention through plain SDPA, no speed-ups;
+* each **mode** (a :data:`~streamdit_core.perf.PERF_LEVELS` name or an option list, with the case's window and
+  the ``auto`` attention backend; ``plain`` uses plain SDPA): milliseconds per model call (median, CUDA events
+  after warm-up), frames per second, speed-up over the baseline, achieved TFLOP/s, peak GPU memory, the
+  first call's time (compilation) and the relative error of the output against the plain path with the same
+  window (``‖out − ref‖ / ‖ref‖`` in float32);
+* the **floors** (:func:`floors`): FLOPs over the matmul rate plus attention FLOPs over the attention rate,
+  and bytes over the memory bandwidth — with the rates measured on this GPU in the same run
+  (:func:`measure_rates`) and with nominal H100 rates;
+* **time to first frame** through the real sampler, warm start (the paper's uniform T2V fill) and cold start;
+* the **decoder's** cost per emitted chunk for latent models (the Wan 2.1 VAE from diffusers with random
+  weights; ``skipped`` with the reason when diffusers is missing).
+
+Results go to ``<out>/bench.json`` (merged with what is there, so one folder can collect several runs) and
+``<out>/bench.md``; the JSON is rewritten after every measurement, so a crash or time-out keeps what was done.
+A failing mode is recorded with its error and the run goes on.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
+import platform
 import sys
 import time
-from dataclasses import dataclass
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +41,7 @@ from .cli import register_command
 from .config import ModelConfig, preset
 from .log import get_logger
 from .model import StreamDiT
+from .perf import PERF_LEVELS, PerfOptions, quantize_fp8
 from .schedule import Partition
 
 log = get_logger("bench")
@@ -31,29 +49,60 @@ log = get_logger("bench")
 
 @dataclass(frozen=True)
 class BenchCase:
-    """A preset at a latent size with a streaming scheme. ``latent``: (channels, frames, height, width)."""
+    """A preset at a latent size with a streaming scheme.
+
+    Attributes:
+        latent: (channels, frames, height, width) of the buffer.
+        window: self-attention window in tokens (``None`` = full attention).
+        temporal_factor: video frames per latent frame (the autoencoder's; 1 for the pixel-space model).
+        spatial_factor: pixels per latent pixel.
+        decoder: ``None`` (pixel space), ``"wan-vae"`` (Wan 2.1 VAE at this size) or ``"wan-vae-proxy"`` (the
+            paper's TAE is not public: the Wan 2.1 VAE at the same pixel size stands in for it).
+    """
 
     name: str
     model: str
     latent: tuple[int, int, int, int]
     partition: Partition
     window: tuple[int, int, int] | None
+    temporal_factor: int = 1
+    spatial_factor: int = 1
+    decoder: str | None = None
 
 
+_STREAM = Partition(K=0, N=8, c=2, s=1)
 CASES: dict[str, BenchCase] = {
-    "bundled": BenchCase("bundled", "bundled", (3, 16, 64, 64), Partition(K=0, N=8, c=2, s=1), (8, 8, 8)),
-    "paper-4b": BenchCase("paper-4b", "paper-4b", (8, 16, 64, 64), Partition(K=0, N=8, c=2, s=1), (16, 16, 16)),
-    "wan2.1-1.3b": BenchCase("wan2.1-1.3b", "wan2.1-1.3b", (16, 16, 60, 104), Partition(K=0, N=8, c=2, s=1), None),
+    "bundled": BenchCase("bundled", "bundled", (3, 16, 64, 64), _STREAM, (8, 8, 8)),
+    "paper-4b": BenchCase("paper-4b", "paper-4b", (8, 16, 64, 64), _STREAM, (16, 16, 16), 4, 8, "wan-vae-proxy"),
+    # Wan 2.1 1.3B at 832×480: token grid 16 × 30 × 52. Full attention, and windows of half the buffer (8
+    # frames) or a quarter (4 frames) × the whole frame, the bundled model's kind of window.
+    "wan2.1-1.3b": BenchCase("wan2.1-1.3b", "wan2.1-1.3b", (16, 16, 60, 104), _STREAM, None, 4, 8, "wan-vae"),
+    "wan2.1-1.3b-w8": BenchCase(
+        "wan2.1-1.3b-w8", "wan2.1-1.3b", (16, 16, 60, 104), _STREAM, (8, 30, 52), 4, 8, "wan-vae"
+    ),
+    "wan2.1-1.3b-w4": BenchCase(
+        "wan2.1-1.3b-w4", "wan2.1-1.3b", (16, 16, 60, 104), _STREAM, (4, 30, 52), 4, 8, "wan-vae"
+    ),
 }
 
 
-def model_flops(cfg: ModelConfig, latent: tuple[int, int, int, int], window: tuple[int, int, int] | None) -> float:
-    """Multiply-adds × 2 of one forward pass (batch 1, per-frame text context of ``text_len`` tokens).
+# ----------------------------------------------------------------------------------------------------------
+# FLOPs, bytes and floors
+# ----------------------------------------------------------------------------------------------------------
 
-    Per block, with ``L`` tokens, ``Lt`` text tokens per frame, ``F'`` token frames, ``w`` tokens per window:
-    ``2·L·(4d² + 2d² + 2·d·ffn)`` for the self-attention, cross-attention q/o and FFN projections,
-    ``2·F'·Lt·2d²`` for the cross-attention k/v, ``4·L·w·d`` for windowed self-attention and ``4·L·Lt·d`` for
-    cross-attention; plus the patch embedding and the head, ``2·L·d·C·prod(patch)`` each.
+
+def flop_parts(
+    cfg: ModelConfig, latent: tuple[int, int, int, int], window: tuple[int, int, int] | None
+) -> dict[str, float]:
+    """FLOPs (2 × multiply-adds) of one forward pass (batch 1, per-frame text context of ``text_len`` tokens).
+
+    With ``L`` tokens, ``F'`` token frames, ``Lt`` text tokens, ``w`` tokens per window, width ``d``:
+
+    * ``linear``: per block ``2·L·(6d² + 2·d·ffn)`` — self-attention q/k/v/o, cross-attention q/o, FFN;
+    * ``text_kv``: per block ``2·F'·Lt·2d²`` — cross-attention keys/values of every frame's prompt (computed
+      once per prompt when ``text_kv_cache`` is on);
+    * ``self_attention``: per block ``4·L·w·d`` (QKᵀ and PV); ``cross_attention``: per block ``4·L·Lt·d``;
+    * ``edges``: patch embedding and head, ``2·L·d·C·prod(patch)`` each.
     """
     c, f, h, w = latent
     pf, ph, pw = cfg.patch_size
@@ -61,16 +110,177 @@ def model_flops(cfg: ModelConfig, latent: tuple[int, int, int, int], window: tup
     L = grid[0] * grid[1] * grid[2]
     win = effective_window(grid, window)
     wt = win[0] * win[1] * win[2]
-    d, lt = cfg.dim, cfg.text_len
-    block = 2 * L * (6 * d * d + 2 * d * cfg.ffn_dim) + 2 * grid[0] * lt * 2 * d * d + 4 * L * wt * d + 4 * L * lt * d
-    edges = 2 * L * d * c * pf * ph * pw * 2
-    return float(cfg.num_layers * block + edges)
+    d, lt, n = cfg.dim, cfg.text_len, cfg.num_layers
+    return {
+        "linear": float(n * 2 * L * (6 * d * d + 2 * d * cfg.ffn_dim)),
+        "text_kv": float(n * 2 * grid[0] * lt * 2 * d * d),
+        "self_attention": float(n * 4 * L * wt * d),
+        "cross_attention": float(n * 4 * L * lt * d),
+        "edges": float(2 * L * d * c * pf * ph * pw * 2),
+    }
 
 
-def _time_calls(fn: Any, device: torch.device, repeats: int) -> float:
-    """Median milliseconds of ``fn()`` over ``repeats`` runs (after two warm-up calls)."""
-    for _ in range(2):
+def model_flops(cfg: ModelConfig, latent: tuple[int, int, int, int], window: tuple[int, int, int] | None) -> float:
+    """Total FLOPs of one plain forward pass: the sum of :func:`flop_parts`."""
+    return sum(flop_parts(cfg, latent, window).values())
+
+
+def model_bytes(cfg: ModelConfig, latent: tuple[int, int, int, int], element: int = 2) -> float:
+    """Minimum memory traffic of one call when every matmul and attention is its own kernel (everything
+    else fused into them): block weights read once, plus each linear's input and output and the attention
+    inputs/outputs once. Per token per block ``(4·2d + 2·2d + 2·(d + ffn))`` linear and ``6d`` attention
+    elements (self: q, k, v, o; cross: q, o)."""
+    c, f, h, w = latent
+    pf, ph, pw = cfg.patch_size
+    L = (f // pf) * (h // ph) * (w // pw)
+    d = cfg.dim
+    per_token = 8 * d + 4 * d + 2 * (d + cfg.ffn_dim) + 6 * d
+    return float(element * (cfg.num_parameters() + cfg.num_layers * L * per_token))
+
+
+@dataclass(frozen=True)
+class Rates:
+    """Throughputs of this GPU: TFLOP/s of a large bf16 matmul, of an fp8 matmul and of the attention kernel,
+    and the memory bandwidth in TB/s."""
+
+    matmul_tflops: float
+    fp8_tflops: float
+    attention_tflops: float
+    bandwidth_tbs: float
+    source: str
+
+
+# The numbers measured on one H100 80GB HBM3 before this work (docs/BENCHMARKS.md); fp8 assumed 2× bf16 and
+# the bandwidth is the data-sheet figure. `bench` measures all four again on the GPU it runs on.
+NOMINAL_H100 = Rates(
+    790.0, 1580.0, 680.0, 3.35, "nominal H100 (bf16 and cuDNN attention measured earlier; fp8 = 2x bf16; HBM3 spec)"
+)
+
+
+def floors(
+    cfg: ModelConfig,
+    latent: tuple[int, int, int, int],
+    window: tuple[int, int, int] | None,
+    rates: Rates = NOMINAL_H100,
+    text_kv_cached: bool = True,
+) -> dict[str, float]:
+    """Lower bounds of one model call in milliseconds: compute (matmul FLOPs over the matmul rate plus
+    attention FLOPs over the attention rate; bf16 and fp8 linears) and memory (:func:`model_bytes` over the
+    bandwidth). ``text_kv_cached``: the text keys/values are not recomputed every call (the streaming case)."""
+    parts = flop_parts(cfg, latent, window)
+    matmul = parts["linear"] + parts["edges"] + (0.0 if text_kv_cached else parts["text_kv"])
+    attn = parts["self_attention"] + parts["cross_attention"]
+    nbytes = model_bytes(cfg, latent)
+    return {
+        "matmul_tflop": matmul / 1e12,
+        "attention_tflop": attn / 1e12,
+        "bytes_gb": nbytes / 1e9,
+        "matmul_ms_bf16": matmul / (rates.matmul_tflops * 1e12) * 1e3,
+        "matmul_ms_fp8": matmul / (rates.fp8_tflops * 1e12) * 1e3,
+        "attention_ms": attn / (rates.attention_tflops * 1e12) * 1e3,
+        "compute_floor_ms_bf16": (matmul / rates.matmul_tflops + attn / rates.attention_tflops) / 1e9,
+        "compute_floor_ms_fp8": (matmul / rates.fp8_tflops + attn / rates.attention_tflops) / 1e9,
+        "memory_floor_ms": nbytes / (rates.bandwidth_tbs * 1e12) * 1e3,
+    }
+
+
+def _cuda_ms(fn: Callable[[], Any], repeats: int, warmup: int = 2) -> float:
+    for _ in range(warmup):
         fn()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(repeats):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / repeats
+
+
+def measure_rates(device: torch.device, head_dim: int = 128, heads: int = 24, seq: int = 4096) -> dict[str, Any]:
+    """Measure this GPU: bf16 and fp8 (row-scaled ``torch._scaled_mm``) matmul at 8192³, attention through
+    cuDNN and through SDPA's default choice (``[4, seq, heads, head_dim]``), and copy bandwidth (1 GiB).
+    Each measurement is independent; a failure is recorded as ``"error: …"``."""
+    out: dict[str, Any] = {}
+    n = 8192
+
+    def guarded(name: str, fn: Callable[[], float]) -> None:
+        try:
+            out[name] = round(fn(), 1)
+        except Exception as exc:  # noqa: BLE001 - record and go on
+            out[name] = f"error: {type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
+
+    def matmul() -> float:
+        a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+        b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+        return 2 * n**3 / (_cuda_ms(lambda: a @ b, 20) / 1e3) / 1e12
+
+    def fp8() -> float:
+        a8, sa = quantize_fp8(torch.randn(n, n, device=device), True)
+        b8, sb = quantize_fp8(torch.randn(n, n, device=device), True)
+        sb = sb.reshape(1, -1)
+
+        def mm() -> Any:
+            return torch._scaled_mm(a8, b8.t(), scale_a=sa, scale_b=sb, out_dtype=torch.bfloat16, use_fast_accum=True)
+
+        return 2 * n**3 / (_cuda_ms(mm, 20) / 1e3) / 1e12
+
+    def attention(backend: str) -> Callable[[], float]:
+        from .attention import attention as attend
+
+        def run() -> float:
+            q, k, v = (torch.randn(4, seq, heads, head_dim, device=device, dtype=torch.bfloat16) for _ in range(3))
+            return 4 * 4 * seq * seq * heads * head_dim / (_cuda_ms(lambda: attend(q, k, v, backend), 10) / 1e3) / 1e12
+
+        return run
+
+    def bandwidth() -> float:
+        x = torch.empty(2**29, device=device, dtype=torch.bfloat16)
+        y = torch.empty_like(x)
+        return 2 * x.numel() * 2 / (_cuda_ms(lambda: y.copy_(x), 20) / 1e3) / 1e12
+
+    guarded("matmul_bf16_tflops", matmul)
+    guarded("matmul_fp8_tflops", fp8)
+    guarded("attention_cudnn_tflops", attention("cudnn"))
+    guarded("attention_sdpa_tflops", attention("sdpa"))
+    guarded("bandwidth_tbs", bandwidth)
+    torch.cuda.empty_cache()
+    return out
+
+
+def rates_from(measured: dict[str, Any]) -> Rates | None:
+    try:
+        att = measured["attention_cudnn_tflops"]
+        if not isinstance(att, float):
+            att = measured["attention_sdpa_tflops"]
+        fp8 = measured["matmul_fp8_tflops"]
+        mm = measured["matmul_bf16_tflops"]
+        return Rates(float(mm), float(fp8 if isinstance(fp8, float) else mm), float(att),
+                     float(measured["bandwidth_tbs"]), "measured in this run")
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
+# ----------------------------------------------------------------------------------------------------------
+# timing
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _time_calls(fn: Callable[[], Any], device: torch.device, repeats: int, warmup: int = 2) -> tuple[float, float]:
+    """Median milliseconds of ``fn()`` over ``repeats`` runs after ``warmup`` calls; also the first call's
+    wall time in seconds (compilation, graph capture)."""
+    t = time.perf_counter()
+    fn()
+    _sync(device)
+    first = time.perf_counter() - t
+    for _ in range(max(0, warmup - 1)):
+        fn()
+    _sync(device)
     times = []
     for _ in range(repeats):
         if device.type == "cuda":
@@ -84,93 +294,493 @@ def _time_calls(fn: Any, device: torch.device, repeats: int) -> float:
             t = time.perf_counter()
             fn()
             times.append(1000 * (time.perf_counter() - t))
-    return sorted(times)[len(times) // 2]
+    return sorted(times)[len(times) // 2], first
 
 
-def run_case(case: BenchCase, device: torch.device, dtype: torch.dtype, repeats: int) -> dict[str, Any]:
-    cfg = preset(case.model)
+def _error_text(exc: BaseException) -> str:
+    text = str(exc).splitlines()[0][:300] if str(exc) else ""
+    return f"{type(exc).__name__}: {text}"
+
+
+def _relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((out.float() - ref.float()).norm() / ref.float().norm().clamp(min=1e-30))
+
+
+def build_model(cfg: ModelConfig, device: torch.device, dtype: torch.dtype, seed: int = 0) -> StreamDiT:
+    """Random weights (speed does not depend on their values) with a non-zero head, so outputs can be compared."""
+    torch.manual_seed(seed)  # parameter init only
     with torch.device(device):
-        model = StreamDiT(cfg).to(dtype).eval()
-    c, f, h, w = case.latent
+        model = StreamDiT(cfg)
+        torch.nn.init.normal_(model.head.head.weight, std=0.02)
+    return model.to(dtype).eval()
+
+
+def bench_inputs(
+    cfg: ModelConfig, latent: tuple[int, int, int, int], device: torch.device, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Latents ``[1, C, F, H, W]``, per-frame σ ``[1, F]`` (the stream's staircase) and a per-frame context
+    ``[1, F, Lt, text_dim]`` holding one prompt in every frame (a steady stream)."""
+    c, f, h, w = latent
     g = torch.Generator(device=device).manual_seed(0)
     x = torch.randn(1, c, f, h, w, generator=g, device=device, dtype=dtype)
-    sigma = torch.rand(1, f, generator=g, device=device)
-    ctx = torch.randn(1, f, cfg.text_len, cfg.text_dim, generator=g, device=device, dtype=dtype)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    with torch.inference_mode():
-        ms = _time_calls(lambda: model(x, sigma, ctx, window=case.window), device, repeats)
-        full = (f, h, w)  # baseline: the same eager model with full attention through plain SDPA
-        base_ms = _time_calls(lambda: model(x, sigma, ctx, window=full, attention_backend="sdpa"), device, repeats)
-    flops = model_flops(cfg, case.latent, case.window)
+    sigma = torch.linspace(0.05, 1.0, f, device=device)[None]
+    prompt = torch.randn(1, 1, cfg.text_len, cfg.text_dim, generator=g, device=device, dtype=dtype)
+    return x, sigma, prompt.expand(1, f, -1, -1).contiguous()
+
+
+class _LatentShape:
+    """The codec facts the sampler needs (no decoding: the decoder is timed separately)."""
+
+    def __init__(self, channels: int, spatial: int, temporal: int) -> None:
+        self.latent_channels, self.spatial_factor, self.temporal_factor = channels, spatial, temporal
+
+    def encode(self, frames: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError("the benchmark codec does not encode")
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        return latents
+
+
+def time_to_first_frame(
+    model: StreamDiT, case: BenchCase, device: torch.device, dtype: torch.dtype, attention: str
+) -> dict[str, Any]:
+    """Seconds from a new stream to its first emitted chunk through the real sampler, warm start (uniform T2V
+    fill) and cold start, each run twice with the same sampler (``first`` includes computing the prompt's
+    keys/values and capturing graphs, ``again`` is a new stream in a warm process). Decoding is excluded."""
+    from .pipeline import StreamPipeline
+    from .prompts import PromptSchedule
+    from .sampler import StreamSampler, StreamSettings
+
+    cfg = model.config
+    c, f, h, w = case.latent
+    g = torch.Generator(device=device).manual_seed(1)
+    emb = torch.randn(cfg.text_len, cfg.text_dim, generator=g, device=device)
+    pipe = StreamPipeline(
+        model=model, text_encoder=None, codec=_LatentShape(c, case.spatial_factor, case.temporal_factor),
+        device=device, dtype=dtype, name=case.name, attention=attention, external_embeddings={"bench": emb},
+    )
+    schedule = PromptSchedule.single("bench")
+    out: dict[str, Any] = {}
+    for warm in (True, False):
+        settings = StreamSettings(
+            partition=case.partition, height=h * case.spatial_factor, width=w * case.spatial_factor,
+            window=case.window, warm_start=warm,
+        )
+        sampler = StreamSampler(pipe, settings)
+        name = "warm_start" if warm else "cold_start"
+        for attempt in ("first", "again"):
+            _sync(device)
+            t = time.perf_counter()
+            state = sampler.init_state(0, schedule)
+            state, latents = sampler.advance_latents(state, schedule, chunks=1)
+            _sync(device)
+            out[f"{name}_{attempt}_s"] = time.perf_counter() - t
+        out[f"{name}_calls"] = state.calls
+    return out
+
+
+def time_decoder(case: BenchCase, device: torch.device, dtype: torch.dtype, repeats: int = 3) -> dict[str, Any]:
+    """Milliseconds to decode one emitted chunk (``c`` latent frames, decoded on its own) with the Wan 2.1 VAE
+    (diffusers ``AutoencoderKLWan``, its default = the 2.1 configuration, random weights)."""
+    if case.decoder is None:
+        return {"decoder": "none (pixel space)"}
+    try:
+        from diffusers import AutoencoderKLWan
+    except Exception as exc:  # noqa: BLE001
+        return {"decoder": "skipped", "reason": f"diffusers' AutoencoderKLWan is not importable: {_error_text(exc)}"}
+    c, _, h, w = case.latent
+    chunk = case.partition.c
+    try:
+        torch.manual_seed(0)
+        with torch.device(device):
+            vae: Any = AutoencoderKLWan()
+            vae = vae.to(dtype).eval()
+        z = torch.randn(1, vae.config.z_dim, chunk, h, w, device=device, dtype=dtype)
+        with torch.inference_mode():
+            ms, first = _time_calls(lambda: vae.decode(z).sample, device, repeats, warmup=1)
+            frames = int(vae.decode(z).sample.shape[2])
+        peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
+        note = "Wan 2.1 VAE" if case.decoder == "wan-vae" else (
+            "proxy: Wan 2.1 VAE at the same pixel size (the paper's 8-channel TAE is not public)")
+        return {"decoder": note, "ms_per_chunk": ms, "latent_frames": chunk, "frames_out_standalone": frames,
+                "first_call_s": first, "peak_gpu_memory_gib": peak}
+    except Exception as exc:  # noqa: BLE001
+        return {"decoder": "failed", "reason": _error_text(exc)}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# one case
+# ----------------------------------------------------------------------------------------------------------
+
+
+def mode_options(mode: str, compile_mode: str) -> PerfOptions:
+    """A mode name: a level (``plain``, ``safe``, ``fast``, ``fastest``) or option items joined by ``+``
+    (``kv+layout+compile``); compiled modes use ``compile_mode``."""
+    options = PerfOptions.level(mode.replace("+", ","))
+    if options.compile != "off":
+        options = replace(options, compile=compile_mode)
+    return options
+
+
+def run_case(
+    case: BenchCase,
+    device: torch.device,
+    dtype: torch.dtype,
+    repeats: int,
+    modes: tuple[str, ...] = ("plain", "safe"),
+    compile_mode: str = "default",
+    ttff: bool = True,
+    decoder: bool = True,
+    rates: Rates | None = None,
+    report: Callable[[dict[str, Any]], None] | None = None,
+    profile: tuple[str, ...] = (),
+    profile_dir: Path | None = None,
+) -> dict[str, Any]:
+    """Measure one case (see the module docstring). ``report(row)`` is called after every measurement with
+    the row so far (the command writes it to disk). Modes named in ``profile`` are also run twice under
+    ``torch.profiler``; the kernel table goes to ``profile_dir/profile_<case>_<mode>.txt``."""
+    cfg = preset(case.model)
+    c, f, h, w = case.latent
     p = case.partition
-    return {
+    video_per_call = p.c * case.temporal_factor / p.s
+    flops = model_flops(cfg, case.latent, case.window)
+    row: dict[str, Any] = {
         "case": case.name,
         "device": str(device),
         "dtype": str(dtype).removeprefix("torch."),
+        "threads": torch.get_num_threads(),
         "parameters": cfg.num_parameters(),
+        "layout": {"dim": cfg.dim, "ffn_dim": cfg.ffn_dim, "heads": cfg.num_heads, "layers": cfg.num_layers,
+                   "patch": list(cfg.patch_size), "text_len": cfg.text_len},
         "latent": list(case.latent),
+        "tokens": (f // cfg.patch_size[0]) * (h // cfg.patch_size[1]) * (w // cfg.patch_size[2]),
         "partition": p.describe(),
         "window": list(case.window) if case.window else None,
-        "ms_per_call": ms,
-        "frames_per_second": 1000 * p.c / (p.s * ms),
-        "baseline_ms_per_call": base_ms,
-        "speedup": base_ms / ms,
-        "tflops_per_call": flops / 1e12,
-        "achieved_tflops_per_s": flops / (ms / 1000) / 1e12,
-        "peak_gpu_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None,
+        "video_frames_per_call": video_per_call,
+        "tflop_per_call": flops / 1e12,
+        "flop_parts_tflop": {k: v / 1e12 for k, v in flop_parts(cfg, case.latent, case.window).items()},
+        "floors_nominal": floors(cfg, case.latent, case.window, NOMINAL_H100),
+        "modes": [],
     }
+    if rates is not None:
+        row["floors_measured"] = floors(cfg, case.latent, case.window, rates)
+
+    def emit() -> None:
+        if report is not None:
+            report(row)
+
+    model = build_model(cfg, device, dtype)
+    x, sigma, ctx = bench_inputs(cfg, case.latent, device, dtype)
+    full = (f, h, w)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    with torch.inference_mode():
+        model.set_perf(PerfOptions.plain())
+        try:
+            ms, _ = _time_calls(lambda: model(x, sigma, ctx, window=full, attention_backend="sdpa"), device, repeats)
+            row["baseline"] = {"what": "eager, full attention, plain SDPA, no speed-ups", "ms_per_call": ms,
+                               "video_fps": 1000 * video_per_call / ms,
+                               "achieved_tflops": model_flops(cfg, case.latent, None) / ms / 1e9}
+        except Exception as exc:  # noqa: BLE001
+            row["baseline"] = {"error": _error_text(exc)}
+            log.error("baseline of %s failed: %s", case.name, traceback.format_exc())
+        emit()
+        ref = model(x, sigma, ctx, window=case.window or full, attention_backend="sdpa").float()
+        base_ms = row["baseline"].get("ms_per_call")
+        best: tuple[float, PerfOptions, str] | None = None
+        for mode in modes:
+            entry: dict[str, Any] = {"mode": mode}
+            try:
+                options = mode_options(mode, compile_mode).for_device(device)
+                attention = "sdpa" if mode == "plain" else "auto"
+                entry["status"] = dict(model.set_perf(options))
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+                    torch.cuda.reset_peak_memory_stats()
+                def call(attention: str = attention) -> torch.Tensor:
+                    return model(x, sigma, ctx, window=case.window or full, attention_backend=attention)
+
+                ms, first = _time_calls(call, device, repeats, warmup=3)
+                out = call()
+                entry.update({
+                    "attention": attention,
+                    "ms_per_call": ms,
+                    "latent_fps": 1000 * p.c / (p.s * ms),
+                    "video_fps": 1000 * video_per_call / ms,
+                    "speedup": (base_ms / ms) if base_ms else None,
+                    "achieved_tflops": flops / ms / 1e9,
+                    "first_call_s": first,
+                    "relative_error": _relative_error(out, ref),
+                    "peak_gpu_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None,
+                    "status": dict(model.perf_status),
+                    "graph_error": model._graphs.error,
+                })
+                if best is None or ms < best[0]:
+                    best = (ms, options, attention)
+                if mode in profile and profile_dir is not None:  # without CUDA graphs: kernels stay visible
+                    graphed = model.perf
+                    model.perf = replace(graphed, cuda_graphs=False)
+                    try:
+                        entry["profile"] = profile_calls(
+                            call, device, profile_dir / f"profile_{case.name}_{mode}.txt")
+                    finally:
+                        model.perf = graphed
+            except Exception as exc:  # noqa: BLE001 - record and go on with the next mode
+                entry["error"] = _error_text(exc)
+                log.error("mode %s of %s failed: %s", mode, case.name, traceback.format_exc())
+            row["modes"].append(entry)
+            emit()
+        if ttff and best is not None:
+            try:
+                model.set_perf(best[1])
+                row["time_to_first_frame"] = {"mode": best[1].describe(), **time_to_first_frame(
+                    model, case, device, dtype, best[2])}
+            except Exception as exc:  # noqa: BLE001
+                row["time_to_first_frame"] = {"error": _error_text(exc)}
+                log.error("time to first frame of %s failed: %s", case.name, traceback.format_exc())
+            emit()
+    model.set_perf(PerfOptions.plain())
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    if decoder and case.decoder is not None:
+        row["decoder"] = time_decoder(case, device, dtype)
+        emit()
+    return row
+
+
+# ----------------------------------------------------------------------------------------------------------
+# report
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _f(value: Any, fmt: str = ".1f") -> str:
+    return format(value, fmt) if isinstance(value, (int, float)) and not isinstance(value, bool) else "–"
 
 
 def to_markdown(rows: list[dict[str, Any]]) -> str:
-    head = "| case | device | dtype | ms/call | frames/s | baseline ms | speed-up | TFLOP/call | TFLOP/s | peak GiB |"
-    lines = [head, "|" + "---|" * 10]
+    """Tables: one line per case and mode; floors; time to first frame and decoder."""
+    lines = [
+        "| case | mode | ms/call | video FPS | latent FPS | speed-up vs eager full | TFLOP/s | rel. error | "
+        "peak GiB | first call s |",
+        "|" + "---|" * 10,
+    ]
     for r in rows:
-        mem = f"{r['peak_gpu_memory_gib']:.1f}" if r["peak_gpu_memory_gib"] is not None else "–"
+        b = r.get("baseline", {})
         lines.append(
-            f"| {r['case']} | {r['device']} | {r['dtype']} | {r['ms_per_call']:.1f} | {r['frames_per_second']:.1f}"
-            f" | {r['baseline_ms_per_call']:.1f} | {r['speedup']:.2f} | {r['tflops_per_call']:.3f}"
-            f" | {r['achieved_tflops_per_s']:.2f} | {mem} |"
+            f"| {r['case']} | baseline (eager, full attention) | {_f(b.get('ms_per_call'))} | "
+            f"{_f(b.get('video_fps'))} | – | 1.00 | {_f(b.get('achieved_tflops'))} | – | – | – |"
+            if "ms_per_call" in b else f"| {r['case']} | baseline | failed: {b.get('error', '?')} |||||||"
+        )
+        for m in r.get("modes", []):
+            if "error" in m:
+                lines.append(f"| {r['case']} | {m['mode']} | failed: {m['error'][:120]} | | | | | | | |")
+                continue
+            lines.append(
+                f"| {r['case']} | {m['mode']} | {_f(m['ms_per_call'])} | {_f(m['video_fps'])} | {_f(m['latent_fps'])}"
+                f" | {_f(m['speedup'], '.2f')} | {_f(m['achieved_tflops'])} | {_f(m['relative_error'], '.1e')}"
+                f" | {_f(m['peak_gpu_memory_gib'])} | {_f(m['first_call_s'])} |"
+            )
+    lines += ["", "| case | TFLOP/call (matmul + attention) | GB/call | floor bf16 ms | floor fp8 ms | memory floor ms "
+              "| rates |", "|" + "---|" * 7]
+    for r in rows:
+        for key in ("floors_nominal", "floors_measured"):
+            fl = r.get(key)
+            if fl and r["device"].startswith("cuda"):  # the floors use GPU rates
+                lines.append(
+                    f"| {r['case']} | {fl['matmul_tflop']:.1f} + {fl['attention_tflop']:.1f} | {fl['bytes_gb']:.1f} | "
+                    f"{fl['compute_floor_ms_bf16']:.1f} | {fl['compute_floor_ms_fp8']:.1f} | "
+                    f"{fl['memory_floor_ms']:.1f} | {'nominal' if key == 'floors_nominal' else 'measured'} |"
+                )
+    lines += ["", "| case | first frame, warm start s (again) | cold start s (again) | calls | decoder ms/chunk | "
+              "decoder |", "|" + "---|" * 6]
+    for r in rows:
+        t = r.get("time_to_first_frame", {})
+        d = r.get("decoder", {})
+        lines.append(
+            f"| {r['case']} | {_f(t.get('warm_start_first_s'), '.2f')} ({_f(t.get('warm_start_again_s'), '.2f')})"
+            f" | {_f(t.get('cold_start_first_s'), '.2f')} ({_f(t.get('cold_start_again_s'), '.2f')})"
+            f" | {t.get('warm_start_calls', '–')}/{t.get('cold_start_calls', '–')} | {_f(d.get('ms_per_chunk'))}"
+            f" | {d.get('decoder', '–')} {d.get('reason', '')} |"
         )
     return "\n".join(lines) + "\n"
+
+
+def _best(row: dict[str, Any], modes: tuple[str, ...] | None = None) -> dict[str, Any] | None:
+    ok = [m for m in row.get("modes", []) if "ms_per_call" in m and (modes is None or m["mode"] in modes)]
+    return min(ok, key=lambda m: m["ms_per_call"]) if ok else None
+
+
+def targets(rows: list[dict[str, Any]]) -> list[str]:
+    """Issue 6's targets, checked against the rows that exist (GPU rows only, except the CPU one)."""
+    out: list[str] = []
+
+    def line(ok: bool, text: str) -> None:
+        out.append(f"- {'met' if ok else 'MISSED'}: {text}")
+
+    for r in rows:
+        best = _best(r)
+        if best is None:
+            continue
+        gpu, case = r["device"].startswith("cuda"), r["case"]
+        base = r.get("baseline", {}).get("ms_per_call")
+        if gpu and case == "paper-4b":
+            line(best["ms_per_call"] <= 160, f"paper-4b fastest mode ({best['mode']}) {best['ms_per_call']:.1f} "
+                 f"ms/call ≤ 160 ms ({best['video_fps']:.1f} video FPS; the paper: 482 ms, 16 FPS)")
+            bf16 = _best(r, ("fast", "safe", "plain"))
+            floor = (r.get("floors_measured") or r["floors_nominal"])["compute_floor_ms_bf16"]
+            if bf16 is not None:
+                line(bf16["ms_per_call"] <= 1.1 * floor, f"paper-4b bf16 ({bf16['mode']}) {bf16['ms_per_call']:.1f} "
+                     f"ms within 10 % of the compute floor {floor:.1f} ms ({bf16['ms_per_call'] / floor:.2f}x)")
+        if gpu and case.startswith("wan2.1-1.3b"):
+            line(best["video_fps"] >= 60, f"{case} ({best['mode']}) {best['video_fps']:.1f} video FPS ≥ 60 "
+                 f"({best['ms_per_call']:.1f} ms/call; Self-Forcing 17 FPS, LongLive 20.7 FPS)")
+        if gpu and base and (case == "paper-4b" or case.startswith("wan2.1-1.3b")):
+            line(base / best["ms_per_call"] >= 2.5,
+                 f"{case} speed-up over the eager baseline {base / best['ms_per_call']:.2f}x ≥ 2.5x")
+        if not gpu and case == "bundled":
+            line(best["video_fps"] >= 8, f"bundled on CPU ({r.get('threads', '?')} threads) "
+                 f"{best['video_fps']:.1f} FPS ≥ 8")
+    return out
+
+
+def profile_calls(fn: Callable[[], Any], device: torch.device, path: Path, calls: int = 2) -> str:
+    """Run ``fn`` ``calls`` times under ``torch.profiler`` and write the per-kernel table (sorted by device
+    time) to ``path``. Returns the path, or the error text."""
+    try:
+        from torch.profiler import ProfilerActivity, profile
+
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+        with profile(activities=activities) as prof:
+            for _ in range(calls):
+                fn()
+            _sync(device)
+        averages = prof.key_averages()
+        keys = ("device_time_total", "cuda_time_total") if device.type == "cuda" else ()
+        for key in (*keys, "self_cpu_time_total"):
+            try:
+                table = averages.table(sort_by=key, row_limit=40, max_name_column_width=90)
+                break
+            except (AttributeError, KeyError, ValueError):
+                continue
+        else:
+            table = str(averages)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(f"{calls} calls\n{table}\n")
+        return str(path)
+    except Exception as exc:  # noqa: BLE001
+        return f"error: {_error_text(exc)}"
+
+
+def _meta(device: torch.device) -> dict[str, Any]:
+    meta: dict[str, Any] = {
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "threads": torch.get_num_threads(),
+        "command": " ".join(sys.argv),
+        "gpu": None,
+    }
+    if device.type == "cuda":
+        meta.update({
+            "gpu": torch.cuda.get_device_name(device),
+            "cuda": torch.version.cuda,
+            "cudnn": torch.backends.cudnn.version(),
+            "capability": list(torch.cuda.get_device_capability(device)),
+        })
+        try:
+            meta["triton"] = importlib.import_module("triton").__version__
+        except Exception:  # noqa: BLE001
+            meta["triton"] = None
+    from .attention import flash_attn_available
+
+    meta["flash_attn"] = flash_attn_available()
+    return meta
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
     from .pipeline import parse_dtype
 
     device = torch.device(args.device)
-    names = args.cases.split(",")
+    names = [n for n in args.cases.split(",") if n]
     unknown = [n for n in names if n not in CASES]
     if unknown:
         raise ValueError(f"unknown bench cases {unknown}; choose from {sorted(CASES)}")
-    rows = []
-    for name in names:
-        log.info("benchmarking %s on %s", name, device)
-        rows.append(run_case(CASES[name], device, parse_dtype(args.dtype), args.repeats))
+    modes = tuple(m for m in (args.modes or ("plain,safe,fast,fastest" if device.type == "cuda" else "plain,safe"))
+                  .split(",") if m)
+    for m in modes:
+        mode_options(m, args.compile_mode)  # raises for a bad name before anything runs
+    dtype = parse_dtype(args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    meta = {
-        "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
-        "gpu": torch.cuda.get_device_name() if device.type == "cuda" else None,
-        "command": " ".join(sys.argv),
-    }
-    (out / "bench.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
-    table = to_markdown(rows)
-    (out / "bench.md").write_text(f"{json.dumps(meta)}\n\n{table}")
-    sys.stdout.write(table)
+    path = out / "bench.json"
+    data: dict[str, Any] = {"runs": [], "rows": []}
+    if path.exists():
+        try:
+            data = json.loads(path.read_text())
+        except (json.JSONDecodeError, OSError):
+            log.warning("%s is not readable JSON; starting a new one", path)
+    meta = _meta(device)
+    if device.type == "cuda" and not args.no_rates:
+        meta["measured_rates"] = measure_rates(device)
+        log.info("measured rates: %s", meta["measured_rates"])
+    rates = rates_from(meta.get("measured_rates", {}))
+    data.setdefault("runs", []).append(meta)
+
+    def save(row: dict[str, Any] | None = None) -> None:
+        rows = [r for r in data.get("rows", []) if row is None or (r.get("case"), r.get("device")) !=
+                (row["case"], row["device"])]
+        if row is not None:
+            rows.append(row)
+        data["rows"] = rows
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(data, indent=2, default=str))
+        tmp.replace(path)
+        (out / "bench.md").write_text(
+            "\n".join(f"<!-- {json.dumps(m)} -->" for m in data["runs"]) + "\n\n" + to_markdown(data["rows"])
+            + "\n" + "\n".join(targets(data["rows"])) + "\n")
+
+    for name in names:
+        log.info("benchmarking %s on %s (%s), modes %s", name, device, dtype, ",".join(modes))
+        run_case(CASES[name], device, dtype, args.repeats, modes, args.compile_mode, not args.no_ttff,
+                 not args.no_decoder, rates, report=save,
+                 profile=tuple(m for m in (args.profile or "").split(",") if m), profile_dir=out)
+    save()
+    sys.stdout.write(to_markdown(data["rows"]) + "\n" + "\n".join(targets(data["rows"])) + "\n")
     return 0
 
 
 @register_command("bench")
 def _add_bench(sub: Any) -> None:
-    b = sub.add_parser("bench", help="time one model call over the full buffer per preset")
+    b = sub.add_parser("bench", help="time one model call over the full buffer per preset and speed-up mode")
     b.add_argument("--cases", default="bundled", help=f"comma-separated, from {sorted(CASES)}")
     b.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    b.add_argument("--dtype", default="float32")
+    b.add_argument("--dtype", default=None, help="default: bfloat16 on CUDA, float32 on CPU")
     b.add_argument("--repeats", type=int, default=10)
+    b.add_argument(
+        "--modes", default=None,
+        help=f"comma-separated speed-up levels {sorted(PERF_LEVELS)} or option lists joined by '+' "
+        "(default: plain,safe,fast,fastest on CUDA, plain,safe on CPU)",
+    )
+    b.add_argument("--compile-mode", default="default", help="torch.compile mode for the compiled levels")
+    b.add_argument("--no-ttff", action="store_true", help="skip the time-to-first-frame runs")
+    b.add_argument("--no-decoder", action="store_true", help="skip the decoder timing")
+    b.add_argument("--no-rates", action="store_true", help="skip measuring the GPU's matmul/attention/copy rates")
+    b.add_argument("--profile", default=None, help="comma-separated modes to also run under torch.profiler")
     b.add_argument("--out", default="outputs/bench")
     b.set_defaults(func=cmd_bench)
 
 
-__all__ = ["BenchCase", "CASES", "model_flops", "run_case", "to_markdown"]
+__all__ = [
+    "BenchCase",
+    "CASES",
+    "NOMINAL_H100",
+    "Rates",
+    "floors",
+    "flop_parts",
+    "measure_rates",
+    "model_bytes",
+    "model_flops",
+    "run_case",
+    "time_decoder",
+    "time_to_first_frame",
+    "to_markdown",
+]

@@ -103,7 +103,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from .v2v import StreamEnded, VideoSource
     from .video_io import read_video, write_contact_sheet, write_mp4, write_webp
 
-    pipeline = load_pipeline(args.model, device=args.device, dtype=args.dtype, attention=args.attention)
+    pipeline = load_pipeline(args.model, device=args.device, dtype=args.dtype, attention=args.attention, perf=args.perf)
+    log.info("inference speed-ups: %s", pipeline.model.perf_status)
     overrides: dict[str, object] = {}
     if args.resume:
         state, meta = load_state(args.resume)
@@ -232,7 +233,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--model", default=None, help="a StreamDiT .safetensors file (default: the bundled model)")
     g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     g.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16")
-    g.add_argument("--attention", default="auto", help="auto, sdpa, flash_attn or math")
+    g.add_argument("--attention", default="auto", help="auto, sdpa, cudnn, flash_attn or math")
+    g.add_argument(
+        "--perf",
+        default="safe",
+        help="inference speed-ups: plain, safe (default: cached text keys/values, RoPE, time embedding), fast "
+        "(+ torch.compile, CUDA graphs), fastest (+ fp8 linears on H100/Ada), or items like "
+        "'kv,layout,compile,graphs,fp8'",
+    )
     g.add_argument("--chunk-size", type=int, default=None, help="frames per chunk c (default: the model's)")
     g.add_argument("--micro-steps", type=int, default=None, help="micro-steps s per chunk position")
     g.add_argument("--buffer", type=int, default=None, help="frames in the buffer B")

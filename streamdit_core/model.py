@@ -18,6 +18,8 @@ Tensor shapes: latents ``[batch, channels, frames, height, width]``; tokens ``[b
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -25,6 +27,11 @@ from torch import nn
 
 from .attention import attention, effective_window, resolve_backend, window_partition, window_reverse
 from .config import ModelConfig
+from .perf import GraphRunner, PerfOptions, apply_perf, disable_compile
+
+# Cross-attention keys/values of one context, per block: runs ``(first_frame, end_frame, k, v)`` of token-grid
+# frames that share a prompt, k/v ``[b, Lt, heads, head_dim]``.
+CrossKV = tuple[tuple[int, int, torch.Tensor, torch.Tensor], ...]
 
 __all__ = ["StreamDiT", "sinusoidal_embedding", "rope_frequencies", "apply_rope"]
 
@@ -158,6 +165,11 @@ class SelfAttention(_Projections):
 
 
 class CrossAttention(_Projections):
+    # Cached keys/values of this call's context (set by StreamDiT before each call). They are read only inside
+    # the compiler-disabled forward_cached, so torch.compile never specialises on the run layout, which changes
+    # while a prompt transition moves through the buffer; ``cached`` is the only flag the compiled code sees.
+    runs: CrossKV | None = None
+    cached: bool = False
 
     def forward(self, x: torch.Tensor, context: torch.Tensor, backend: str) -> torch.Tensor:
         """x: ``[b, L, dim]``; context: ``[b, Lt, dim]`` (shared) or ``[b, F, Lt, dim]`` (per frame)."""
@@ -169,10 +181,27 @@ class CrossAttention(_Projections):
         else:
             xq, ctx = x, context
         q = self.norm_q(self.q(xq)).unflatten(-1, (self.num_heads, -1))
-        k = self.norm_k(self.k(ctx)).unflatten(-1, (self.num_heads, -1))
-        v = self.v(ctx).unflatten(-1, (self.num_heads, -1))
+        k, v = self.project_context(ctx)
         out = self.o(attention(q, k, v, backend).flatten(2))
         return out.reshape(b, -1, out.shape[-1])
+
+    def project_context(self, ctx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """ctx ``[n, Lt, dim]`` → keys and values ``[n, Lt, heads, head_dim]``."""
+        k = self.norm_k(self.k(ctx)).unflatten(-1, (self.num_heads, -1))
+        return k, self.v(ctx).unflatten(-1, (self.num_heads, -1))
+
+    @torch.compiler.disable  # the run layout varies; never specialise on it
+    def forward_cached(self, x: torch.Tensor, frames: int, backend: str) -> torch.Tensor:
+        """Cross-attention with the precomputed keys/values in ``self.runs``: the tokens of each run of frames
+        (contiguous in ``x`` ``[b, L, dim]``, ``frames`` token-grid frames) attend to that run's keys/values."""
+        runs = self.runs
+        if runs is None:
+            raise RuntimeError("forward_cached needs the context's keys/values in CrossAttention.runs")
+        q = self.norm_q(self.q(x)).unflatten(-1, (self.num_heads, -1))  # [b, L, h, dh]
+        per = x.shape[1] // frames
+        outs = [attention(q[:, f0 * per : f1 * per], k, v, backend) for f0, f1, k, v in runs]
+        out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
+        return self.o(out.flatten(2))
 
 
 class Block(nn.Module):
@@ -202,13 +231,17 @@ class Block(nn.Module):
         shift: bool,
         backend: str,
     ) -> torch.Tensor:
-        """x ``[b, L, dim]``; e ``[b, F, 6, dim]`` float32 per-frame modulation; context as in CrossAttention."""
+        """x ``[b, L, dim]``; e ``[b, F, 6, dim]`` float32 per-frame modulation; context as in CrossAttention
+        (ignored when ``cross_attn.cached``: the context's keys/values were precomputed)."""
         mod = (self.modulation.float()[:, None] + e).unbind(dim=2)  # 6 × [b, F, dim]
         y = self.self_attn(
             modulate(self.norm1(x).float(), mod[0], mod[1]).type_as(x), rope, grid, window, shift, backend
         )
         x = x + gate(y.float(), mod[2]).type_as(x)
-        x = x + self.cross_attn(self.norm3(x), context, backend)
+        if self.cross_attn.cached:
+            x = x + self.cross_attn.forward_cached(self.norm3(x), e.shape[1], backend)
+        else:
+            x = x + self.cross_attn(self.norm3(x), context, backend)
         y = self.ffn(modulate(self.norm2(x).float(), mod[3], mod[4]).type_as(x))
         return x + gate(y.float(), mod[5]).type_as(x)
 
@@ -247,7 +280,101 @@ class StreamDiT(nn.Module):
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.num_layers))
         self.head = Head(config)
         self.attention_backend = "auto"
+        self.perf = PerfOptions()
+        self.perf_status: dict[str, str] = {}
+        self._graphs = GraphRunner()
+        self.clear_caches()
         self.initialize_weights()
+
+    # -- inference speed-ups (streamdit_core.perf) ---------------------------------------------------------
+
+    def set_perf(self, options: PerfOptions) -> dict[str, str]:
+        """Switch inference speed-ups (after the model is on its device and dtype); returns what is active."""
+        return apply_perf(self, options)
+
+    def clear_caches(self) -> None:
+        """Forget cached RoPE tables, time embeddings, text keys/values and the CUDA graph."""
+        self._rope_cache: dict[tuple[object, ...], tuple[torch.Tensor, torch.Tensor]] = {}
+        self._time_cache: list[tuple[tuple[object, ...], torch.Tensor, tuple[torch.Tensor, torch.Tensor]]] = []
+        self._kv_cache: list[tuple[tuple[object, ...], torch.Tensor, list[CrossKV]]] = []
+        if hasattr(self, "_graphs"):
+            self._graphs.reset()
+
+    def _apply(self, fn, *args, **kwargs):  # type: ignore[no-untyped-def]
+        self.clear_caches()  # .to()/.cuda()/.half() move or copy the weights the caches were built from
+        return super()._apply(fn, *args, **kwargs)
+
+    def _rope(self, grid: tuple[int, int, int], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        key = (grid, str(device))
+        found = self._rope_cache.get(key) if self._caching(self.perf.layout_cache) else None
+        if found is not None:
+            return found
+        angles = rope_frequencies(self.config.head_dim, grid, self.config.rope_theta, device)
+        rope = (torch.cos(angles).float(), torch.sin(angles).float())  # 2 × [L, dh/2]
+        if self._caching(self.perf.layout_cache):
+            if len(self._rope_cache) >= 4:
+                self._rope_cache.clear()
+            self._rope_cache[key] = rope
+        return rope
+
+    @staticmethod
+    def _caching(option: bool) -> bool:
+        """Caches serve inference only (under autograd the cached tensors would share one graph)."""
+        return option and not torch.is_grad_enabled()
+
+    @staticmethod
+    def _tensor_key(t: torch.Tensor, params: Sequence[torch.Tensor]) -> tuple[object, ...]:
+        """Identity of an input tensor (and of the weights a cached value came from). Inference tensors (ComfyUI
+        loads and runs everything in inference mode) have no version counter: for them only the address counts;
+        this package never modifies them in place."""
+
+        def version(x: torch.Tensor) -> int:
+            return -1 if x.is_inference() else x._version
+
+        weights = tuple((p.data_ptr(), version(p)) for p in params)
+        return (id(t), t.data_ptr(), tuple(t.shape), t.stride(), t.dtype, str(t.device), version(t), weights)
+
+    def _time_cached(self, sigma: torch.Tensor, batch: int, frames: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self._caching(self.perf.layout_cache):
+            return self._time(sigma, batch, frames)
+        params = [p for m in (self.time_embedding, self.time_projection) for p in m.parameters()]
+        key = (*self._tensor_key(sigma, params), batch, frames)
+        for k, ref, value in self._time_cache:
+            if k == key and ref is sigma:
+                return value
+        value = self._time(sigma, batch, frames)
+        self._time_cache = [*self._time_cache[-3:], (key, sigma, value)]
+        return value
+
+    def _cross_kv(self, context: torch.Tensor, dtype: torch.dtype, grid_frames: int) -> list[CrossKV]:
+        """Keys/values of every block for ``context`` (``[b, Lt, D]`` or per frame ``[b, F, Lt, D]``, before the
+        temporal-patch subsampling), cached by the context tensor's identity. Consecutive frames with equal
+        context rows form one run: their keys/values are computed once and their tokens attend in one call."""
+        params: list[torch.Tensor] = list(self.text_embedding.parameters())
+        blocks = [cast(Block, b) for b in self.blocks]
+        for block in blocks:
+            params += [block.cross_attn.k.weight, block.cross_attn.v.weight]
+            if isinstance(block.cross_attn.norm_k, RMSNorm):
+                params.append(block.cross_attn.norm_k.weight)
+        key = (*self._tensor_key(context, params), dtype, grid_frames)
+        for cached_key, ref, found in self._kv_cache:
+            if cached_key == key and ref is context:
+                return found
+        if context.dim() == 4:
+            ctx = context[:, :: self.config.patch_size[0]]
+            starts = [0] + [i for i in range(1, ctx.shape[1]) if not torch.equal(ctx[:, i], ctx[:, i - 1])]
+            bounds = list(zip(starts, starts[1:] + [ctx.shape[1]]))
+            rows = ctx[:, starts]  # [b, runs, Lt, D]
+        else:
+            bounds, rows = [(0, grid_frames)], context[:, None]
+        emb = self.text_embedding(rows.to(dtype))  # [b, runs, Lt, dim]
+        value: list[CrossKV] = []
+        for block in blocks:
+            k, v = block.cross_attn.project_context(emb.flatten(0, 1))  # [b·runs, Lt, h, dh]
+            k, v = k.unflatten(0, (emb.shape[0], -1)), v.unflatten(0, (emb.shape[0], -1))
+            value.append(tuple((f0, f1, k[:, i], v[:, i]) for i, (f0, f1) in enumerate(bounds)))
+        self._kv_cache = [*self._kv_cache[-3:], (key, context, value)]  # guidance and model_frames use several
+        return value
 
     def initialize_weights(self) -> None:
         """Wan's initialisation: Xavier-uniform linears and patch embedding, N(0, 0.02) for the text and time
@@ -317,21 +444,49 @@ class StreamDiT(nn.Module):
         win = effective_window(grid, window if window is not None else self.config.window)
         backend = resolve_backend(attention_backend or self.attention_backend, x.device, x.dtype)
 
-        e, e0 = self._time(sigma, b, frames)  # [b, Fg, dim], [b, Fg, 6, dim]
-        if context.dim() == 4:
-            if context.shape[1] != frames:
-                raise ValueError(f"per-frame context has {context.shape[1]} frames, latents have {frames}")
-            context = context[:, :: self.config.patch_size[0]]
-        ctx = self.text_embedding(context.to(x.dtype))  # [b, (Fg,) Lt, dim]
+        e, e0 = self._time_cached(sigma, b, frames)  # [b, Fg, dim], [b, Fg, 6, dim]
+        if context.dim() == 4 and context.shape[1] != frames:
+            raise ValueError(f"per-frame context has {context.shape[1]} frames, latents have {frames}")
+        rope = self._rope(grid, x.device)
+        cross: list[CrossKV] | None = None
+        ctx = context
+        if self._caching(self.perf.text_kv_cache):
+            cross = self._cross_kv(context, x.dtype, grid[0])
+        else:
+            if context.dim() == 4:
+                context = context[:, :: self.config.patch_size[0]]
+            ctx = self.text_embedding(context.to(x.dtype))  # [b, (Fg,) Lt, dim]
 
-        angles = rope_frequencies(self.config.head_dim, grid, self.config.rope_theta, x.device)
-        rope = (torch.cos(angles).float(), torch.sin(angles).float())  # 2 × [L, dh/2]
+        def core(x: torch.Tensor, e: torch.Tensor, e0: torch.Tensor) -> torch.Tensor:
+            tokens = self.patch_embedding(x).flatten(2).transpose(1, 2)  # [b, L, dim]
+            try:
+                for i, block in enumerate(self.blocks):
+                    attn = cast(Block, block).cross_attn
+                    attn.runs, attn.cached = (None, False) if cross is None else (cross[i], True)
+                    tokens = block(tokens, e0, ctx, rope, grid, win, shift=(i % 2 == 1), backend=backend)
+            finally:
+                for block in self.blocks:
+                    cast(Block, block).cross_attn.runs = None  # hold no references between calls
+                    cast(Block, block).cross_attn.cached = False
+            out = self.head(tokens, e)  # [b, L, C_out·pf·ph·pw]
+            return self.unpatchify(out, grid)
 
-        tokens = self.patch_embedding(x).flatten(2).transpose(1, 2)  # [b, L, dim]
-        for i, block in enumerate(self.blocks):
-            tokens = block(tokens, e0, ctx, rope, grid, win, shift=(i % 2 == 1), backend=backend)
-        out = self.head(tokens, e)  # [b, L, C_out·pf·ph·pw]
-        return self.unpatchify(out, grid)
+        def run() -> torch.Tensor:
+            if self.perf.cuda_graphs and x.is_cuda and self._caching(True) and cross is not None:
+                key = (tuple(x.shape), x.dtype, tuple(e0.shape), id(cross), id(rope), grid, win, backend)
+                return self._graphs(core, key, (x, e, e0), keep=(cross, rope))
+            return core(x, e, e0)
+
+        if self.perf.compile == "off" or self.perf_status.get("compile", "").startswith("off"):
+            return run()
+        try:
+            return run()
+        except Exception as exc:  # a compiler failure (no Triton, no C compiler, …) must not stop the stream
+            if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+                raise
+            disable_compile(self, f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}")
+            self._graphs.reset()
+            return run()
 
     def unpatchify(self, x: torch.Tensor, grid: tuple[int, int, int]) -> torch.Tensor:
         """``[b, L, C·pf·ph·pw]`` → ``[b, C, F·pf, H·ph, W·pw]``."""

@@ -19,6 +19,7 @@ from .codec import LATENT_CODECS, Codec, LatentCodec, PixelCodec, wan21_codec
 from .config import ModelConfig, preset
 from .log import get_logger
 from .model import StreamDiT
+from .perf import PerfOptions
 from .schedule import Partition
 from .text import TextEncoder, TextEncoderConfig
 
@@ -103,6 +104,8 @@ class StreamPipeline:
     base_model: True for a video model trained with one noise level per clip (a plain Wan 2.1), not with
         StreamDiT's buffered flow matching: it needs narrow per-input noise spreads (``model_frames``).
     attention: attention backend name passed to the model.
+    The model's inference speed-ups are ``model.perf`` (set with :meth:`set_perf`); the pipeline keeps the
+    σ and context tensors it passes identity-stable across calls so the model's caches hit.
     """
 
     model: StreamDiT
@@ -117,6 +120,24 @@ class StreamPipeline:
     base_model: bool = False
     external_embeddings: dict[str, torch.Tensor] = field(default_factory=dict)
     _prompt_cache: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
+    _sigma_memo: dict[tuple[float, ...], torch.Tensor] = field(default_factory=dict, repr=False)
+    _guided_memo: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = field(default=None, repr=False)
+
+    def set_perf(self, options: PerfOptions) -> dict[str, str]:
+        """Switch the model's inference speed-ups (GPU-only parts are dropped on a CPU); returns what is on."""
+        return self.model.set_perf(options.for_device(self.device))
+
+    def _device_sigmas(self, sigmas: torch.Tensor) -> torch.Tensor:
+        """``[B]`` levels → ``[1, B]`` float32 on the device, the same tensor for the same values."""
+        if sigmas.device.type != "cpu":
+            return sigmas.to(self.device, torch.float32)[None]
+        key = tuple(float(v) for v in sigmas.tolist())
+        found = self._sigma_memo.get(key)
+        if found is None:
+            if len(self._sigma_memo) >= 64:
+                self._sigma_memo.clear()
+            found = self._sigma_memo[key] = sigmas.to(self.device, torch.float32)[None]
+        return found
 
     @property
     def cheap_decode(self) -> bool:
@@ -205,12 +226,18 @@ class StreamPipeline:
         """One model call (two batched with guidance). latents ``[1, C, B, h, w]``; sigmas ``[B]``;
         context/uncond ``[1, B, Lt, D]``. Returns the (guided) velocity ``[1, C, B, h, w]`` float32."""
         x = latents.to(self.device, self.dtype)
-        sig = sigmas.to(self.device, torch.float32)[None]
+        sig = self._device_sigmas(sigmas)
         ctx = context.to(self.device)
         if guidance != 1.0:
             if uncond is None:
                 raise ValueError("guidance != 1 needs an unconditional context")
-            x, sig, ctx = torch.cat([x, x]), torch.cat([sig, sig]), torch.cat([ctx, uncond.to(self.device)])
+            memo = self._guided_memo
+            if memo is not None and memo[0] is context and memo[1] is uncond:
+                both = memo[2]
+            else:
+                both = torch.cat([ctx, uncond.to(self.device)])
+                self._guided_memo = (context, uncond, both)
+            x, sig, ctx = torch.cat([x, x]), torch.cat([sig, sig]), both
         with torch.inference_mode():
             v = self.model(x, sig, ctx, window=window, attention_backend=self.attention).float()
         if guidance != 1.0:
@@ -227,8 +254,20 @@ class StreamPipeline:
         return self.codec.decode(latents).cpu()
 
 
+def _perf_options(perf: PerfOptions | str | None) -> PerfOptions:
+    """A level name (``plain``, ``safe``, ``fast``, ``fastest``), an option list, options, or ``None`` (safe)."""
+    if perf is None:
+        return PerfOptions()
+    return PerfOptions.level(perf) if isinstance(perf, str) else perf
+
+
 def _pipeline_from(
-    ckpt: LoadedCheckpoint, device: torch.device, dtype: torch.dtype, attention: str, name: str
+    ckpt: LoadedCheckpoint,
+    device: torch.device,
+    dtype: torch.dtype,
+    attention: str,
+    name: str,
+    perf: PerfOptions | str | None = None,
 ) -> StreamPipeline:
     codec: Codec
     if ckpt.codec == "pixel":
@@ -238,6 +277,7 @@ def _pipeline_from(
     else:
         raise ValueError(f"{name}: unknown codec {ckpt.codec!r}; known: {['pixel', *LATENT_CODECS]}")
     model = ckpt.model.to(device=device, dtype=dtype)
+    model.set_perf(_perf_options(perf).for_device(device))
     return StreamPipeline(
         model=model,
         text_encoder=ckpt.text_encoder,
@@ -252,7 +292,11 @@ def _pipeline_from(
 
 
 def placeholder_pipeline(
-    device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32, attention: str = "auto", seed: int = 0
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    attention: str = "auto",
+    seed: int = 0,
+    perf: PerfOptions | str | None = None,
 ) -> StreamPipeline:
     """A randomly initialised model of the bundled layout (for tests and for checkouts without weights)."""
     from .world import VOCABULARY
@@ -264,8 +308,10 @@ def placeholder_pipeline(
     torch.nn.init.normal_(model.head.head.weight, std=0.02)
     text = TextEncoder(TextEncoderConfig(vocabulary=tuple(VOCABULARY), text_len=cfg.text_len, dim=cfg.text_dim))
     dev = torch.device(device)
+    model = model.to(dev, dtype).eval()
+    model.set_perf(_perf_options(perf).for_device(dev))
     return StreamPipeline(
-        model=model.to(dev, dtype).eval(),
+        model=model,
         text_encoder=text.to(dev).eval(),
         codec=PixelCodec(),
         device=dev,
@@ -282,8 +328,13 @@ def load_pipeline(
     device: str | torch.device = "cpu",
     dtype: str | torch.dtype = torch.float32,
     attention: str = "auto",
+    perf: PerfOptions | str | None = None,
 ) -> StreamPipeline:
-    """Load a StreamDiT checkpoint (``None`` = the bundled default model) into a pipeline."""
+    """Load a StreamDiT checkpoint (``None`` = the bundled default model) into a pipeline.
+
+    ``perf``: inference speed-ups, a :class:`~streamdit_core.perf.PerfOptions` or a level name
+    (``plain``, ``safe`` — the default —, ``fast``, ``fastest``); GPU-only parts are dropped on a CPU."""
+    options = _perf_options(perf)
     dev, dt = torch.device(device), parse_dtype(dtype)
     if path is None:
         bundled = bundled_model_path()
@@ -293,7 +344,7 @@ def load_pipeline(
                 "model of the same layout (frames will be noise)",
                 WEIGHTS_DIR,
             )
-            return placeholder_pipeline(dev, dt, attention)
+            return placeholder_pipeline(dev, dt, attention, perf=options)
         path, name = bundled, BUNDLED_NAME
     else:
         name = Path(path).name
@@ -305,7 +356,7 @@ def load_pipeline(
         f"{ckpt.model.config.num_parameters():,}",
         json.dumps(meta_defaults),
     )
-    return _pipeline_from(ckpt, dev, dt, attention, name)
+    return _pipeline_from(ckpt, dev, dt, attention, name, options)
 
 
 def load_wan_pipeline(
@@ -313,6 +364,7 @@ def load_wan_pipeline(
     device: str | torch.device = "cpu",
     dtype: str | torch.dtype = torch.float32,
     attention: str = "auto",
+    perf: PerfOptions | str | None = None,
 ) -> StreamPipeline:
     """A pipeline around a base Wan 2.1 T2V checkpoint (original key names, see :mod:`streamdit_core.wan`): no
     text encoder (prompts come as embeddings, :class:`~streamdit_core.prompts.ConditionedSchedule`), Wan 2.1's
@@ -325,6 +377,7 @@ def load_wan_pipeline(
     if cfg.in_dim != 16:
         raise ValueError(f"{Path(path).name}: {cfg.in_dim} latent channels; only Wan 2.1 (16 channels) is supported")
     codec = wan21_codec()
+    loaded.model.set_perf(_perf_options(perf).for_device(dev))
     log.info("loaded Wan checkpoint %s (%s parameters, stored as %s)", Path(path).name,
              f"{cfg.num_parameters():,}", "/".join(loaded.stored_dtypes))
     return StreamPipeline(

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from .log import get_logger
-from .prompts import AnySchedule, ConditionedSchedule, per_frame_context
+from .prompts import AnySchedule, ConditionedSchedule, PromptSchedule, frame_weights, per_frame_context
 from .schedule import Partition, frame_blocks, inference_sigmas, next_inference_sigmas, uniform_sigmas
 from .stream import StreamState
 from .v2v import StreamEnded, VideoSource, resize_frames
@@ -114,6 +114,39 @@ class StreamSampler:
         self.settings = settings
         pipeline.check_settings(settings)
         self._video_cache: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
+        # the last per-frame context and its slices: the same prompts give the same tensor object, so the
+        # model's text key/value cache (keyed by tensor identity) hits on every call of a steady stream
+        self._context_memo: tuple[object, torch.Tensor, dict[str, torch.Tensor]] | None = None
+        self._slice_memo: dict[tuple[int, int, int], torch.Tensor] = {}
+
+    def _context(
+        self, schedule: PromptSchedule, indices: list[int], embeddings: dict[str, torch.Tensor]
+    ) -> torch.Tensor:
+        """:func:`per_frame_context`, reusing the previous tensor when every frame's prompt mix is unchanged."""
+        key = (
+            tuple(tuple(frame_weights(schedule, max(i, 0)).items()) for i in indices),
+            tuple((p, id(e)) for p, e in embeddings.items()),
+        )
+        memo = self._context_memo
+        if memo is not None and memo[0] == key:
+            return memo[1]
+        context = per_frame_context(schedule, indices, embeddings)
+        self._context_memo, self._slice_memo = (key, context, embeddings), {}
+        return context
+
+    def _uncond(self, negative: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        """The negative prompt's embedding expanded to ``context``'s shape (one tensor per context)."""
+        key = (id(context), -1, id(negative))
+        if key not in self._slice_memo:
+            self._slice_memo[key] = negative[None, None].expand_as(context)
+        return self._slice_memo[key]
+
+    def _slice(self, context: torch.Tensor, i0: int, i1: int) -> torch.Tensor:
+        key = (id(context), i0, i1)
+        if key not in self._slice_memo:
+            self._slice_memo[key] = context[:, i0:i1]
+        return self._slice_memo[key]
+
 
     # -- levels -------------------------------------------------------------------------------------------
 
@@ -172,12 +205,12 @@ class StreamSampler:
             schedule = schedule.schedule
         else:
             embeddings = self.pipeline.encode_prompts(list(schedule.prompts))
-        context = per_frame_context(schedule, indices, embeddings)
+        context = self._context(schedule, indices, embeddings)
         uncond = None
         if self.settings.guidance != 1.0:
             if negative is None:
                 negative = self.pipeline.encode_prompts([self.settings.negative_prompt])[self.settings.negative_prompt]
-            uncond = negative.to(context.device)[None, None].expand_as(context)
+            uncond = self._uncond(negative.to(context.device), context)
         blocks = frame_blocks(latents.shape[2], self.settings.model_frames, self.settings.lookahead)
         if len(blocks) == 1:
             return self.pipeline.velocity(
@@ -188,10 +221,10 @@ class StreamSampler:
             part = self.pipeline.velocity(
                 latents[:, :, i0:i1],
                 sigmas[i0:i1],
-                context[:, i0:i1],
+                self._slice(context, i0, i1),
                 self.settings.window,
                 self.settings.guidance,
-                None if uncond is None else uncond[:, i0:i1],
+                None if uncond is None else self._slice(uncond, i0, i1),
             )
             v[:, :, w0:w1] = part[:, :, w0 - i0 : w1 - i0].to(v.device)
         return v

@@ -1,0 +1,418 @@
+"""Inference speed-ups of the backbone, each switchable and each checked against the plain path.
+
+:class:`PerfOptions` says which are on; :func:`apply_perf` (called by ``StreamDiT.set_perf``) installs them.
+Tolerances (what "equivalent to the plain path" means, tested on CPU in ``tests/test_perf.py``):
+
+=================  ========================================================================  ==================
+option             what it does                                                              result vs plain
+=================  ========================================================================  ==================
+``text_kv_cache``  cross-attention keys/values computed once per context tensor, and once     same up to float
+                   per run of frames with the same prompt (per-frame attention → one call)   rounding (≤ 1e-5)
+``layout_cache``   RoPE angles once per token grid, time embedding once per σ tensor          bit-identical
+``compile``        ``torch.compile`` of each block (fused adaLN/norm/gate/RoPE kernels;       float rounding
+                   one compiled block serves all blocks)                                     (bf16: ~1e-2)
+``cuda_graphs``    the fixed-shape model call replayed as one CUDA graph                     bit-identical
+``fp8``            block linears in float8 e4m3 (``torch._scaled_mm``), weights quantised    ~2-4 % relative
+                   once, activations per call; ``row`` = per-row scales, ``tensor`` = one     (measured by
+                   scale per tensor                                                          ``bench``)
+=================  ========================================================================  ==================
+
+The attention kernel is chosen by the attention backend (``auto`` picks cuDNN on GPUs that support it), not
+here. Everything fails soft: an optimisation that cannot run on this machine (no CUDA, no fp8 matmul, a
+failed compile or graph capture) is switched off with a logged warning and recorded in
+``model.perf_status``; results never depend on whether it was on beyond the tolerance above.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, fields, replace
+from typing import TYPE_CHECKING, Any, cast
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .log import get_logger
+
+if TYPE_CHECKING:
+    from .model import StreamDiT
+
+__all__ = [
+    "PerfOptions",
+    "PERF_LEVELS",
+    "COMPILE_MODES",
+    "FP8_MODES",
+    "FP8_MAX",
+    "Fp8Linear",
+    "GraphRunner",
+    "apply_perf",
+    "quantize_fp8",
+    "dequantize_fp8",
+    "fp8_supported",
+]
+
+log = get_logger("perf")
+
+COMPILE_MODES = ("off", "default", "max-autotune-no-cudagraphs", "max-autotune")
+FP8_MODES = ("off", "row", "tensor")
+FP8_MAX = 448.0  # largest finite float8 e4m3fn
+
+
+@dataclass(frozen=True)
+class PerfOptions:
+    """Which inference speed-ups are on (see the module docstring for what each does and its tolerance).
+
+    Attributes:
+        text_kv_cache: cache cross-attention keys/values per context tensor; group frames with one prompt.
+        layout_cache: cache RoPE per token grid and the time embedding per σ tensor.
+        compile: ``torch.compile`` mode of the blocks, or ``"off"``.
+        cuda_graphs: replay the model call as a CUDA graph (CUDA only; needs both caches).
+        fp8: ``"off"``, ``"row"`` (per-row scales) or ``"tensor"`` (per-tensor scales) float8 block linears.
+    """
+
+    text_kv_cache: bool = True
+    layout_cache: bool = True
+    compile: str = "off"
+    cuda_graphs: bool = False
+    fp8: str = "off"
+
+    def __post_init__(self) -> None:
+        if self.compile not in COMPILE_MODES:
+            raise ValueError(f"compile must be one of {list(COMPILE_MODES)}, got {self.compile!r}")
+        if self.fp8 not in FP8_MODES:
+            raise ValueError(f"fp8 must be one of {list(FP8_MODES)}, got {self.fp8!r}")
+        if self.cuda_graphs and not (self.text_kv_cache and self.layout_cache):
+            raise ValueError("cuda_graphs needs text_kv_cache and layout_cache (graph inputs must keep their address)")
+
+    @classmethod
+    def plain(cls) -> PerfOptions:
+        """Everything off: the eager reference path."""
+        return cls(text_kv_cache=False, layout_cache=False)
+
+    @classmethod
+    def level(cls, name: str) -> PerfOptions:
+        """A named level (:data:`PERF_LEVELS`) or a comma list such as ``"kv,layout,compile=default,graphs,fp8=row"``
+        (``kv``/``layout``/``graphs`` switch on; ``compile`` alone means ``compile=default``; ``fp8`` alone
+        means ``fp8=row``; ``plain`` as an item starts from everything off)."""
+        if name in PERF_LEVELS:
+            return PERF_LEVELS[name]
+        opts: dict[str, Any] = {"text_kv_cache": False, "layout_cache": False}
+        for raw in filter(None, (p.strip() for p in name.split(","))):
+            key, _, value = raw.partition("=")
+            if key == "plain" and not value:
+                continue
+            if key in ("kv", "layout", "graphs") and not value:
+                opts[{"kv": "text_kv_cache", "layout": "layout_cache", "graphs": "cuda_graphs"}[key]] = True
+            elif key == "compile":
+                opts["compile"] = value or "default"
+            elif key == "fp8":
+                opts["fp8"] = value or "row"
+            else:
+                raise ValueError(
+                    f"unknown optimisation {raw!r} in {name!r}; use a level {sorted(PERF_LEVELS)} or items "
+                    "kv, layout, compile[=MODE], graphs, fp8[=row|tensor]"
+                )
+        return cls(**opts)
+
+    def for_device(self, device: torch.device) -> PerfOptions:
+        """Drop what cannot help on ``device``: CUDA graphs and fp8 need CUDA (fp8 would only be emulated)."""
+        if device.type == "cuda":
+            return self
+        return replace(self, cuda_graphs=False, fp8="off")
+
+    def describe(self) -> str:
+        on = [f.name if isinstance(getattr(self, f.name), bool) else f"{f.name}={getattr(self, f.name)}"
+              for f in fields(self) if getattr(self, f.name) not in (False, "off")]
+        return ",".join(on) or "plain"
+
+
+PERF_LEVELS: dict[str, PerfOptions] = {
+    # the eager reference: no caches, no compile
+    "plain": PerfOptions(text_kv_cache=False, layout_cache=False),
+    # the default: exact caches only (plus the attention backend's fastest kernel)
+    "safe": PerfOptions(),
+    # + fused kernels and CUDA graphs: first call compiles (tens of seconds), same results to bf16 rounding
+    "fast": PerfOptions(compile="default", cuda_graphs=True),
+    # + float8 linears (H100/Ada): a few % relative change of the model output, measured by `bench`
+    "fastest": PerfOptions(compile="default", cuda_graphs=True, fp8="row"),
+}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# fp8
+# ----------------------------------------------------------------------------------------------------------
+
+
+def quantize_fp8(x: torch.Tensor, rowwise: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale ``x`` ``[M, K]`` into float8 e4m3 range. Returns ``(x8 [M, K] float8_e4m3fn, scale)`` with
+    ``x ≈ x8·scale``; ``scale`` is ``[M, 1]`` (rowwise) or ``[]`` float32. Zero rows get scale ``1e-12/448``."""
+    xf = x.float()
+    amax = xf.abs().amax(dim=-1, keepdim=True) if rowwise else xf.abs().amax()
+    scale = amax.clamp(min=1e-12) / FP8_MAX
+    return (xf / scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn), scale
+
+
+def dequantize_fp8(x8: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return x8.float() * scale.float()
+
+
+_FP8_PROBE: dict[tuple[str, str], str | None] = {}
+
+
+def fp8_supported(device: torch.device, rowwise: bool) -> str | None:
+    """Probe ``torch._scaled_mm`` on ``device`` once. Returns ``None`` if it works, else the error text."""
+    if device.type != "cuda":
+        return "fp8 matmul needs CUDA"
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    key = (f"cuda:{index}", "row" if rowwise else "tensor")
+    if key not in _FP8_PROBE:
+        try:
+            a = torch.randn(32, 64, device=key[0], dtype=torch.bfloat16)
+            w = torch.randn(48, 64, device=key[0], dtype=torch.bfloat16)
+            b = torch.randn(48, device=key[0], dtype=torch.bfloat16)
+            a8, sa = quantize_fp8(a, rowwise)
+            w8, sw = quantize_fp8(w, rowwise)
+            out = _scaled_mm(a8, w8, sa, sw.reshape(1, -1) if rowwise else sw, b, torch.bfloat16)
+            ref = F.linear(a.float(), w.float(), b.float())
+            err = ((out.float() - ref).norm() / ref.norm()).item()
+            _FP8_PROBE[key] = None if err < 0.1 else f"fp8 probe error {err:.3f} too large"
+        except Exception as exc:  # noqa: BLE001 - any failure means "not usable here"
+            _FP8_PROBE[key] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+    return _FP8_PROBE[key]
+
+
+def _scaled_mm(
+    a8: torch.Tensor,
+    w8: torch.Tensor,
+    scale_a: torch.Tensor,
+    scale_w: torch.Tensor,
+    bias: torch.Tensor | None,
+    out_dtype: torch.dtype,
+) -> torch.Tensor:
+    """``a8 [M, K] @ w8[N, K]ᵀ`` on the fp8 tensor cores, bias added in ``out_dtype``."""
+    out = torch._scaled_mm(a8, w8.t(), scale_a=scale_a, scale_b=scale_w, out_dtype=out_dtype, use_fast_accum=True)
+    if isinstance(out, tuple):  # torch < 2.5 returned (out, amax)
+        out = out[0]
+    return out if bias is None else out + bias.to(out_dtype)
+
+
+class Fp8Linear(nn.Module):
+    """A ``nn.Linear`` whose matmul runs in float8 e4m3. Shares the original ``weight``/``bias`` parameters
+    (state dict unchanged); the quantised weight and its scale are non-persistent buffers (the weight stored
+    as ``uint8`` so ``model.to(dtype)`` leaves it alone). Off CUDA, or where ``torch._scaled_mm`` is missing,
+    the same quantisation is emulated in float32 (for tests)."""
+
+    weight: nn.Parameter
+    bias: nn.Parameter | None
+    weight_fp8: torch.Tensor
+    weight_scale: torch.Tensor
+
+    def __init__(self, linear: nn.Linear, rowwise: bool, use_scaled_mm: bool) -> None:
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.weight = cast(nn.Parameter, linear.weight)
+        self.bias = cast("nn.Parameter | None", linear.bias)
+        self.rowwise = rowwise
+        self.use_scaled_mm = use_scaled_mm
+        with torch.no_grad():
+            w8, scale = quantize_fp8(linear.weight.detach(), rowwise)
+        self.register_buffer("weight_fp8", w8.view(torch.uint8), persistent=False)
+        self.register_buffer("weight_scale", scale.reshape(1, -1) if rowwise else scale, persistent=False)
+
+    @classmethod
+    def eligible(cls, linear: nn.Module) -> bool:
+        """fp8 tensor cores need both matrix sizes to be multiples of 16."""
+        return isinstance(linear, nn.Linear) and linear.in_features % 16 == 0 and linear.out_features % 16 == 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x ``[..., in]`` → ``[..., out]`` in x's dtype."""
+        lead = x.shape[:-1]
+        x8, sx = quantize_fp8(x.reshape(-1, self.in_features), self.rowwise)
+        w8 = self.weight_fp8.view(torch.float8_e4m3fn)
+        sw = self.weight_scale.float()
+        if self.use_scaled_mm:
+            out = _scaled_mm(x8, w8, sx, sw, self.bias, x.dtype)
+        else:
+            out = F.linear(
+                dequantize_fp8(x8, sx), dequantize_fp8(w8, sw.reshape(-1, 1) if self.rowwise else sw),
+                None if self.bias is None else self.bias.float(),
+            ).to(x.dtype)
+        return out.reshape(*lead, self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"{self.in_features}, {self.out_features}, rowwise={self.rowwise}, scaled_mm={self.use_scaled_mm}"
+
+
+def _block_linears(model: StreamDiT) -> list[tuple[nn.Module, str]]:
+    """(parent, attribute) of every linear layer applied to the video tokens inside the blocks (the
+    cross-attention key/value projections of the text are cached, so they stay in the model dtype)."""
+    out: list[tuple[nn.Module, str]] = []
+    block: Any
+    for block in model.blocks:
+        sa, ca = block.self_attn, block.cross_attn
+        out += [(sa, "q"), (sa, "k"), (sa, "v"), (sa, "o"), (ca, "q"), (ca, "o"), (block.ffn, "0"), (block.ffn, "2")]
+    return out
+
+
+def _set_fp8(model: StreamDiT, mode: str, status: dict[str, str]) -> None:
+    device = model.patch_embedding.weight.device
+    for parent, name in _block_linears(model):  # always undo first (mode switches, or off)
+        layer = getattr(parent, name)
+        if isinstance(layer, Fp8Linear):
+            restored = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None,
+                                 device="meta")
+            restored.weight = layer.weight  # the same Parameter objects: nothing is copied
+            restored.bias = cast(nn.Parameter, layer.bias)
+            setattr(parent, name, restored)
+    if mode == "off":
+        return
+    rowwise = mode == "row"
+    problem = fp8_supported(device, rowwise)
+    if problem is not None and device.type == "cuda" and rowwise and fp8_supported(device, False) is None:
+        log.warning("fp8 with per-row scales is not available (%s); using per-tensor scales", problem)
+        rowwise, problem = False, None
+    use_scaled_mm = problem is None
+    if not use_scaled_mm and device.type == "cuda":
+        status["fp8"] = f"off: {problem}"
+        log.warning("fp8 linears are not available on %s (%s); staying in %s", device, problem,
+                    model.patch_embedding.weight.dtype)
+        return
+    count = 0
+    for parent, name in _block_linears(model):
+        layer = getattr(parent, name)
+        if Fp8Linear.eligible(layer):
+            setattr(parent, name, Fp8Linear(layer, rowwise, use_scaled_mm))
+            count += 1
+    status["fp8"] = f"{'row' if rowwise else 'tensor'} scales, {count} linears" + (
+        "" if use_scaled_mm else " (emulated in float32: no fp8 matmul here)")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# torch.compile
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _set_compile(model: StreamDiT, mode: str, status: dict[str, str]) -> None:
+    for block in model.blocks:
+        if getattr(block, "_compiled_call_impl", None) is not None:
+            block._compiled_call_impl = None
+    if mode == "off":
+        return
+    try:
+        import torch._dynamo as dynamo
+
+        # 2 graphs (shifted windows or not) per shape and precision; blocks share them (parameters are graph
+        # inputs), but a generous limit keeps a surprise recompile per block from silently falling back to eager
+        for name in ("recompile_limit", "cache_size_limit"):
+            if hasattr(dynamo.config, name) and getattr(dynamo.config, name) < 256:
+                setattr(dynamo.config, name, 256)
+        kwargs: dict[str, Any] = {"dynamic": False}
+        if mode != "default":
+            kwargs["mode"] = mode
+        for block in model.blocks:
+            block.compile(**kwargs)  # same code for every block: compiled once, reused (regional compilation)
+        status["compile"] = mode
+    except Exception as exc:  # noqa: BLE001
+        for block in model.blocks:
+            block._compiled_call_impl = None
+        status["compile"] = f"off: {type(exc).__name__}: {exc}"
+        log.warning("torch.compile is not available (%s); running eager", exc)
+
+
+def disable_compile(model: StreamDiT, reason: str) -> None:
+    """Fall back to eager blocks after a compile failure at call time."""
+    for block in model.blocks:
+        block._compiled_call_impl = None
+    model.perf_status["compile"] = f"off: {reason}"
+    log.warning("torch.compile failed (%s); running eager from now on", reason)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# CUDA graphs
+# ----------------------------------------------------------------------------------------------------------
+
+
+class GraphRunner:
+    """Replays ``fn(*inputs)`` as a CUDA graph while ``key`` stays the same.
+
+    The first call with a new key runs ``fn`` directly (it doubles as the warm-up); the second call with the
+    same key captures a graph; later calls copy the inputs into the graph's static tensors and replay it.
+    Everything ``fn`` reads besides ``inputs`` (weights, cached keys/values, RoPE tables) must keep its
+    address while the key is unchanged — the caller puts their identities in the key. One graph is kept.
+    A capture failure switches graphs off for this runner (recorded in ``error``) and runs ``fn`` directly.
+    """
+
+    def __init__(self) -> None:
+        self.key: Any = None
+        self.pending: Any = None
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.static_in: list[torch.Tensor] = []
+        self.static_out: torch.Tensor | None = None
+        self.error: str | None = None
+        self.kept: Any = None
+        self.captures = 0
+
+    def reset(self) -> None:
+        self.key = self.pending = self.graph = self.static_out = self.kept = None
+        self.static_in = []
+
+    def __call__(
+        self, fn: Callable[..., torch.Tensor], key: Any, inputs: tuple[torch.Tensor, ...], keep: Any = None
+    ) -> torch.Tensor:
+        """``keep``: objects whose ``id`` is part of ``key``; held while the graph lives so ids are not reused."""
+        if self.error is not None:
+            return fn(*inputs)
+        if self.graph is not None and key == self.key:
+            for static, value in zip(self.static_in, inputs):
+                static.copy_(value)
+            self.graph.replay()
+            assert self.static_out is not None
+            return self.static_out.clone()
+        if key != self.pending:
+            self.pending = key
+            return fn(*inputs)
+        self.reset()
+        try:
+            static_in = [t.clone() for t in inputs]
+            graph = torch.cuda.CUDAGraph()
+            torch.cuda.synchronize()
+            with torch.cuda.graph(graph):
+                static_out = fn(*static_in)
+        except Exception as exc:  # noqa: BLE001 - fall back to direct calls
+            self.error = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"
+            log.warning("CUDA graph capture failed (%s); running without graphs", self.error)
+            self.reset()
+            torch.cuda.synchronize()
+            return fn(*inputs)
+        self.graph, self.static_in, self.static_out, self.key, self.kept = graph, static_in, static_out, key, keep
+        self.captures += 1
+        for static, value in zip(self.static_in, inputs):
+            static.copy_(value)
+        graph.replay()
+        return static_out.clone()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# entry point
+# ----------------------------------------------------------------------------------------------------------
+
+
+def apply_perf(model: StreamDiT, options: PerfOptions) -> dict[str, str]:
+    """Install ``options`` on ``model`` (undoing the previous ones). Call after moving the model to its device
+    and dtype. Returns (and stores in ``model.perf_status``) what is actually active."""
+    device = model.patch_embedding.weight.device
+    status: dict[str, str] = {"requested": options.describe()}
+    _set_fp8(model, options.fp8, status)
+    _set_compile(model, options.compile, status)
+    graphs = options.cuda_graphs
+    if graphs and device.type != "cuda":
+        status["cuda_graphs"] = "off: needs CUDA"
+        graphs = False
+    elif graphs:
+        status["cuda_graphs"] = "on"
+    model.perf = replace(options, cuda_graphs=graphs)
+    model._graphs = GraphRunner()  # a new runner: a capture failure under other options is forgotten
+    model.clear_caches()
+    model.perf_status = status
+    return status

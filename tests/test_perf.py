@@ -1,0 +1,315 @@
+"""Inference speed-ups (streamdit_core.perf) against the plain path, on the CPU.
+
+Each optimisation is compared with an independent reference: window attention by partition against dense
+attention with a window mask; cached text keys/values and cached RoPE/time embeddings against recomputing
+them (plain path); fp8 linears against the float32 matmul, within the bound that e4m3 rounding implies.
+torch.compile is compared only with STREAMDIT_TEST_COMPILE=1 (a CPU compile takes ~20 s). CUDA graphs and
+the cuDNN kernel need a GPU: `python -m streamdit_core bench` checks them (relative error column).
+"""
+
+import os
+
+import pytest
+import torch
+from torch import nn
+
+from streamdit_core.attention import attention, window_partition, window_reverse
+from streamdit_core.bench import CASES, BenchCase, floors, model_flops, run_case, to_markdown
+from streamdit_core.config import preset
+from streamdit_core.model import StreamDiT
+from streamdit_core.perf import (
+    FP8_MAX,
+    PERF_LEVELS,
+    Fp8Linear,
+    PerfOptions,
+    dequantize_fp8,
+    quantize_fp8,
+)
+from streamdit_core.pipeline import placeholder_pipeline
+from streamdit_core.prompts import parse_schedule
+from streamdit_core.sampler import StreamSampler
+from streamdit_core.schedule import Partition
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+PLAIN = PerfOptions.plain()
+
+
+def _model(window=(2, 2, 2), seed=0):
+    torch.manual_seed(seed)
+    model = StreamDiT(preset("test-tiny").with_(window=window)).eval()
+    nn.init.normal_(model.head.head.weight, std=0.1)  # the zero head would make every output 0
+    return model
+
+
+def _inputs(cfg, frames=4, size=8, batch=1, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, cfg.in_dim, frames, size, size, generator=g)
+    sigma = torch.rand(batch, frames, generator=g)
+    prompts = torch.randn(3, cfg.text_len, cfg.text_dim, generator=g)
+    return x, sigma, prompts
+
+
+def _run(model, options, *args, **kwargs):
+    model.set_perf(options)
+    with torch.inference_mode():
+        return model(*args, **kwargs)
+
+
+# -- window attention by partition ------------------------------------------------------------------------
+
+
+def _masked_reference(q, k, v, grid, window, shift):
+    """Dense attention where a token sees only the tokens of its (cyclically shifted) window."""
+    coords = torch.stack(torch.meshgrid(*(torch.arange(n) for n in grid), indexing="ij"), -1).reshape(-1, 3)
+    ids = []
+    for axis in range(3):
+        s = window[axis] // 2 if shift else 0
+        ids.append(((coords[:, axis] - s) % grid[axis]) // window[axis])
+    win = torch.stack(ids, -1)
+    mask = (win[:, None, :] == win[None, :, :]).all(-1)  # [L, L]
+    scores = torch.einsum("blhd,bmhd->bhlm", q.double(), k.double()) * q.shape[-1] ** -0.5
+    scores = scores.masked_fill(~mask, float("-inf"))
+    return torch.einsum("bhlm,bmhd->blhd", scores.softmax(-1), v.double())
+
+
+@pytest.mark.parametrize("shift", [False, True])
+@pytest.mark.parametrize("grid,window", [((4, 4, 6), (2, 2, 3)), ((3, 6, 4), (3, 2, 4)), ((4, 2, 2), (4, 2, 2))])
+def test_window_partition_attention_equals_masked_dense_attention(grid, window, shift):
+    g = torch.Generator().manual_seed(0)
+    L = grid[0] * grid[1] * grid[2]
+    q, k, v = (torch.randn(2, L, 2, 8, generator=g) for _ in range(3))
+    parts = [window_partition(t, grid, window, shift) for t in (q, k, v)]
+    for backend in ("sdpa", "math"):
+        out = window_reverse(attention(*parts, backend), 2, grid, window, shift)
+        ref = _masked_reference(q, k, v, grid, window, shift)
+        assert torch.allclose(out.double(), ref, atol=1e-5), backend
+
+
+# -- caches -----------------------------------------------------------------------------------------------
+
+
+def _contexts(prompts, frames):
+    a, b, c = prompts
+    shared = a[None]  # [1, Lt, D]
+    same = a[None, None].expand(1, frames, -1, -1).contiguous()
+    switch = torch.stack([a] * (frames // 2) + [b] * (frames - frames // 2))[None]  # two runs of frames
+    mixed = torch.stack([a, b, a, c][:frames])[None]  # runs of length 1, a repeated prompt not adjacent
+    return {"shared": shared, "same": same, "switch": switch, "mixed": mixed}
+
+
+@pytest.mark.parametrize("kind", ["shared", "same", "switch", "mixed"])
+def test_text_kv_cache_equals_recompute(kind):
+    model = _model()
+    x, sigma, prompts = _inputs(model.config)
+    ctx = _contexts(prompts, 4)[kind]
+    ref = _run(model, PLAIN, x, sigma, ctx)
+    options = PerfOptions(text_kv_cache=True, layout_cache=False)
+    first = _run(model, options, x, sigma, ctx)
+    with torch.inference_mode():
+        again = model(x, sigma, ctx)  # served from the cache
+    assert len(model._kv_cache) == 1
+    runs = model._kv_cache[0][2][0]
+    assert len(runs) == {"shared": 1, "same": 1, "switch": 2, "mixed": 4}[kind]
+    assert torch.allclose(first, ref, atol=1e-5) and torch.equal(first, again)
+
+
+def test_text_kv_cache_follows_new_contexts_in_place_edits_and_weight_updates():
+    model = _model()
+    x, sigma, prompts = _inputs(model.config)
+    ctx = _contexts(prompts, 4)["switch"]
+    options = PerfOptions(text_kv_cache=True, layout_cache=True)
+    model.set_perf(options)
+    with torch.no_grad():
+        model(x, sigma, ctx)
+        other = _contexts(prompts, 4)["mixed"]
+        assert torch.allclose(model(x, sigma, other), _run_plain_copy(model, x, sigma, other), atol=1e-5)
+        ctx[:, 1] = prompts[2]  # in place: the version counter changes, the cache must not answer
+        assert torch.allclose(model(x, sigma, ctx), _run_plain_copy(model, x, sigma, ctx), atol=1e-5)
+        model.blocks[0].cross_attn.k.weight.mul_(1.5)  # weights changed in place (an optimiser step)
+        model.time_projection[1].weight.mul_(0.5)
+        assert torch.allclose(model(x, sigma, ctx), _run_plain_copy(model, x, sigma, ctx), atol=1e-5)
+
+
+def _run_plain_copy(model, x, sigma, ctx):
+    saved = model.perf
+    model.set_perf(PLAIN)
+    try:
+        with torch.no_grad():
+            return model(x, sigma, ctx)
+    finally:
+        model.set_perf(saved)
+
+
+def test_layout_cache_is_bit_identical_and_keyed_by_grid():
+    model = _model()
+    x, sigma, prompts = _inputs(model.config)
+    ctx = prompts[0][None]
+    ref = _run(model, PLAIN, x, sigma, ctx)
+    options = PerfOptions(text_kv_cache=False, layout_cache=True)
+    assert torch.equal(_run(model, options, x, sigma, ctx), ref)
+    with torch.inference_mode():
+        assert torch.equal(model(x, sigma, ctx), ref)  # cached RoPE and time embedding
+        x2 = torch.randn(1, model.config.in_dim, 2, 12, 8)
+        sig2 = torch.rand(1, 2)
+        cached = model(x2, sig2, ctx)  # another grid and σ: new entries, not the old ones
+    assert len(model._rope_cache) == 2 and len(model._time_cache) == 2
+    assert torch.equal(cached, _run(model, PLAIN, x2, sig2, ctx))
+
+
+def test_caches_work_with_inference_mode_weights_and_inputs():
+    """ComfyUI creates weights and inputs under torch.inference_mode (no version counters)."""
+    with torch.inference_mode():
+        model = _model()
+        x, sigma, prompts = _inputs(model.config)
+        ctx = _contexts(prompts, 4)["switch"]
+        ref = _run(model, PLAIN, x, sigma, ctx)
+        assert torch.allclose(_run(model, PerfOptions(), x, sigma, ctx), ref, atol=1e-5)
+        assert torch.allclose(model(x, sigma, ctx), ref, atol=1e-5) and len(model._kv_cache) == 1
+
+
+def test_caches_stay_out_of_autograd():
+    model = _model().train()
+    x, sigma, prompts = _inputs(model.config)
+    model.set_perf(PerfOptions())
+    out = model(x, sigma, prompts[0][None])
+    out.square().mean().backward()
+    assert model.blocks[0].cross_attn.k.weight.grad is not None
+    assert not model._kv_cache and not model._time_cache and not model._rope_cache
+
+
+def test_guided_batch_and_stream_equal_plain_path():
+    """The sampler with the default speed-ups (memoised contexts, caches) streams the same frames as the plain
+    path, through a prompt switch with a transition and with guidance (a batch of two contexts)."""
+    schedule = parse_schedule("0: a large red circle on a black background\n4: a small blue square", transition=3)
+    outs = []
+    for options in (PLAIN, PerfOptions()):
+        pipe = placeholder_pipeline(perf=options)
+        sampler = StreamSampler(pipe, pipe.default_settings(height=16, width=16, guidance=2.0,
+                                                            partition=Partition(K=0, N=4, c=2, s=1)))
+        state = sampler.init_state(3, schedule)
+        _, frames = sampler.advance(state, schedule, chunks=4)
+        outs.append(frames)
+    assert torch.allclose(outs[0], outs[1], atol=1e-5)
+
+
+# -- fp8 --------------------------------------------------------------------------------------------------
+
+
+def test_fp8_quantisation_error_is_within_e4m3_rounding():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 96, generator=g) * torch.logspace(-3, 2, 96)  # a wide range of magnitudes per row
+    for rowwise in (True, False):
+        x8, scale = quantize_fp8(x, rowwise)
+        assert x8.dtype == torch.float8_e4m3fn and x8.float().abs().max() <= FP8_MAX
+        back = dequantize_fp8(x8, scale)
+        # half an ulp (3 mantissa bits → 2^-4 relative) for normal numbers, half the smallest subnormal below
+        bound = x.abs() * 2.0**-4 + scale * 2.0**-10
+        assert ((back - x).abs() <= bound * 1.0001).all()
+
+
+def test_fp8_linear_matches_float_matmul_within_tolerance_and_keeps_state_dict():
+    g = torch.Generator().manual_seed(0)
+    layer = nn.Linear(128, 64)
+    x = torch.randn(3, 40, 128, generator=g)
+    ref = layer(x)
+    for rowwise in (True, False):
+        fp8 = Fp8Linear(layer, rowwise, use_scaled_mm=False)
+        out = fp8(x)
+        rel = ((out - ref).norm() / ref.norm()).item()
+        assert 1e-4 < rel < 0.05, rel  # really quantised, and close
+        assert fp8.weight is layer.weight and set(fp8.state_dict()) == {"weight", "bias"}
+
+
+def test_fp8_scaled_mm_on_cpu_equals_emulation_when_available():
+    layer = nn.Linear(64, 32)
+    x = torch.randn(16, 64)
+    x8, sx = quantize_fp8(x, False)
+    w8, sw = quantize_fp8(layer.weight.detach(), False)
+    try:
+        out = torch._scaled_mm(x8, w8.t(), scale_a=sx, scale_b=sw, out_dtype=torch.float32)
+    except (RuntimeError, NotImplementedError) as exc:
+        pytest.skip(f"torch._scaled_mm has no CPU kernel here: {str(exc)[:80]}")
+    emulated = dequantize_fp8(x8, sx) @ dequantize_fp8(w8, sw).t()
+    assert torch.allclose(out, emulated, rtol=1e-4, atol=1e-5)
+
+
+def test_fp8_model_output_close_to_plain_and_switches_back():
+    model = _model()
+    keys = set(model.state_dict())
+    x, sigma, prompts = _inputs(model.config)
+    ctx = prompts[0][None]
+    ref = _run(model, PLAIN, x, sigma, ctx)
+    for mode in ("row", "tensor"):
+        out = _run(model, PerfOptions(fp8=mode), x, sigma, ctx)
+        rel = ((out - ref).norm() / ref.norm()).item()
+        assert 1e-4 < rel < 0.06, (mode, rel)
+        assert isinstance(model.blocks[0].ffn[0], Fp8Linear) and set(model.state_dict()) == keys
+    assert torch.allclose(_run(model, PLAIN, x, sigma, ctx), ref, atol=0)
+    assert type(model.blocks[0].ffn[0]) is nn.Linear and type(model.blocks[1].self_attn.q) is nn.Linear
+
+
+# -- options ----------------------------------------------------------------------------------------------
+
+
+def test_options_levels_parsing_and_validation():
+    assert PerfOptions.level("safe") == PerfOptions() and PERF_LEVELS["plain"] == PLAIN
+    assert PerfOptions.level("kv,compile,fp8") == PerfOptions(True, False, "default", False, "row")
+    assert PerfOptions.level("plain,layout").describe() == "layout_cache"
+    assert PERF_LEVELS["fastest"].for_device(torch.device("cpu")) == PerfOptions(compile="default")
+    with pytest.raises(ValueError, match="unknown optimisation 'turbo'"):
+        PerfOptions.level("turbo")
+    with pytest.raises(ValueError, match="compile must be one of"):
+        PerfOptions(compile="fastest")
+    with pytest.raises(ValueError, match="cuda_graphs needs"):
+        PerfOptions(text_kv_cache=False, cuda_graphs=True)
+
+
+@pytest.mark.skipif(os.environ.get("STREAMDIT_TEST_COMPILE") != "1", reason="CPU compile takes ~20 s; opt in")
+def test_compiled_blocks_equal_eager():
+    model = _model()
+    x, sigma, prompts = _inputs(model.config)
+    ctx = prompts[0][None]
+    ref = _run(model, PerfOptions(), x, sigma, ctx)
+    out = _run(model, PerfOptions(compile="default"), x, sigma, ctx)
+    assert model.perf_status.get("compile") == "default"
+    assert torch.allclose(out, ref, atol=1e-4)
+    from torch._dynamo.utils import counters
+
+    graphs = counters["stats"]["unique_graphs"]
+    for kind, per_frame in _contexts(prompts, 4).items():  # prompt runs change: no recompilation
+        with torch.inference_mode():
+            got = model(x, sigma, per_frame)
+        assert torch.allclose(got, _run_plain_copy(model, x, sigma, per_frame), atol=1e-4), kind
+    assert counters["stats"]["unique_graphs"] == graphs
+
+
+# -- bench ------------------------------------------------------------------------------------------------
+
+
+def test_flops_match_the_dense_estimate_and_floors_are_consistent():
+    cfg = preset("paper-4b")
+    latent = (8, 16, 64, 64)
+    tokens = 16 * 32 * 32
+    full = model_flops(cfg, latent, None)
+    windowed = model_flops(cfg, latent, (16, 16, 16))
+    assert 2 * cfg.num_parameters() * tokens * 0.9 < windowed < full  # about 2 · parameters · tokens
+    attention_full = cfg.num_layers * 4 * tokens * tokens * cfg.dim
+    assert abs((full - windowed) - attention_full * (1 - 16 * 16 * 16 / tokens)) / full < 1e-9
+    fl = floors(cfg, latent, (16, 16, 16))
+    hand = (fl["matmul_tflop"] / 790 + fl["attention_tflop"] / 680) * 1e3
+    assert abs(fl["compute_floor_ms_bf16"] - hand) < 1e-6 and fl["compute_floor_ms_fp8"] < hand
+    assert 100 < fl["compute_floor_ms_bf16"] < 200 and fl["memory_floor_ms"] < fl["compute_floor_ms_bf16"] / 3
+
+
+def test_bench_case_runs_and_reports_every_mode():
+    case = BenchCase("tiny", "test-tiny", (3, 4, 8, 8), Partition(K=0, N=2, c=2, s=1), (2, 2, 2))
+    row = run_case(case, torch.device("cpu"), torch.float32, repeats=1, modes=("plain", "safe", "kv+fp8"))
+    assert [m["mode"] for m in row["modes"]] == ["plain", "safe", "kv+fp8"]
+    plain, safe, fp8 = row["modes"]
+    assert plain["relative_error"] == 0 and safe["relative_error"] < 1e-5
+    assert fp8["status"]["requested"] == "text_kv_cache"  # fp8 would only be emulated on a CPU: dropped
+    assert row["time_to_first_frame"]["warm_start_calls"] == 2 and row["baseline"]["ms_per_call"] > 0
+    table = to_markdown([row])
+    assert "| tiny | safe |" in table and "| tiny | baseline (eager, full attention) |" in table
+    assert CASES["paper-4b"].temporal_factor == 4 and CASES["wan2.1-1.3b-w8"].window == (8, 30, 52)
