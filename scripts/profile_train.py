@@ -32,11 +32,11 @@ def main() -> None:
     for _ in range(args.steps):
         sync()
         t = time.perf_counter()
-        tr.batch()
+        tr.batch(tr.draws(0))
         sync()
         phases["data+render+text"] += time.perf_counter() - t
         t = time.perf_counter()
-        tr.sigmas()
+        tr.sigmas(tr.draws(0))
         phases["sigmas"] += time.perf_counter() - t
         t = time.perf_counter()
         tr.train_step()

@@ -277,7 +277,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _load_optional_commands() -> None:
     import importlib
 
-    for module in ("train", "evaluate_cli", "bench"):
+    for module in ("train", "train_bench", "evaluate_cli", "bench"):
         try:
             importlib.import_module(f"{__package__}.{module}")
         except ModuleNotFoundError as exc:

@@ -415,7 +415,7 @@ class StreamDiT(nn.Module):
         t = sigma.float().reshape(-1) * 1000.0
         with torch.autocast(device_type=t.device.type, enabled=False):
             e = self.time_embedding(
-                sinusoidal_embedding(self.config.freq_dim, t).to(self.patch_embedding.weight.dtype)
+                sinusoidal_embedding(self.config.freq_dim, t).to(next(self.time_embedding.parameters()).dtype)
             ).float()
             e0 = self.time_projection(e.to(self.time_projection[1].weight.dtype)).float()
         return e.unflatten(0, (batch, -1)), e0.unflatten(0, (batch, -1)).unflatten(-1, (6, -1))

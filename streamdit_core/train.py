@@ -19,6 +19,15 @@ the same with ``s_teacher`` micro-steps and guidance. From a buffer at the stude
 noised to the levels ``σ_p``), the teacher runs ``s_teacher`` guided Euler micro-steps, which brings every
 chunk exactly to the next rung ``σ_p − 1/N``; the student learns to make that move in one unguided step:
 ``v_target = (x_teacher − x) / (σ_next − σ)``.
+
+Scale-out (``torchrun --nproc_per_node N -m streamdit_core train …``, see docs/TRAINING.md "Multi-GPU"): one
+code path for 1 … N ranks (:mod:`streamdit_core.distributed`). Models are sharded with FSDP2 (bf16 parameters,
+float32 gradient reduction on GPU), optionally with activation checkpointing. A step's global batch is
+``world_size × grad_accum`` micro-batches of ``batch`` clips; micro-batch ``j = rank·grad_accum + m`` draws
+everything (clips, partitions, caption dropout, noise) from generators seeded by ``(seed, step, j)``, so the
+global batch does not depend on how it is split over ranks and accumulation. Checkpoints: a sharded
+``torch.distributed.checkpoint`` folder (``checkpoint/step-…``: live and EMA weights, optimizer) that resumes on
+any number of ranks, plus full ``live.safetensors``/``ema.safetensors`` written by rank 0. Only rank 0 logs.
 """
 
 from __future__ import annotations
@@ -26,19 +35,49 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import logging
 import math
 import os
+import shutil
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch import nn
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    get_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+    set_state_dict,
+)
 
 from .checkpoint import load_checkpoint, save_checkpoint
 from .cli import register_command
 from .config import ModelConfig, preset
-from .log import get_logger
+from .distributed import (
+    DistContext,
+    InDtype,
+    barrier,
+    compile_blocks,
+    enable_activation_checkpointing,
+    full_state_dict,
+    init_distributed,
+    restore_forwards,
+    seed_for,
+    set_gradient_sync,
+    shard_streamdit,
+    shard_text_encoder,
+    shutdown_distributed,
+)
+from .log import LOGGER_NAME, get_logger
 from .model import StreamDiT
 from .schedule import (
     Partition,
@@ -50,9 +89,23 @@ from .schedule import (
 )
 from .text import TextEncoder, TextEncoderConfig
 
-__all__ = ["TrainConfig", "DistillConfig", "Trainer", "flow_matching_loss", "distillation_loss"]
+__all__ = [
+    "TrainConfig",
+    "DistillConfig",
+    "Trainer",
+    "Distiller",
+    "Draws",
+    "flow_matching_loss",
+    "distillation_loss",
+]
 
 log = get_logger("train")
+
+VelocityModel = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+"""``v = f(x [b, C, F, H, W], σ [b, F], context)``: a :class:`StreamDiT` or a wrapper such as ``InDtype``."""
+
+# draw streams of one micro-batch (the last argument of seed_for)
+_TRUTH, _SMALL, _NOISE = 0, 1, 2
 
 
 @dataclass(frozen=True)
@@ -62,8 +115,12 @@ class TrainConfig:
     buffer: frames per training clip ``B``; reference_frames: ``K``.
     chunk_sizes: the partition mix (``[]`` = ``{1, 2, 4, …, B}``); t2v_share: probability of ``c = B``.
     shift: time shift of the training levels. caption_dropout: share of samples trained unconditionally.
-    batch, lr, weight_decay, warmup, steps, grad_clip, ema: optimisation. bf16: autocast on CUDA.
-    compile: ``torch.compile`` the model for training (falls back to eager, with a warning, if it fails).
+    batch: clips per micro-batch on each rank; a step's global batch is ``batch × grad_accum × world size``
+    (the learning rate is not rescaled with the world size). grad_accum: micro-batches accumulated per step.
+    lr, weight_decay, warmup, steps, grad_clip, ema: optimisation.
+    bf16: on CUDA, FSDP mixed precision (bf16 parameters and compute, float32 gradient reduction and master
+    weights); ignored on CPU. activation_checkpointing: recompute each block's activations in backward.
+    compile: ``torch.compile`` each block (falls back to eager, with a warning, if it fails).
     max_minutes: wall-clock budget; the run stops when it is used up (0 = none). The learning-rate schedule
     follows ``max(step/steps, elapsed/budget)`` so a time-limited run still anneals.
     log_every, sample_every, ckpt_every: in steps. seed: all randomness derives from it.
@@ -80,6 +137,7 @@ class TrainConfig:
     shift: float = 1.0
     caption_dropout: float = 0.1
     batch: int = 64
+    grad_accum: int = 1
     lr: float = 3e-4
     weight_decay: float = 0.0
     warmup: int = 500
@@ -87,6 +145,7 @@ class TrainConfig:
     grad_clip: float = 1.0
     ema: float = 0.999
     bf16: bool = True
+    activation_checkpointing: bool = False
     compile: bool = False
     max_minutes: float = 0.0
     log_every: int = 50
@@ -107,6 +166,8 @@ class TrainConfig:
             raise ValueError("caption_dropout must be in [0, 1) and t2v_share in [0, 1]")
         if self.batch < 1 or self.steps < 1 or self.lr <= 0:
             raise ValueError(f"batch, steps and lr must be positive, got {self.batch}, {self.steps}, {self.lr}")
+        if self.grad_accum < 1:
+            raise ValueError(f"grad_accum must be a positive integer, got {self.grad_accum}")
 
 
 @dataclass(frozen=True)
@@ -147,7 +208,7 @@ def noise_clip(x: torch.Tensor, sigma: torch.Tensor, noise: torch.Tensor) -> tor
 
 
 def flow_matching_loss(
-    model: StreamDiT, x: torch.Tensor, sigma: torch.Tensor, noise: torch.Tensor, context: torch.Tensor
+    model: VelocityModel, x: torch.Tensor, sigma: torch.Tensor, noise: torch.Tensor, context: torch.Tensor
 ) -> torch.Tensor:
     """Buffered flow matching: MSE between ``v_θ(x_σ)`` and ``ε − x`` over non-reference frames
     (reference frames sit at σ = 0 and are masked out of the loss)."""
@@ -158,7 +219,7 @@ def flow_matching_loss(
 
 
 def distillation_loss(
-    student: StreamDiT,
+    student: VelocityModel,
     x_sigma: torch.Tensor,
     sigma: torch.Tensor,
     sigma_next: torch.Tensor,
@@ -196,81 +257,160 @@ def _lr_at(step: int, cfg: TrainConfig, time_progress: float = 0.0) -> float:
     return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
 
 
-class _TruthStream(torch.utils.data.IterableDataset):
-    """Ground truth and captions of random world clips, made on CPU worker processes (the GPU renders them).
-    Worker ``w`` of ``n`` draws from a generator seeded ``seed·1000 + start·n + w`` (so a resumed run continues
-    with fresh, reproducible draws)."""
+@dataclass
+class Draws:
+    """The generators of one micro-batch (global index ``index``, see :func:`~streamdit_core.distributed.seed_for`):
+    ``small`` (CPU) for partitions and caption dropout, ``noise`` (on the training device) for bulk noise."""
 
-    def __init__(self, world_config: object, batch: int, frames: int, seed: int, start: int) -> None:
-        self.world_config, self.batch, self.frames, self.seed, self.start = world_config, batch, frames, seed, start
+    index: int
+    small: torch.Generator
+    noise: torch.Generator
+
+
+class _TruthStream(torch.utils.data.IterableDataset):
+    """Ground truth and captions of one rank's micro-batches in training order, made on CPU worker processes
+    (the GPU renders them). Item ``k`` is micro-batch ``m = k mod A`` of step ``start + k // A`` (``A`` =
+    grad_accum); its clips come from a generator seeded ``seed_for(seed, step, rank·A + m, 0)``. Worker ``w`` of
+    ``n`` makes the items ``k ≡ w (mod n)`` and the loader takes workers' items round-robin, so neither the order
+    nor the content depends on the number of workers, and a resumed run continues the uninterrupted stream."""
+
+    def __init__(
+        self, world_config: object, batch: int, frames: int, seed: int, start: int, rank: int, accum: int
+    ) -> None:
+        self.world_config, self.batch, self.frames, self.seed = world_config, batch, frames, seed
+        self.start, self.rank, self.accum = start, rank, accum
 
     def __iter__(self):  # type: ignore[no-untyped-def]
         from .world import World, captions_from_truth
 
         info = torch.utils.data.get_worker_info()
         wid, n = (info.id, info.num_workers) if info is not None else (0, 1)
-        g = torch.Generator().manual_seed(self.seed * 1000 + self.start * n + wid)
         world = World(self.world_config)  # type: ignore[arg-type]
+        k = wid
         while True:
+            step, m = self.start + k // self.accum, k % self.accum
+            g = torch.Generator().manual_seed(seed_for(self.seed, step, self.rank * self.accum + m, _TRUTH))
             truth = world.sample_truth(self.batch, self.frames, g)
             yield truth, captions_from_truth(truth)
+            k += n
+
+
+def check_temporal_patch(cfg: TrainConfig, pt: int) -> None:
+    """Chunk sizes, reference frames and buffer must be multiples of the model's temporal patch ``pt`` (frames
+    inside one token share a noise level)."""
+    chunks = (cfg.chunk,) if isinstance(cfg, DistillConfig) else cfg.chunk_sizes
+    bad = [c for c in chunks if c % pt] + ([cfg.reference_frames] if cfg.reference_frames % pt else [])
+    if bad or cfg.buffer % pt:
+        raise ValueError(
+            f"chunk sizes {list(chunks)}, reference_frames {cfg.reference_frames} and buffer "
+            f"{cfg.buffer} must be multiples of the model's temporal patch {pt}"
+        )
 
 
 class Trainer:
-    """Owns the models, the optimiser, EMA, the world sampler, checkpoints and logs."""
+    """Owns the models, the optimiser, EMA, the world sampler, checkpoints and logs.
+
+    ``model``/``text`` (and ``ema_model``/``ema_text``) are FSDP2-sharded modules: their parameters are
+    ``DTensor`` shards, a forward call is a collective (every rank must make it). :meth:`gather` returns full,
+    unsharded copies on rank 0. Subclasses change what is trained through :meth:`build_modules` (the modules),
+    :meth:`batch` and :meth:`sigmas` (the data of one micro-batch) and :meth:`loss`.
+    """
 
     def __init__(
-        self, cfg: TrainConfig, out: str | os.PathLike[str], device: str | torch.device, init: str | None = None
+        self,
+        cfg: TrainConfig,
+        out: str | os.PathLike[str],
+        device: str | torch.device | None = None,
+        init: str | None = None,
+        dist_ctx: DistContext | None = None,
     ) -> None:
-        from .world import VOCABULARY, World, WorldConfig
+        from .world import World, WorldConfig
 
-        self.cfg, self.out, self.device = cfg, Path(out), torch.device(device)
+        self.cfg, self.out = cfg, Path(out)
+        self.dist = dist_ctx if dist_ctx is not None else init_distributed(device)
+        self.device = self.dist.device
         self.out.mkdir(parents=True, exist_ok=True)
+        self.compute_dtype = torch.bfloat16 if cfg.bf16 and self.device.type == "cuda" else torch.float32
+        model, text = self.build_modules(init)  # full modules on CPU, identical on every rank
+        check_temporal_patch(cfg, model.config.patch_size[0])
+        ema_model, ema_text = copy.deepcopy(model), copy.deepcopy(text)
+        if cfg.activation_checkpointing:
+            enable_activation_checkpointing(model.blocks)
+        self._eager_forwards = compile_blocks(model.blocks) if cfg.compile else None
+        shard_streamdit(model, self.dist.mesh, self.compute_dtype)
+        shard_streamdit(ema_model, self.dist.mesh)
+        if text is not None and ema_text is not None:
+            shard_text_encoder(text, self.dist.mesh)
+            shard_text_encoder(ema_text, self.dist.mesh)
+            text.train()
+        self.model, self.text = model.train(), text
+        self.ema_model, self.ema_text = ema_model.eval().requires_grad_(False), ema_text
+        if ema_text is not None:
+            ema_text.eval().requires_grad_(False)
+        # containers give the checkpoint keys: "model.<Wan key>", "text.<key>"
+        self.live = nn.ModuleDict({"model": model} | ({"text": text} if text is not None else {}))
+        self.ema = nn.ModuleDict({"model": ema_model} | ({"text": ema_text} if ema_text is not None else {}))
+        self.params = [p for p in self.live.parameters() if p.requires_grad]
+        self.opt = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.99))
+        self.world = World(WorldConfig(**cfg.world))  # type: ignore[arg-type]
+        self.step = 0
+        self.forward: VelocityModel = InDtype(self.model, self.compute_dtype)
+        self.log_file = self.out / "log.jsonl"
+        self._data: object | None = None
+        self._started = time.perf_counter()
+
+    def build_modules(self, init: str | None) -> tuple[StreamDiT, TextEncoder | None]:
+        """The trained backbone and text encoder before sharding (CPU, float32): from ``init`` or freshly
+        initialised from ``cfg.seed`` (so every rank builds the same weights)."""
+        from .world import VOCABULARY
+
+        cfg = self.cfg
         torch.manual_seed(cfg.seed)  # parameter initialisation only
         if init:
             ckpt = load_checkpoint(init)
             if ckpt.text_encoder is None:
                 raise ValueError(f"{init} has no text encoder")
-            self.model, self.text = ckpt.model, ckpt.text_encoder
-        else:
-            mcfg: ModelConfig = preset(cfg.model)
-            self.model = StreamDiT(mcfg)
-            self.text = TextEncoder(
-                TextEncoderConfig(
-                    vocabulary=VOCABULARY,
-                    text_len=mcfg.text_len,
-                    dim=mcfg.text_dim,
-                    num_layers=cfg.text_layers,
-                    num_heads=cfg.text_heads,
-                )
+            return ckpt.model, ckpt.text_encoder
+        mcfg: ModelConfig = preset(cfg.model)
+        text = TextEncoder(
+            TextEncoderConfig(
+                vocabulary=VOCABULARY,
+                text_len=mcfg.text_len,
+                dim=mcfg.text_dim,
+                num_layers=cfg.text_layers,
+                num_heads=cfg.text_heads,
             )
-        pt = self.model.config.patch_size[0]
-        chunks = (cfg.chunk,) if isinstance(cfg, DistillConfig) else cfg.chunk_sizes
-        bad = [c for c in chunks if c % pt] + ([cfg.reference_frames] if cfg.reference_frames % pt else [])
-        if bad or cfg.buffer % pt:
-            raise ValueError(
-                f"chunk sizes {list(chunks)}, reference_frames {cfg.reference_frames} and buffer "
-                f"{cfg.buffer} must be multiples of the model's temporal patch {pt}"
-            )
-        self.model.to(self.device).train()
-        self.text.to(self.device).train()
-        self.ema_model = copy.deepcopy(self.model).eval().requires_grad_(False)
-        self.ema_text = copy.deepcopy(self.text).eval().requires_grad_(False)
-        params = list(self.model.parameters()) + list(self.text.parameters())
-        self.opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.99))
-        self.world = World(WorldConfig(**cfg.world))  # type: ignore[arg-type]
-        self.gen = torch.Generator().manual_seed(cfg.seed + 1)  # small draws (partitions, dropout)
-        # bulk noise is drawn on the device: a CPU draw of a [256, 3, 16, 64, 64] batch took half of every step
-        self.noise_gen = torch.Generator(device=self.device).manual_seed(cfg.seed + 2)
-        self.step = 0
-        self.forward = torch.compile(self.model) if cfg.compile else self.model
-        self.log_file = self.out / "log.jsonl"
-        self._data: object | None = None
+        )
+        return StreamDiT(mcfg), text
+
+    @property
+    def micro_batches(self) -> int:
+        """Micro-batches in one step's global batch (``world_size × grad_accum``)."""
+        return self.dist.world_size * self.cfg.grad_accum
+
+    @property
+    def global_batch(self) -> int:
+        return self.cfg.batch * self.micro_batches
+
+    def draws(self, index: int) -> Draws:
+        """Generators of micro-batch ``index`` (``0 … micro_batches − 1``) of the current step."""
+        seed, step = self.cfg.seed, self.step
+        return Draws(
+            index=index,
+            small=torch.Generator().manual_seed(seed_for(seed, step, index, _SMALL)),
+            noise=torch.Generator(device=self.device).manual_seed(seed_for(seed, step, index, _NOISE)),
+        )
+
+    # -- data ---------------------------------------------------------------------------------------------
 
     def _next_truth(self) -> tuple[object, list[list[str]]]:
         if self._data is None:
-            workers = min(8, max(0, (os.cpu_count() or 1) - 2)) if self.device.type == "cuda" else 0
-            stream = _TruthStream(self.world.config, self.cfg.batch, self.cfg.buffer, self.cfg.seed, self.step)
+            cpus = os.cpu_count() or 1
+            workers = min(8, max(0, (cpus - 2) // self.dist.world_size)) if self.device.type == "cuda" else 0
+            cfg = self.cfg
+            stream = _TruthStream(
+                self.world.config, cfg.batch, cfg.buffer, cfg.seed, self.step, self.dist.rank, cfg.grad_accum
+            )
             loader = torch.utils.data.DataLoader(
                 stream,
                 batch_size=None,
@@ -281,19 +421,18 @@ class Trainer:
             self._data = iter(loader)
         return next(self._data)  # type: ignore[call-overload]
 
-    # -- data ---------------------------------------------------------------------------------------------
-
-    def batch(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Clips ``[b, 3, B, H, W]`` in [−1, 1] and per-frame text embeddings ``[b, B, Lt, D]``."""
+    def batch(self, draws: Draws) -> tuple[torch.Tensor, torch.Tensor]:
+        """The next micro-batch: clips ``[b, 3, B, H, W]`` in [−1, 1] and per-frame text embeddings
+        ``[b, B, Lt, D]`` (captions dropped with probability ``caption_dropout``, drawn from ``draws.small``)."""
         cfg = self.cfg
         video, captions = self._render()
-        drop = torch.rand(cfg.batch, generator=self.gen) < cfg.caption_dropout
+        drop = torch.rand(cfg.batch, generator=draws.small) < cfg.caption_dropout
         for b in range(cfg.batch):
             if drop[b]:
                 captions[b] = [""] * cfg.buffer
         unique = sorted({c for row in captions for c in row})
         index = {c: i for i, c in enumerate(unique)}
-        emb = self.text.encode(unique)  # [n, Lt, D]
+        emb = self.text.encode(unique)  # type: ignore[union-attr]  # [n, Lt, D]
         ids = torch.tensor([[index[c] for c in row] for row in captions], device=self.device)
         return video * 2.0 - 1.0, emb[ids]
 
@@ -309,52 +448,82 @@ class Trainer:
         b, frames, H, W = len(captions), self.cfg.buffer, self.world.config.height, self.world.config.width
         return video.view(b, frames, 3, H, W).permute(0, 2, 1, 3, 4), [list(row) for row in captions]
 
-    def sigmas(self) -> torch.Tensor:
-        """Per-sample mixed partitions → σ ``[b, B]``."""
+    def sigmas(self, draws: Draws) -> torch.Tensor:
+        """Per-sample mixed partitions → σ ``[b, B]`` (drawn from ``draws.small``)."""
         cfg = self.cfg
         frames = cfg.buffer - cfg.reference_frames
         rows = []
         for _ in range(cfg.batch):
-            c = sample_chunk_size(frames, cfg.chunk_sizes, cfg.t2v_share, self.gen)
+            c = sample_chunk_size(frames, cfg.chunk_sizes, cfg.t2v_share, draws.small)
             p = Partition(K=cfg.reference_frames, N=frames // c, c=c, s=1)
-            rows.append(training_sigmas(p, self.gen, cfg.shift))
+            rows.append(training_sigmas(p, draws.small, cfg.shift))
         return torch.cat(rows).to(self.device)
 
     # -- steps --------------------------------------------------------------------------------------------
 
-    def loss(self) -> torch.Tensor:
-        x, ctx = self.batch()
-        sigma = self.sigmas()
-        noise = torch.randn(x.shape, generator=self.noise_gen, device=self.device)
-        return flow_matching_loss(self.forward, x, sigma, noise, ctx)  # type: ignore[arg-type]
+    def loss(self, draws: Draws) -> torch.Tensor:
+        """Mean loss of one micro-batch (a scalar)."""
+        x, ctx = self.batch(draws)
+        sigma = self.sigmas(draws)
+        noise = torch.randn(x.shape, generator=draws.noise, device=self.device)
+        return flow_matching_loss(self.forward, x, sigma, noise, ctx)
 
-    def train_step(self) -> float:
-        cfg = self.cfg
+    def _micro_loss(self, draws: Draws) -> torch.Tensor:
+        try:
+            return self.loss(draws)
+        except Exception:  # torch.compile failures surface on the first call
+            if self._eager_forwards is None:
+                raise
+            log.warning("torch.compile failed; training in eager mode", exc_info=True)
+            restore_forwards(self.model.blocks, self._eager_forwards)
+            self._eager_forwards = None
+            return self.loss(draws)
+
+    def train_step(self, time_progress: float = 0.0) -> float:
+        """One optimiser step over the global batch; returns this rank's mean micro-batch loss.
+
+        Each rank accumulates ``grad_accum`` micro-batch losses divided by ``grad_accum``; FSDP averages the
+        gradients over ranks (reduce-scatter, mean), so the step follows the mean loss of the global batch
+        exactly as a single process accumulating all ``world_size × grad_accum`` micro-batches would.
+        """
+        cfg, accum = self.cfg, self.cfg.grad_accum
         for group in self.opt.param_groups:
-            group["lr"] = _lr_at(self.step, cfg, self.time_progress())
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=cfg.bf16 and self.device.type == "cuda"):
-            try:
-                loss = self.loss()
-            except Exception:  # torch.compile failures surface on the first call
-                if self.forward is self.model:
-                    raise
-                log.warning("torch.compile failed; training in eager mode", exc_info=True)
-                self.forward = self.model
-                loss = self.loss()
+            group["lr"] = _lr_at(self.step, cfg, time_progress)
         self.opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(list(self.model.parameters()) + list(self.text.parameters()), cfg.grad_clip)
+        total = 0.0
+        for m in range(accum):
+            set_gradient_sync(self.live.values(), m == accum - 1)
+            loss = self._micro_loss(self.draws(self.dist.rank * accum + m))
+            (loss / accum).backward()
+            total += float(loss.detach())
+        torch.nn.utils.clip_grad_norm_(self.params, cfg.grad_clip)
         self.opt.step()
         self._update_ema()
         self.step += 1
-        return float(loss.detach())
+        return total / accum
 
     @torch.no_grad()
     def _update_ema(self) -> None:
         decay = min(self.cfg.ema, (1 + self.step) / (10 + self.step))
-        for ema, live in ((self.ema_model, self.model), (self.ema_text, self.text)):
-            for pe, p in zip(ema.parameters(), live.parameters()):
-                pe.lerp_(p.detach(), 1.0 - decay)
+        for pe, p in zip(self.ema.parameters(), self.live.parameters()):
+            pe.lerp_(p.detach(), 1.0 - decay)  # local: both are shards with the same layout
+
+    # -- weights ------------------------------------------------------------------------------------------
+
+    def gather(self, which: Literal["live", "ema"] = "ema") -> tuple[StreamDiT, TextEncoder | None] | None:
+        """Full, unsharded float32 copies of the live or EMA modules on rank 0 (CPU); ``None`` on other ranks.
+        A collective: every rank must call it."""
+        container = self.live if which == "live" else self.ema
+        states = {name: full_state_dict(module, self.dist) for name, module in container.items()}
+        if not self.dist.is_main:
+            return None
+        with torch.device("meta"):
+            model = StreamDiT(self.model.config)
+            text = TextEncoder(self.text.config) if self.text is not None else None
+        model.load_state_dict(states["model"], assign=True)
+        if text is not None:
+            text.load_state_dict(states["text"], assign=True)
+        return model.eval(), (text.eval() if text is not None else None)
 
     # -- checkpoints --------------------------------------------------------------------------------------
 
@@ -368,68 +537,132 @@ class Trainer:
             "fps": self.world.config.fps,
         }
 
+    @property
+    def checkpoint_dir(self) -> Path:
+        return self.out / "checkpoint"
+
     def save(self) -> None:
+        """Write ``ema.safetensors`` and ``live.safetensors`` (full weights, rank 0) and the sharded training
+        state ``checkpoint/step-NNNNNNNN`` (DCP: live and EMA weights, optimizer; ``trainer.json``), then point
+        ``checkpoint/latest`` at it and delete older steps. A collective."""
         meta = {
             "streamdit.defaults": json.dumps(self.defaults()),
             "streamdit.train_config": json.dumps(asdict(self.cfg)),
             "streamdit.step": str(self.step),
         }
-        save_checkpoint(self.out / "ema.safetensors", self.ema_model, self.ema_text, meta)
-        save_checkpoint(self.out / "live.safetensors", self.model, self.text, meta)
-        opt = {f"{i}.{k}": v for i, s in self.opt.state_dict()["state"].items() for k, v in s.items()}
-        from safetensors.torch import save_file
+        which: Literal["live", "ema"]
+        for which in ("ema", "live"):
+            full = self.gather(which)
+            if full is not None:
+                save_checkpoint(self.out / f"{which}.safetensors", full[0], full[1], meta)
+        name = f"step-{self.step:08d}"
+        partial = self.checkpoint_dir / f"{name}.partial"
+        if self.dist.is_main and partial.exists():
+            shutil.rmtree(partial)
+        barrier()
+        dcp.save(self._state(), checkpoint_id=str(partial))  # returns after every rank's shard is written
+        if self.dist.is_main:
+            info = {
+                "step": self.step,
+                "world_size": self.dist.world_size,
+                "grad_accum": self.cfg.grad_accum,
+                "batch": self.cfg.batch,
+                "train_config": asdict(self.cfg),
+            }
+            (partial / "trainer.json").write_text(json.dumps(info, indent=1))
+            final = self.checkpoint_dir / name
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(partial, final)
+            tmp = self.checkpoint_dir / "latest.tmp"
+            tmp.write_text(name + "\n")
+            os.replace(tmp, self.checkpoint_dir / "latest")
+            for old in self.checkpoint_dir.glob("step-*"):
+                if old.name != name:
+                    shutil.rmtree(old, ignore_errors=True)
+        barrier()
 
-        tmp = self.out / "optimizer.safetensors.tmp"
-        save_file(
-            {k: v.contiguous().cpu() for k, v in opt.items()},
-            str(tmp),
-            metadata={
-                "step": str(self.step),
-                "generator": json.dumps(self.gen.get_state().tolist()),
-                "noise_generator": json.dumps(self.noise_gen.get_state().tolist()),
-            },
-        )
-        os.replace(tmp, self.out / "optimizer.safetensors")
+    def _state(self) -> dict[str, Any]:
+        """The sharded training state in DCP's layout (``DTensor`` shards reshard on load)."""
+        live, optim = get_state_dict(self.live, self.opt)
+        return {"live": live, "optim": optim, "ema": get_model_state_dict(self.ema)}
 
     def resume(self) -> bool:
+        """Continue from ``checkpoint/latest`` (written by any number of ranks), or from the single-process
+        files of earlier versions (``live``/``ema``/``optimizer.safetensors``). Returns False if there is none."""
+        latest = self.checkpoint_dir / "latest"
+        if latest.exists():
+            path = self.checkpoint_dir / latest.read_text().strip()
+            info = json.loads((path / "trainer.json").read_text())
+            state = self._state()
+            dcp.load(state, checkpoint_id=str(path))
+            set_state_dict(self.live, self.opt, model_state_dict=state["live"], optim_state_dict=state["optim"])
+            set_model_state_dict(self.ema, state["ema"])
+            self.step = int(info["step"])
+            saved = int(info["world_size"]) * int(info["grad_accum"])
+            if saved != self.micro_batches or int(info["batch"]) != self.cfg.batch:
+                log.warning(
+                    "resuming a run of %d micro-batches of %d clips per step with %d of %d: training continues,"
+                    " but not with the global batches the saved run would have drawn",
+                    saved,
+                    info["batch"],
+                    self.micro_batches,
+                    self.cfg.batch,
+                )
+        elif all((self.out / n).exists() for n in ("live.safetensors", "ema.safetensors", "optimizer.safetensors")):
+            self._resume_single_file()
+        else:
+            return False
+        self._data = None
+        if self.dist.is_main:
+            log.info("resumed %s at step %d on %d rank(s)", self.out, self.step, self.dist.world_size)
+        return True
+
+    def _resume_single_file(self) -> None:
+        """Earlier versions' layout: full weights in ``live``/``ema.safetensors``; optimizer state keyed
+        ``{index}.{name}`` over ``list(model.parameters()) + list(text.parameters())``, step in its metadata."""
         from safetensors import safe_open
 
-        live, ema, opt = (self.out / n for n in ("live.safetensors", "ema.safetensors", "optimizer.safetensors"))
-        if not (live.exists() and ema.exists() and opt.exists()):
-            return False
-        for path, model, text in ((live, self.model, self.text), (ema, self.ema_model, self.ema_text)):
-            ck = load_checkpoint(path)
-            model.load_state_dict(ck.model.state_dict())
-            text.load_state_dict(ck.text_encoder.state_dict())  # type: ignore[union-attr]
-        state = self.opt.state_dict()
-        with safe_open(str(opt), framework="pt") as f:
+        full = StateDictOptions(full_state_dict=True)
+        for name, container in (("live", self.live), ("ema", self.ema)):
+            ck = load_checkpoint(self.out / f"{name}.safetensors")
+            state = {f"model.{k}": v for k, v in ck.model.state_dict().items()}
+            if "text" in container:
+                if ck.text_encoder is None:
+                    raise ValueError(f"{self.out / name}.safetensors has no text encoder")
+                state |= {f"text.{k}": v for k, v in ck.text_encoder.state_dict().items()}
+            set_model_state_dict(container, state, options=full)
+        names = [f"{prefix}.{n}" for prefix, module in self.live.items() for n, _ in module.named_parameters()]
+        optim = get_optimizer_state_dict(self.live, self.opt, options=full)
+        per_param: dict[str, dict[str, torch.Tensor]] = {}
+        with safe_open(str(self.out / "optimizer.safetensors"), framework="pt") as f:
             meta = f.metadata()
             for key in f.keys():
-                i, name = key.split(".", 1)
-                state["state"].setdefault(int(i), {})[name] = f.get_tensor(key).to(self.device)
-        self.opt.load_state_dict(state)
+                i, value = key.split(".", 1)
+                per_param.setdefault(names[int(i)], {})[value] = f.get_tensor(key)
+        optim["state"] = per_param  # type: ignore[assignment]
+        set_optimizer_state_dict(self.live, self.opt, optim, options=full)
         self.step = int(meta["step"])
-        self.gen.set_state(torch.tensor(json.loads(meta["generator"]), dtype=torch.uint8))
-        if "noise_generator" in meta:
-            self.noise_gen.set_state(torch.tensor(json.loads(meta["noise_generator"]), dtype=torch.uint8))
-        log.info("resumed %s at step %d", self.out, self.step)
-        return True
 
     def write_log(self, record: dict[str, Any]) -> None:
         with open(self.log_file, "a") as f:
             f.write(json.dumps(record) + "\n")
 
     def sample(self) -> None:
-        """A short stream from the EMA model, saved as a contact sheet (training progress at a glance)."""
+        """A short stream from the EMA model, saved as a contact sheet by rank 0 (training progress at a glance).
+        A collective (the EMA weights are gathered)."""
         from .codec import PixelCodec
         from .pipeline import StreamPipeline
         from .prompts import parse_schedule
         from .sampler import StreamSampler
         from .video_io import write_contact_sheet
 
+        full = self.gather("ema")
+        if full is None:
+            return
         pipe = StreamPipeline(
-            model=self.ema_model,
-            text_encoder=self.ema_text,
+            model=full[0].to(self.device),
+            text_encoder=full[1].to(self.device) if full[1] is not None else None,
             codec=PixelCodec(),
             device=self.device,
             dtype=torch.float32,
@@ -449,28 +682,45 @@ class Trainer:
         return Partition(K=0, N=8, c=2, s=4)
 
     def time_progress(self) -> float:
+        """Share of the wall-clock budget used, as measured by rank 0 (all ranks must agree on when to stop)."""
         if not self.cfg.max_minutes:
             return 0.0
-        return (time.perf_counter() - self._started) / (60.0 * self.cfg.max_minutes)
+        value = torch.tensor([(time.perf_counter() - self._started) / (60.0 * self.cfg.max_minutes)])
+        if self.dist.world_size > 1:
+            dist.broadcast(value, src=0)  # CPU tensor: the gloo side of the group
+        return float(value)
 
-    def run(self) -> None:
+    def _mean_over_ranks(self, value: float) -> float:
+        if self.dist.world_size == 1:
+            return value
+        t = torch.tensor([value], dtype=torch.float64)
+        dist.all_reduce(t)
+        return float(t) / self.dist.world_size
+
+    def run(self, until: int | None = None) -> None:
+        """Train to ``cfg.steps`` (or to step ``until`` if it comes first, as if interrupted there) or until the
+        time budget is used; log every ``log_every`` steps, checkpoint every ``ckpt_every`` and at the end."""
         cfg = self.cfg
+        stop = min(cfg.steps, until) if until is not None else cfg.steps
         self._started = time.perf_counter()
         t0, losses = time.perf_counter(), []
-        while self.step < cfg.steps and self.time_progress() < 1.0:
-            losses.append(self.train_step())
-            done = self.step == cfg.steps or self.time_progress() >= 1.0
+        progress = self.time_progress()
+        while self.step < stop and progress < 1.0:
+            losses.append(self.train_step(progress))
+            progress = self.time_progress()
+            done = self.step == stop or progress >= 1.0
             if self.step % cfg.log_every == 0 or done:
                 elapsed = time.perf_counter() - t0
                 record = {
                     "step": self.step,
-                    "loss": sum(losses) / len(losses),
-                    "lr": _lr_at(self.step, cfg, self.time_progress()),
+                    "loss": self._mean_over_ranks(sum(losses) / len(losses)),
+                    "lr": _lr_at(self.step, cfg, progress),
                     "elapsed_s": round(elapsed, 1),
-                    "samples_per_s": round(len(losses) * cfg.batch / max(elapsed, 1e-9), 1),
+                    "samples_per_s": round(len(losses) * self.global_batch / max(elapsed, 1e-9), 1),
                 }
-                self.write_log(record)
-                log.info("step %(step)d loss %(loss).4f lr %(lr).2e %(samples_per_s).0f samples/s", record)
+                if self.dist.is_main:
+                    self.write_log(record)
+                    log.info("step %(step)d loss %(loss).4f lr %(lr).2e %(samples_per_s).0f samples/s", record)
                 t0, losses = time.perf_counter(), []
             if self.step % cfg.ckpt_every == 0 or done:
                 self.save()
@@ -479,16 +729,25 @@ class Trainer:
 
 
 class Distiller(Trainer):
-    """Per-segment multistep distillation of a guided ``s_teacher``-step teacher into a one-step student."""
+    """Per-segment multistep distillation of a guided ``s_teacher``-step teacher into a one-step student.
+    The teacher is sharded like the student (bf16 on GPU) and runs without gradients."""
 
     def __init__(
-        self, cfg: DistillConfig, out: str | os.PathLike[str], device: str | torch.device, teacher: str
+        self,
+        cfg: DistillConfig,
+        out: str | os.PathLike[str],
+        device: str | torch.device | None,
+        teacher: str,
+        dist_ctx: DistContext | None = None,
     ) -> None:
-        super().__init__(cfg, out, device, init=teacher)
-        ck = load_checkpoint(teacher, device=self.device)
+        super().__init__(cfg, out, device, init=teacher, dist_ctx=dist_ctx)
+        ck = load_checkpoint(teacher)
         if ck.text_encoder is None:
             raise ValueError(f"teacher {teacher} has no text encoder")
-        self.teacher, self.teacher_text = ck.model.requires_grad_(False), ck.text_encoder.requires_grad_(False)
+        self.teacher = ck.model.requires_grad_(False).eval()
+        shard_streamdit(self.teacher, self.dist.mesh, self.compute_dtype)
+        self.teacher_forward: VelocityModel = InDtype(self.teacher, self.compute_dtype)
+        self.teacher_text = ck.text_encoder.requires_grad_(False).to(self.device)  # small: a copy on every rank
         self.dcfg = cfg
         frames = cfg.buffer
         self.student_partition = Partition(K=0, N=frames // cfg.chunk, c=cfg.chunk, s=1)
@@ -507,12 +766,12 @@ class Distiller(Trainer):
             sig = inference_sigmas(tp, m, cfg.shift).float().to(self.device)
             nxt = next_inference_sigmas(tp, m, cfg.shift).float().to(self.device)
             s = sig[None].expand(x.shape[0], -1)
-            v = self.teacher(torch.cat([x, x]), torch.cat([s, s]), torch.cat([cond, uncond])).float()
+            v = self.teacher_forward(torch.cat([x, x]), torch.cat([s, s]), torch.cat([cond, uncond])).float()
             vc, vu = v.chunk(2)
             x = x + (nxt - sig)[None, None, :, None, None] * (vu + cfg.teacher_guidance * (vc - vu))
         return x
 
-    def loss(self) -> torch.Tensor:
+    def loss(self, draws: Draws) -> torch.Tensor:
         cfg, sp = self.dcfg, self.student_partition
         video, captions = self._render()
         x = video * 2.0 - 1.0
@@ -521,11 +780,11 @@ class Distiller(Trainer):
         ids = torch.tensor([[index[c] for c in row] for row in captions], device=self.device)
         sigma = inference_sigmas(sp, 0, cfg.shift).float().to(self.device)[None].expand(cfg.batch, -1)
         sigma_next = next_inference_sigmas(sp, 0, cfg.shift).float().to(self.device)[None].expand(cfg.batch, -1)
-        noise = torch.randn(x.shape, generator=self.noise_gen, device=self.device)
+        noise = torch.randn(x.shape, generator=draws.noise, device=self.device)
         x_sigma = noise_clip(x, sigma, noise)
         x_teacher = self._teacher_move(x_sigma, ids, unique)
-        context = self.text.encode(unique)[ids]
-        return distillation_loss(self.forward, x_sigma, sigma, sigma_next, x_teacher, context)  # type: ignore[arg-type]
+        context = self.text.encode(unique)[ids]  # type: ignore[union-attr]
+        return distillation_loss(self.forward, x_sigma, sigma, sigma_next, x_teacher, context)
 
     def defaults(self) -> dict[str, object]:
         d = super().defaults()
@@ -538,32 +797,43 @@ class Distiller(Trainer):
 # ----------------------------------------------------------------------------------------------------------
 
 
-def _device(name: str | None) -> str:
-    return name or ("cuda" if torch.cuda.is_available() else "cpu")
-
-
 def _config_from_args(args: argparse.Namespace, cls: type[TrainConfig]) -> TrainConfig:
-    """The config file with ``--steps``/``--minutes`` applied."""
+    """The config file with ``--steps``/``--minutes``/``--batch``/``--grad-accum`` applied."""
     cfg = load_config(args.config, cls)
-    overrides = {k: v for k, v in (("steps", args.steps), ("max_minutes", args.minutes)) if v}
+    pairs = (
+        ("steps", args.steps),
+        ("max_minutes", args.minutes),
+        ("batch", args.batch),
+        ("grad_accum", args.grad_accum),
+    )
+    overrides = {k: v for k, v in pairs if v}
     return type(cfg)(**{**asdict(cfg), **overrides}) if overrides else cfg
 
 
-def _run(trainer: Trainer, resume: bool) -> int:
-    if resume:
-        trainer.resume()
-    trainer.run()
+def _launch(args: argparse.Namespace, make: Callable[[DistContext], Trainer]) -> int:
+    """Join the process group (torchrun's, or a group of one), train, leave. Ranks other than 0 log only
+    warnings and errors."""
+    ctx = init_distributed(args.device)
+    if not ctx.is_main:
+        logging.getLogger(LOGGER_NAME).setLevel(logging.WARNING)
+    try:
+        trainer = make(ctx)
+        if args.resume:
+            trainer.resume()
+        trainer.run()
+    finally:
+        shutdown_distributed()
     return 0
 
 
 def cmd_train(args: argparse.Namespace) -> int:
     cfg = _config_from_args(args, TrainConfig)
-    return _run(Trainer(cfg, args.out, _device(args.device), init=args.init), args.resume)
+    return _launch(args, lambda ctx: Trainer(cfg, args.out, init=args.init, dist_ctx=ctx))
 
 
 def cmd_distill(args: argparse.Namespace) -> int:
     cfg = _config_from_args(args, DistillConfig)
-    return _run(Distiller(cfg, args.out, _device(args.device), teacher=args.teacher), args.resume)  # type: ignore[arg-type]
+    return _launch(args, lambda ctx: Distiller(cfg, args.out, None, teacher=args.teacher, dist_ctx=ctx))  # type: ignore[arg-type]
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -578,9 +848,17 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_scale_args(p: Any) -> None:
+    p.add_argument("--batch", type=int, default=None, help="clips per micro-batch on each rank (overrides the config)")
+    p.add_argument("--grad-accum", type=int, default=None, help="micro-batches accumulated per step (overrides)")
+
+
 @register_command("train")
 def _add_train(sub: Any) -> None:
-    t = sub.add_parser("train", help="train a StreamDiT model on the procedural world")
+    t = sub.add_parser(
+        "train",
+        help="train a StreamDiT model on the procedural world (several GPUs: torchrun --nproc_per_node N -m …)",
+    )
     t.add_argument("--config", required=True)
     t.add_argument("--out", required=True)
     t.add_argument("--device", default=None)
@@ -588,6 +866,7 @@ def _add_train(sub: Any) -> None:
     t.add_argument("--steps", type=int, default=None, help="override the config's steps")
     t.add_argument("--resume", action="store_true")
     t.add_argument("--minutes", type=float, default=None, help="wall-clock budget (overrides the config)")
+    _add_scale_args(t)
     t.set_defaults(func=cmd_train)
     d = sub.add_parser("distill", help="multistep-distil a teacher into a one-step-per-chunk student")
     d.add_argument("--config", required=True)
@@ -597,6 +876,7 @@ def _add_train(sub: Any) -> None:
     d.add_argument("--steps", type=int, default=None)
     d.add_argument("--resume", action="store_true")
     d.add_argument("--minutes", type=float, default=None, help="wall-clock budget (overrides the config)")
+    _add_scale_args(d)
     d.set_defaults(func=cmd_distill)
     e = sub.add_parser("export", help="write a checkpoint as fp16 shards under 16 MiB")
     e.add_argument("--ckpt", required=True)

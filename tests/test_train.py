@@ -67,14 +67,15 @@ def test_training_steps_reduce_the_loss_and_resume(tmp_path):
     assert (tmp_path / "teacher" / "ema.safetensors").exists() and (tmp_path / "teacher" / "log.jsonl").exists()
     again = _tiny(tmp_path)
     assert again.resume() and again.step == 40
-    assert all(torch.equal(a, b) for a, b in zip(again.model.state_dict().values(), tr.model.state_dict().values()))
+    (a, _), (b, _) = again.gather("live"), tr.gather("live")
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
 
 
 def test_distillation_steps_reduce_the_loss(tmp_path):
     tr = _tiny(tmp_path, caption_dropout=0.3)
     tr.run()
     teacher = tmp_path / "teacher.safetensors"
-    save_checkpoint(teacher, tr.ema_model, tr.ema_text)
+    save_checkpoint(teacher, *tr.gather("ema"))
     cfg = DistillConfig(
         model="test-tiny",
         text_heads=2,
@@ -107,3 +108,56 @@ def test_distillation_steps_reduce_the_loss(tmp_path):
     d.run()
     assert fixed_loss() < before
     assert d.defaults()["partition"] == [0, 2, 2, 1]
+
+
+def test_resume_reads_the_single_file_layout_of_earlier_versions(tmp_path):
+    """live/ema.safetensors + optimizer.safetensors keyed ``{index}.{state}`` (what earlier versions wrote)."""
+    from safetensors.torch import save_file
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    tr = _tiny(tmp_path)
+    model, text = tr.gather("live")
+    params = list(model.parameters()) + list(text.parameters())
+    opt = torch.optim.AdamW(params, lr=1e-3)
+    g = torch.Generator().manual_seed(3)
+    for p in params:
+        p.grad = torch.randn(p.shape, generator=g)
+    opt.step()
+    run = tmp_path / "old"
+    save_checkpoint(run / "live.safetensors", model, text)
+    with torch.no_grad():
+        ema = [p.clone() for p in params]
+        for p in params:
+            p.mul_(0.5)
+    save_checkpoint(run / "ema.safetensors", model, text)
+    tensors = {f"{i}.{k}": v for i, s in opt.state_dict()["state"].items() for k, v in s.items()}
+    save_file(tensors, str(run / "optimizer.safetensors"), metadata={"step": "7", "generator": "[]"})
+
+    again = Trainer(tr.cfg, run, "cpu")
+    assert again.resume() and again.step == 7
+    live, _ = again.gather("live")
+    assert all(torch.equal(a, b) for a, b in zip(live.parameters(), ema))  # live = the weights before halving
+    ema_model, _ = again.gather("ema")
+    assert torch.equal(ema_model.blocks[0].ffn[0].weight, model.blocks[0].ffn[0].weight)
+    state = get_optimizer_state_dict(again.live, again.opt, options=StateDictOptions(full_state_dict=True))
+    i = [n for n, _ in model.named_parameters()].index("blocks.1.self_attn.q.weight")
+    assert torch.equal(state["state"]["model.blocks.1.self_attn.q.weight"]["exp_avg"], opt.state[params[i]]["exp_avg"])
+
+
+def test_activation_checkpointing_changes_memory_not_results(tmp_path):
+    plain = _tiny(tmp_path / "a")
+    checkpointed = _tiny(tmp_path / "b", activation_checkpointing=True)
+    saved = []
+
+    def count(t):
+        saved[-1] += t.numel()
+        return t
+
+    for tr in (plain, checkpointed):
+        saved.append(0)
+        with torch.autograd.graph.saved_tensors_hooks(count, lambda t: t):
+            tr.train_step()
+        tr.train_step()
+    assert saved[1] < 0.5 * saved[0], saved  # the blocks' activations are not kept for backward
+    (a, _), (b, _) = plain.gather("live"), checkpointed.gather("live")
+    assert all(torch.equal(x, y) for x, y in zip(a.parameters(), b.parameters()))
