@@ -14,6 +14,11 @@ the mix (the full-buffer T2V case with probability ``t2v_share``), per-chunk σ 
 the model learns to follow a prompt that changes inside the buffer. A share of samples drops the caption
 (empty prompt) so classifier-free guidance works.
 
+Fine-tuning Wan 2.1 on captioned videos (docs/FINETUNE_WAN.md): ``--init wan.safetensors --data VIDEOS --vae
+VAE --text-encoder UMT5``; clips then come from a :class:`~streamdit_core.video_data.ClipSource` (cached VAE
+latents in Wan 2.1's normalised latent space, codec ``wan2.1``) instead of the world, and the frozen umT5
+embeddings replace the bundled text encoder.
+
 Distillation (per segment, the paper's §4.2): the student's scheme is ``(K=0, N, c, s=1)``; the teacher's is
 the same with ``s_teacher`` micro-steps and guidance. From a buffer at the student's staircase (real clips
 noised to the levels ``σ_p``), the teacher runs ``s_teacher`` guided Euler micro-steps, which brings every
@@ -43,7 +48,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 import torch.distributed as dist
@@ -59,7 +64,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_state_dict,
 )
 
-from .checkpoint import load_checkpoint, save_checkpoint
+from .checkpoint import load_checkpoint, read_metadata, save_checkpoint
 from .cli import register_command
 from .config import ModelConfig, preset
 from .distributed import (
@@ -89,12 +94,16 @@ from .schedule import (
 )
 from .text import TextEncoder, TextEncoderConfig
 
+if TYPE_CHECKING:
+    from .video_data import ClipSource
+
 __all__ = [
     "TrainConfig",
     "DistillConfig",
     "Trainer",
     "Distiller",
     "Draws",
+    "load_init",
     "flow_matching_loss",
     "distillation_loss",
 ]
@@ -125,6 +134,8 @@ class TrainConfig:
     follows ``max(step/steps, elapsed/budget)`` so a time-limited run still anneals.
     log_every, sample_every, ckpt_every: in steps. seed: all randomness derives from it.
     world: keyword overrides for ``WorldConfig``.
+    video: keyword overrides for ``video_data.VideoDataConfig`` (training on ``--data`` videos; ``buffer`` then
+    counts latent frames).
     """
 
     model: str = "bundled"
@@ -153,6 +164,7 @@ class TrainConfig:
     ckpt_every: int = 1000
     seed: int = 0
     world: dict[str, object] = field(default_factory=dict)
+    video: dict[str, object] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         object.__setattr__(
@@ -295,6 +307,37 @@ class _TruthStream(torch.utils.data.IterableDataset):
             k += n
 
 
+def load_init(path: str, need_text: bool) -> tuple[StreamDiT, TextEncoder | None]:
+    """The model (and bundled text encoder) to start from, full and on CPU: a StreamDiT checkpoint or a Wan 2.1
+    T2V file (original key names, :func:`~streamdit_core.wan.load_wan`; no text encoder).
+
+    Raises:
+        ValueError: ``need_text`` (training on the procedural world) and the file has no text encoder.
+    """
+    from .wan import is_wan_checkpoint, load_wan
+
+    if "streamdit.model_config" not in read_metadata(path) and is_wan_checkpoint(path):
+        model, text = load_wan(path, device="cpu", dtype=torch.float32).model, None
+    else:
+        ckpt = load_checkpoint(path)
+        model, text = ckpt.model, ckpt.text_encoder
+    if need_text and text is None:
+        raise ValueError(
+            f"{path} has no text encoder: training on the procedural world needs the bundled one "
+            "(Wan models train on captioned videos with --data, see docs/FINETUNE_WAN.md)"
+        )
+    return model.float(), text
+
+
+def shared_context(emb: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """Text context from embeddings ``emb [n, Lt, D]`` and per-frame caption indices ``ids [b, F]``:
+    ``[b, Lt, D]`` when every clip has one caption for all its frames (the same result as per frame, without the
+    per-frame copies and cross-attention calls), else ``[b, F, Lt, D]``."""
+    if bool((ids == ids[:, :1]).all()):
+        return emb[ids[:, 0]]
+    return emb[ids]
+
+
 def check_temporal_patch(cfg: TrainConfig, pt: int) -> None:
     """Chunk sizes, reference frames and buffer must be multiples of the model's temporal patch ``pt`` (frames
     inside one token share a noise level)."""
@@ -308,7 +351,11 @@ def check_temporal_patch(cfg: TrainConfig, pt: int) -> None:
 
 
 class Trainer:
-    """Owns the models, the optimiser, EMA, the world sampler, checkpoints and logs.
+    """Owns the models, the optimiser, EMA, the clip source, checkpoints and logs.
+
+    Clips come from the procedural world (captions embedded by the bundled text encoder, trained along) unless a
+    ``source`` is given (e.g. cached Wan VAE latents of captioned videos, with frozen umT5 embeddings; the model
+    then trains without a text encoder).
 
     ``model``/``text`` (and ``ema_model``/``ema_text``) are FSDP2-sharded modules: their parameters are
     ``DTensor`` shards, a forward call is a collective (every rank must make it). :meth:`gather` returns full,
@@ -323,10 +370,11 @@ class Trainer:
         device: str | torch.device | None = None,
         init: str | None = None,
         dist_ctx: DistContext | None = None,
+        source: ClipSource | None = None,
     ) -> None:
         from .world import World, WorldConfig
 
-        self.cfg, self.out = cfg, Path(out)
+        self.cfg, self.out, self.source = cfg, Path(out), source
         self.dist = dist_ctx if dist_ctx is not None else init_distributed(device)
         self.device = self.dist.device
         self.out.mkdir(parents=True, exist_ok=True)
@@ -360,18 +408,19 @@ class Trainer:
         self._started = time.perf_counter()
 
     def build_modules(self, init: str | None) -> tuple[StreamDiT, TextEncoder | None]:
-        """The trained backbone and text encoder before sharding (CPU, float32): from ``init`` or freshly
-        initialised from ``cfg.seed`` (so every rank builds the same weights)."""
+        """The trained backbone and text encoder before sharding (CPU, float32): from ``init`` (a StreamDiT
+        checkpoint or a Wan 2.1 file) or freshly initialised from ``cfg.seed`` (so every rank builds the same
+        weights). With a clip source there is no text encoder (the source brings frozen embeddings)."""
         from .world import VOCABULARY
 
         cfg = self.cfg
         torch.manual_seed(cfg.seed)  # parameter initialisation only
         if init:
-            ckpt = load_checkpoint(init)
-            if ckpt.text_encoder is None:
-                raise ValueError(f"{init} has no text encoder")
-            return ckpt.model, ckpt.text_encoder
+            model, text = load_init(init, need_text=self.source is None)
+            return model, (text if self.source is None else None)
         mcfg: ModelConfig = preset(cfg.model)
+        if self.source is not None:
+            return StreamDiT(mcfg), None
         text = TextEncoder(
             TextEncoderConfig(
                 vocabulary=VOCABULARY,
@@ -403,6 +452,25 @@ class Trainer:
 
     # -- data ---------------------------------------------------------------------------------------------
 
+    def embed(self, texts: list[str]) -> torch.Tensor:
+        """Text embeddings ``[n, Lt, D]`` on the device: the bundled encoder's (trained) or the source's (frozen)."""
+        if self.text is not None:
+            return self.text.encode(texts)
+        if self.source is None:
+            raise RuntimeError("no text encoder and no clip source with text embeddings")
+        return self.source.embed(texts).to(self.device)
+
+    def clips(self, draws: Draws) -> tuple[torch.Tensor, list[list[str]]]:
+        """Clean clips ``[b, C, B, H, W]`` in the model's space (pixels in [−1, 1] or latents) on the device and
+        per-frame captions of micro-batch ``draws.index``: from the source (windows drawn from a generator seeded
+        ``seed_for(seed, step, index, 0)``, like the world's clips) or the world."""
+        if self.source is not None:
+            g = torch.Generator().manual_seed(seed_for(self.cfg.seed, self.step, draws.index, _TRUTH))
+            x, captions = self.source.clips(self.cfg.batch, self.cfg.buffer, g)
+            return x.to(self.device), captions
+        video, captions = self._render()
+        return video * 2.0 - 1.0, captions
+
     def _next_truth(self) -> tuple[object, list[list[str]]]:
         if self._data is None:
             cpus = os.cpu_count() or 1
@@ -422,19 +490,20 @@ class Trainer:
         return next(self._data)  # type: ignore[call-overload]
 
     def batch(self, draws: Draws) -> tuple[torch.Tensor, torch.Tensor]:
-        """The next micro-batch: clips ``[b, 3, B, H, W]`` in [−1, 1] and per-frame text embeddings
-        ``[b, B, Lt, D]`` (captions dropped with probability ``caption_dropout``, drawn from ``draws.small``)."""
+        """The next micro-batch: clips ``[b, C, B, H, W]`` (pixels in [−1, 1] or latents) and text embeddings,
+        per frame ``[b, B, Lt, D]`` or ``[b, Lt, D]`` when every clip has one caption (:func:`shared_context`);
+        captions are dropped with probability ``caption_dropout``, drawn from ``draws.small``."""
         cfg = self.cfg
-        video, captions = self._render()
+        x, captions = self.clips(draws)
         drop = torch.rand(cfg.batch, generator=draws.small) < cfg.caption_dropout
         for b in range(cfg.batch):
             if drop[b]:
                 captions[b] = [""] * cfg.buffer
         unique = sorted({c for row in captions for c in row})
         index = {c: i for i, c in enumerate(unique)}
-        emb = self.text.encode(unique)  # type: ignore[union-attr]  # [n, Lt, D]
+        emb = self.embed(unique)  # [n, Lt, D]
         ids = torch.tensor([[index[c] for c in row] for row in captions], device=self.device)
-        return video * 2.0 - 1.0, emb[ids]
+        return x, shared_context(emb, ids)
 
     def _render(self) -> tuple[torch.Tensor, list[list[str]]]:
         """Frames ``[b, 3, B, H, W]`` in [0, 1] on the device, and per-frame captions."""
@@ -528,6 +597,12 @@ class Trainer:
     # -- checkpoints --------------------------------------------------------------------------------------
 
     def defaults(self) -> dict[str, object]:
+        """Stream settings the trained model runs with (``streamdit.defaults``). With a source: chunks of 2
+        (latent) frames over the training buffer, Wan's guidance 5, and the source's size and frame rate."""
+        if self.source is not None:
+            c = 2 if self.cfg.buffer % 2 == 0 else 1
+            d: dict[str, object] = {"partition": [0, self.cfg.buffer // c, c, 1], "shift": self.cfg.shift}
+            return d | {"guidance": 5.0} | self.source.defaults()
         return {
             "partition": [0, 8, 2, 1],
             "shift": self.cfg.shift,
@@ -546,6 +621,7 @@ class Trainer:
         state ``checkpoint/step-NNNNNNNN`` (DCP: live and EMA weights, optimizer; ``trainer.json``), then point
         ``checkpoint/latest`` at it and delete older steps. A collective."""
         meta = {
+            "streamdit.codec": self.source.codec if self.source is not None else "pixel",
             "streamdit.defaults": json.dumps(self.defaults()),
             "streamdit.train_config": json.dumps(asdict(self.cfg)),
             "streamdit.step": str(self.step),
@@ -657,6 +733,10 @@ class Trainer:
         from .sampler import StreamSampler
         from .video_io import write_contact_sheet
 
+        if self.source is not None:
+            if self.dist.is_main:
+                log.info("no progress samples when training on a clip source (decoding needs its VAE)")
+            return
         full = self.gather("ema")
         if full is None:
             return
@@ -739,15 +819,15 @@ class Distiller(Trainer):
         device: str | torch.device | None,
         teacher: str,
         dist_ctx: DistContext | None = None,
+        source: ClipSource | None = None,
     ) -> None:
-        super().__init__(cfg, out, device, init=teacher, dist_ctx=dist_ctx)
-        ck = load_checkpoint(teacher)
-        if ck.text_encoder is None:
-            raise ValueError(f"teacher {teacher} has no text encoder")
-        self.teacher = ck.model.requires_grad_(False).eval()
+        super().__init__(cfg, out, device, init=teacher, dist_ctx=dist_ctx, source=source)
+        model, text = load_init(teacher, need_text=source is None)
+        self.teacher = model.requires_grad_(False).eval()
         shard_streamdit(self.teacher, self.dist.mesh, self.compute_dtype)
         self.teacher_forward: VelocityModel = InDtype(self.teacher, self.compute_dtype)
-        self.teacher_text = ck.text_encoder.requires_grad_(False).to(self.device)  # small: a copy on every rank
+        # the bundled teacher's own (frozen) text encoder, small: a copy on every rank; with a source, its embeddings
+        self.teacher_text = text.requires_grad_(False).to(self.device) if source is None and text else None
         self.dcfg = cfg
         frames = cfg.buffer
         self.student_partition = Partition(K=0, N=frames // cfg.chunk, c=cfg.chunk, s=1)
@@ -760,8 +840,10 @@ class Distiller(Trainer):
     def _teacher_move(self, x: torch.Tensor, context_ids: torch.Tensor, unique: list[str]) -> torch.Tensor:
         """``s_teacher`` guided Euler micro-steps of the teacher from the student's rung (m = 0)."""
         cfg, tp = self.dcfg, self.teacher_partition
-        emb = self.teacher_text.encode(unique + [""])
-        cond, uncond = emb[context_ids], emb[-1][None, None].expand(x.shape[0], x.shape[2], -1, -1)
+        texts = unique + [""]
+        emb = self.teacher_text.encode(texts) if self.teacher_text is not None else self.embed(texts)
+        cond = shared_context(emb, context_ids)
+        uncond = emb[-1].expand(cond.shape)
         for m in range(tp.s):
             sig = inference_sigmas(tp, m, cfg.shift).float().to(self.device)
             nxt = next_inference_sigmas(tp, m, cfg.shift).float().to(self.device)
@@ -773,8 +855,7 @@ class Distiller(Trainer):
 
     def loss(self, draws: Draws) -> torch.Tensor:
         cfg, sp = self.dcfg, self.student_partition
-        video, captions = self._render()
-        x = video * 2.0 - 1.0
+        x, captions = self.clips(draws)
         unique = sorted({c for row in captions for c in row})
         index = {c: i for i, c in enumerate(unique)}
         ids = torch.tensor([[index[c] for c in row] for row in captions], device=self.device)
@@ -783,12 +864,13 @@ class Distiller(Trainer):
         noise = torch.randn(x.shape, generator=draws.noise, device=self.device)
         x_sigma = noise_clip(x, sigma, noise)
         x_teacher = self._teacher_move(x_sigma, ids, unique)
-        context = self.text.encode(unique)[ids]  # type: ignore[union-attr]
+        context = shared_context(self.embed(unique), ids)
         return distillation_loss(self.forward, x_sigma, sigma, sigma_next, x_teacher, context)
 
     def defaults(self) -> dict[str, object]:
         d = super().defaults()
         d["partition"] = [0, self.student_partition.N, self.student_partition.c, 1]
+        d["guidance"] = 1.0  # the student learned the teacher's guided moves: it runs unguided
         return d
 
 
@@ -826,23 +908,85 @@ def _launch(args: argparse.Namespace, make: Callable[[DistContext], Trainer]) ->
     return 0
 
 
+def _check_data_flags(args: argparse.Namespace) -> None:
+    if not args.data:
+        for flag in ("vae", "text_encoder", "tokenizer", "cache"):
+            if getattr(args, flag):
+                raise ValueError(f"--{flag.replace('_', '-')} is only used with --data (training on videos)")
+    elif not args.vae or not args.text_encoder:
+        raise ValueError("--data needs --vae (the Wan 2.1 VAE) and --text-encoder (umT5); see docs/FINETUNE_WAN.md")
+
+
+def _source(args: argparse.Namespace, cfg: TrainConfig, init: str | None, ctx: DistContext) -> ClipSource | None:
+    """The captioned-video source when ``--data`` is given. Rank 0 encodes what is not cached yet (on its device)
+    while the other ranks wait (on a gloo group without the default collective timeout: encoding a large data
+    set takes long); they then read the same cache, which has nothing left to encode."""
+    _check_data_flags(args)
+    if not args.data:
+        return None
+    from datetime import timedelta
+
+    from .video_data import video_source
+
+    if ctx.world_size == 1:
+        return video_source(args, cfg, init, ctx.device)
+    group = dist.new_group(backend="gloo", timeout=timedelta(days=7))
+    ok: list[object] = [False]
+    source = None
+    if ctx.is_main:
+        try:
+            source = video_source(args, cfg, init, ctx.device)
+            ok = [True]
+        finally:
+            dist.broadcast_object_list(ok, src=0, group=group)
+    else:
+        dist.broadcast_object_list(ok, src=0, group=group)
+        if not ok[0]:
+            raise RuntimeError("rank 0 could not prepare the video data (its log has the error)")
+        source = video_source(args, cfg, init, ctx.device)
+    dist.destroy_process_group(group)
+    return source
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     cfg = _config_from_args(args, TrainConfig)
-    return _launch(args, lambda ctx: Trainer(cfg, args.out, init=args.init, dist_ctx=ctx))
+    _check_data_flags(args)
+
+    def make(ctx: DistContext) -> Trainer:
+        return Trainer(cfg, args.out, init=args.init, dist_ctx=ctx, source=_source(args, cfg, args.init, ctx))
+
+    return _launch(args, make)
 
 
 def cmd_distill(args: argparse.Namespace) -> int:
     cfg = _config_from_args(args, DistillConfig)
-    return _launch(args, lambda ctx: Distiller(cfg, args.out, None, teacher=args.teacher, dist_ctx=ctx))  # type: ignore[arg-type]
+    _check_data_flags(args)
+
+    def make(ctx: DistContext) -> Trainer:
+        source = _source(args, cfg, args.teacher, ctx)
+        return Distiller(cfg, args.out, None, teacher=args.teacher, dist_ctx=ctx, source=source)  # type: ignore[arg-type]
+
+    return _launch(args, make)
+
+
+def _add_data_args(p: Any) -> None:
+    g = p.add_argument_group("training on captioned videos (docs/FINETUNE_WAN.md)")
+    g.add_argument("--data", default=None, help="folder of videos with a caption file each (clip.mp4 + clip.txt)")
+    g.add_argument("--cache", default=None, help="folder for encoded latents and captions (DATA/.streamdit-cache)")
+    g.add_argument("--vae", default=None, help="Wan 2.1 VAE: wan_2.1_vae.safetensors or a diffusers vae/ folder")
+    g.add_argument("--text-encoder", default=None, help="umT5: a safetensors file or a transformers folder")
+    g.add_argument("--tokenizer", default=None, help="umT5 tokenizer folder (if not in the text encoder's folder/file)")
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    """Write a checkpoint in half precision, split into files under 16 MiB, with a model-card note."""
+    """Write a checkpoint in half precision, split into files under ``--shard-mib`` MiB, with a model-card note."""
     ck = load_checkpoint(args.ckpt)
     meta = {k: v for k, v in ck.metadata.items() if k.startswith("streamdit.") and k not in ("streamdit.format",)}
     if args.note:
         meta["streamdit.note"] = args.note
-    files = save_checkpoint(args.out, ck.model, ck.text_encoder, meta, dtype=torch.float16, max_shard_bytes=15 * 2**20)
+    dtype = {"float16": torch.float16, "bfloat16": torch.bfloat16}[args.dtype]
+    shard = int(args.shard_mib * 2**20) or None
+    files = save_checkpoint(args.out, ck.model, ck.text_encoder, meta, dtype=dtype, max_shard_bytes=shard)
     for f in files:
         log.info("wrote %s (%.1f MiB)", f, f.stat().st_size / 2**20)
     return 0
@@ -862,11 +1006,12 @@ def _add_train(sub: Any) -> None:
     t.add_argument("--config", required=True)
     t.add_argument("--out", required=True)
     t.add_argument("--device", default=None)
-    t.add_argument("--init", default=None, help="start from this checkpoint")
+    t.add_argument("--init", default=None, help="start from this checkpoint (StreamDiT or Wan 2.1 T2V safetensors)")
     t.add_argument("--steps", type=int, default=None, help="override the config's steps")
     t.add_argument("--resume", action="store_true")
     t.add_argument("--minutes", type=float, default=None, help="wall-clock budget (overrides the config)")
     _add_scale_args(t)
+    _add_data_args(t)
     t.set_defaults(func=cmd_train)
     d = sub.add_parser("distill", help="multistep-distil a teacher into a one-step-per-chunk student")
     d.add_argument("--config", required=True)
@@ -877,9 +1022,12 @@ def _add_train(sub: Any) -> None:
     d.add_argument("--resume", action="store_true")
     d.add_argument("--minutes", type=float, default=None, help="wall-clock budget (overrides the config)")
     _add_scale_args(d)
+    _add_data_args(d)
     d.set_defaults(func=cmd_distill)
     e = sub.add_parser("export", help="write a checkpoint as fp16 shards under 16 MiB")
     e.add_argument("--ckpt", required=True)
     e.add_argument("--out", required=True)
     e.add_argument("--note", default="")
+    e.add_argument("--dtype", default="float16", choices=["float16", "bfloat16"])
+    e.add_argument("--shard-mib", type=float, default=15, help="split into files of at most this size (0: one file)")
     e.set_defaults(func=cmd_export)
