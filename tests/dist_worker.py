@@ -48,3 +48,17 @@ def two_rank_worker(rank: int, root: str) -> None:
         Distiller(distill_config(1), base / "distill_two", "cpu", teacher=str(base / "one" / "ema.safetensors")).run()
     finally:
         dist.destroy_process_group()
+
+
+def cli_worker(rank: int, root: str, argv: list[str]) -> None:
+    """Run ``python -m streamdit_core`` with ``argv`` as rank ``rank`` of a two-process gloo group (the command
+    joins the existing group and leaves it at the end)."""
+    from streamdit_core.cli import main
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{Path(root) / 'cli_store'}", rank=rank, world_size=2)
+    try:
+        assert main(argv) == 0
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()

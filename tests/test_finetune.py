@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import save_file
 
 pytest.importorskip("diffusers")
@@ -22,9 +23,11 @@ from diffusers.loaders.single_file_utils import convert_wan_vae_to_diffusers  # 
 
 from streamdit_core.checkpoint import load_checkpoint  # noqa: E402
 from streamdit_core.cli import main  # noqa: E402
+from streamdit_core.codec import LATENT_CODECS, WAN21_MEAN, WAN21_STD  # noqa: E402
 from streamdit_core.config import ModelConfig  # noqa: E402
 from streamdit_core.encoders import Lazy, load_umt5, load_wan_vae  # noqa: E402
 from streamdit_core.model import StreamDiT  # noqa: E402
+from streamdit_core.pipeline import load_pipeline  # noqa: E402
 from streamdit_core.train import (  # noqa: E402
     DistillConfig,
     Distiller,
@@ -221,8 +224,9 @@ def test_vae_from_the_original_layout_encodes_like_diffusers(models):
     assert z.shape == (1, 16, 2, 4, 6)
     with torch.no_grad():
         raw = models["vae"].encode(frames.permute(1, 0, 2, 3)[None] * 2 - 1).latent_dist.mode()
-    mean = torch.tensor(models["vae"].config.latents_mean).view(1, -1, 1, 1, 1)
-    std = torch.tensor(models["vae"].config.latents_std).view(1, -1, 1, 1, 1)
+    mean = torch.tensor(WAN21_MEAN).view(1, -1, 1, 1, 1)  # the published Wan 2.1 statistics (= diffusers' config)
+    std = torch.tensor(WAN21_STD).view(1, -1, 1, 1, 1)
+    assert models["vae"].config.latents_mean == pytest.approx(WAN21_MEAN)
     torch.testing.assert_close(z, (raw - mean) / std)
     assert codec.decode(z).shape == (5, 3, 32, 48)
     with pytest.raises(ValueError, match="1 \\+ 4·k frames"):
@@ -399,3 +403,91 @@ def test_command_line_finetune_from_wan_files(models, data, tmp_path, caplog):
     assert json.loads(Path(tmp_path / "run" / "log.jsonl").read_text().splitlines()[-1])["step"] == 5
     assert main(["train", "--config", str(config), "--out", str(tmp_path / "bad"), "--data", str(data)]) == 2
     assert "--data needs --vae" in caplog.text
+
+
+def test_clip_draws_follow_the_micro_batch_seeds(models, data, tmp_path):
+    """Micro-batch ``j`` of a step draws its windows from ``seed_for(seed, step, j, ·)``: the same index gives the
+    same clips, another index (another rank or accumulated micro-batch) or another step different ones."""
+    clips = prepare_video_data(data, tmp_path / "cache", video_config(VIDEO), *_lazy(models, {}), 2, 512)
+    tr = Trainer(_train_cfg(batch=6), tmp_path / "run", "cpu", init=str(models["root"] / "wan.safetensors"),
+                 source=clips)
+    x0, c0 = tr.clips(tr.draws(0))
+    x0b, c0b = tr.clips(tr.draws(0))
+    x1, _ = tr.clips(tr.draws(1))
+    assert torch.equal(x0, x0b) and c0 == c0b and not torch.equal(x0, x1)
+    tr.step = 1
+    assert not torch.equal(tr.clips(tr.draws(0))[0], x0)
+    x, ctx = tr.batch(tr.draws(0))
+    assert ctx.shape == (6, 512, 16)  # one caption per clip: one shared context per clip, not per frame
+
+
+def test_finetuned_checkpoint_streams_in_wan_latent_space(models, data, tmp_path):
+    """A fine-tuned tiny Wan loads through load_pipeline as a StreamDiT-trained model in Wan 2.1's latent space
+    (codec ``wan2.1``, the one ComfyUI's StreamDiT Decode node reads), and its training latents are that space:
+    denormalising a cached latent with the pipeline's codec gives the VAE's raw latents of the video."""
+    from streamdit_core.prompts import ConditionedSchedule, parse_schedule
+    from streamdit_core.sampler import StreamSampler
+
+    clips = prepare_video_data(data, tmp_path / "cache", video_config(VIDEO), *_lazy(models, {}), 2, 512)
+    tr = Trainer(_train_cfg(steps=2, ckpt_every=2), tmp_path / "run", "cpu",
+                 init=str(models["root"] / "wan.safetensors"), source=clips)
+    tr.run()
+    pipe = load_pipeline(tmp_path / "run" / "ema.safetensors")
+    assert "wan2.1" in LATENT_CODECS and pipe.codec.name == "wan2.1"
+    assert pipe.text_encoder is None and not pipe.base_model
+    settings = pipe.default_settings()
+    assert (settings.height, settings.width, settings.model_frames) == (48, 64, None)  # whole buffer per call
+    assert (settings.partition.N, settings.partition.c, settings.guidance) == (1, 2, 5.0)
+
+    # the cached latents of clip0 = (raw VAE latents − WAN21_MEAN) / WAN21_STD
+    item = next(c for c in clips.items if c.caption == "a red ball moving left")
+    with safe_open(str(item.latents), framework="pt") as f:
+        cached = f.get_tensor("latents")[None]  # [1, 16, F', 6, 8]
+    frames = read_clip(data / "clip0.mp4", VIDEO["fps"], VIDEO["height"], VIDEO["width"], VIDEO["max_frames"])
+    x = torch.from_numpy(frames).permute(3, 0, 1, 2)[None].float() / 255.0 * 2 - 1
+    with torch.no_grad():
+        raw = models["vae"].encode(x).latent_dist.mode()
+    torch.testing.assert_close(pipe.codec.denormalise(cached), raw, atol=1e-5, rtol=1e-5)
+
+    # it streams: prompt embeddings as ComfyUI's CONDITIONING would bring them (the cached umT5 output)
+    emb = clips.embed(["a red ball moving left", ""])
+    schedule = ConditionedSchedule(parse_schedule("0: ball"), {"ball": emb[0]}, negative=emb[1])
+    sampler = StreamSampler(pipe, settings)
+    state = sampler.init_state(0, schedule)
+    state, latents = sampler.advance_latents(state, schedule, chunks=2)
+    assert latents.shape == (1, 16, 4, 6, 8) and torch.isfinite(latents).all()  # 2 chunks of 2 latent frames
+
+
+@pytest.mark.slow
+def test_two_ranks_fine_tune_like_one_process_accumulating(models, data, tmp_path):
+    """``train --data`` on a 2-process gloo group (rank 0 encodes the videos, rank 1 waits and reads the cache;
+    one micro-batch per rank) ends with the weights of one process accumulating both micro-batches."""
+    import torch.multiprocessing as mp
+    from dist_worker import cli_worker
+
+    root = models["root"]
+
+    def argv(name, grad_accum):
+        config = tmp_path / f"{name}.json"
+        cfg = {**_train_cfg().__dict__, "steps": 3, "ckpt_every": 3, "log_every": 1, "batch": 2,
+               "grad_accum": grad_accum}  # fmt: skip
+        config.write_text(json.dumps(cfg))
+        return ["train", "--config", str(config), "--out", str(tmp_path / name),
+                "--init", str(root / "wan.safetensors"), "--data", str(data),
+                "--cache", str(tmp_path / f"cache_{name}"), "--device", "cpu",
+                "--vae", str(root / "wan_2.1_vae.safetensors"), "--text-encoder", str(models["text_dir"])]  # fmt: skip
+
+    assert main(argv("one", 2)) == 0
+    mp.spawn(cli_worker, args=(str(tmp_path), argv("two", 1)), nprocs=2, join=True)
+    assert len(list((tmp_path / "cache_two" / "latents").glob("*.safetensors"))) == 3
+    one, two = (load_checkpoint(tmp_path / n / "live.safetensors") for n in ("one", "two"))
+    assert two.codec == "wan2.1"
+    a, b = one.model.state_dict(), two.model.state_dict()
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) < 2e-5
+    start = models["dit"].state_dict()
+    assert max(float((start[k] - a[k]).abs().max()) for k in start) > 1e-4  # training moved the weights
+
+    def losses(n):
+        return [json.loads(line)["loss"] for line in (tmp_path / n / "log.jsonl").read_text().splitlines()]
+
+    assert losses("two") == pytest.approx(losses("one"), rel=1e-5)
