@@ -1,12 +1,14 @@
-"""Memory and time estimates for fine-tuning Wan 2.1 1.3B into StreamDiT on one GPU (docs/FINETUNE_WAN.md).
+"""Memory and time estimates for fine-tuning Wan 2.1 into StreamDiT on N GPUs (docs/FINETUNE_WAN.md).
 
-Usage: python scripts/wan_finetune_estimates.py [--preset wan2.1-1.3b] [--json]
+Usage: python scripts/wan_finetune_estimates.py [--preset wan2.1-1.3b] [--gpus 1] [--json]
 
 Runs on a CPU in seconds; nothing is downloaded and no weights are needed. Three kinds of numbers, labelled in
 the output:
 
 * analytic: parameter count (``ModelConfig.num_parameters``), bytes of weights, gradients, AdamW moments, EMA and
-  a distillation teacher as the Trainer keeps them (float32 master weights, bf16 autocast on CUDA).
+  a distillation teacher as the FSDP2 Trainer keeps them (float32 master weights, float32 gradients, moments
+  and EMA, a float32 teacher, all sharded over the ``--gpus`` ranks), plus the bf16 parameters FSDP gathers for
+  compute: the root unit (embeddings, head) and two blocks (the running one and the prefetched next one).
 * counted: activations that autograd saves for the backward pass of one training forward (batch 1), counted by
   running our real ``StreamDiT`` forward on PyTorch's ``meta`` device (shapes and dtypes only, no memory) in
   bf16 with ``saved_tensors_hooks``. Attention is replaced by a stand-in that saves what flash/cuDNN attention
@@ -16,7 +18,8 @@ the output:
 * extrapolated: step time from the measured forward time in docs/BENCHMARKS.md (H100, bf16, eager, 16 latent
   frames at 832×480: 522.6 ms per model call) scaled by the FLOPs of each case (``bench.model_flops``), with a
   training step ≈ 3 forward passes (forward + backward), 4 with activation checkpointing, and a distillation
-  step = 2·teacher_steps teacher forwards (guidance doubles the batch) + one student training step.
+  step = 2·teacher_steps teacher forwards (guidance doubles the batch) + one student training step. Per GPU
+  and per clip: weak scaling (each rank its own clips) at the measured single-GPU efficiency, no communication.
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ from streamdit_core.model import StreamDiT
 GiB = 2**30
 MEASURED_MS = 522.6  # docs/BENCHMARKS.md: wan2.1-1.3b, latent (16, 16, 60, 104), full attention, H100 bf16 eager
 MEASURED_LATENT = (16, 16, 60, 104)
+MEASURED_PRESET = "wan2.1-1.3b"  # the measured model (other presets scale by their FLOPs relative to it)
 
 
 class _FlashLikeAttention(torch.autograd.Function):
@@ -100,21 +104,32 @@ def counted_activation_bytes(cfg: ModelConfig, latent: tuple[int, int, int, int]
     return block_inputs + total
 
 
-def estimates(name: str) -> dict[str, Any]:
+def gathered_bf16_bytes(cfg: ModelConfig) -> int:
+    """bf16 bytes of the parameters FSDP holds unsharded at once: the root unit and two blocks (analytic)."""
+    with torch.device("meta"):
+        model = StreamDiT(cfg.with_(num_layers=1))
+    block = sum(p.numel() for p in model.blocks[0].parameters())
+    root = sum(p.numel() for p in model.parameters()) - block
+    return 2 * (root + 2 * block)
+
+
+def estimates(name: str, gpus: int = 1) -> dict[str, Any]:
     cfg = preset(name)
     n = cfg.num_parameters()
     state = {
-        "weights fp32": 4 * n,
-        "gradients fp32": 4 * n,
-        "AdamW moments fp32": 8 * n,
-        "EMA copy fp32": 4 * n,
+        "weights fp32": 4 * n // gpus,
+        "gradients fp32": 4 * n // gpus,
+        "AdamW moments fp32": 8 * n // gpus,
+        "EMA copy fp32": 4 * n // gpus,
+        "gathered bf16 units": gathered_bf16_bytes(cfg),
     }
+    teacher = 4 * n // gpus
     cases = []
     for height, width in ((480, 832), (240, 416)):
         for frames in (16, 20):
             latent = (cfg.in_dim, frames, height // 8, width // 8)
             flops = model_flops(cfg, latent, None)
-            fwd_ms = MEASURED_MS * flops / model_flops(cfg, MEASURED_LATENT, None)
+            fwd_ms = MEASURED_MS * flops / model_flops(preset(MEASURED_PRESET), MEASURED_LATENT, None)
             case: dict[str, Any] = {
                 "video": f"{width}x{height}, {4 * (frames - 1) + 1} frames -> {frames} latent frames",
                 "tokens": frames * (height // 16) * (width // 16),
@@ -126,17 +141,18 @@ def estimates(name: str) -> dict[str, Any]:
                 case[key] = {
                     "activations_gib_counted": round(act / GiB, 1),
                     "train_total_gib": round((sum(state.values()) + act) / GiB, 1),
-                    "distill_total_gib": round((sum(state.values()) + 4 * n + act) / GiB, 1),
+                    "distill_total_gib": round((sum(state.values()) + teacher + act) / GiB, 1),
                     "train_step_s_per_clip_extrapolated": round((4 if ckpt else 3) * fwd_ms / 1000, 2),
                 }
             case["distill_step_s_per_clip_extrapolated_teacher_steps_8"] = round((16 + 3) * fwd_ms / 1000, 1)
             cases.append(case)
     return {
         "preset": name,
+        "gpus": gpus,
         "parameters_analytic": n,
         "state_gib_analytic": {k: round(v / GiB, 1) for k, v in state.items()},
         "state_total_gib_analytic": round(sum(state.values()) / GiB, 1),
-        "distill_teacher_fp32_gib_analytic": round(4 * n / GiB, 1),
+        "distill_teacher_fp32_gib_analytic": round(teacher / GiB, 1),
         "cases": cases,
     }
 
@@ -144,14 +160,18 @@ def estimates(name: str) -> dict[str, Any]:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--preset", default="wan2.1-1.3b")
+    ap.add_argument("--gpus", type=int, default=1, help="ranks the FSDP2 state is sharded over (memory per GPU)")
     ap.add_argument("--json", action="store_true", help="print JSON instead of a table")
     args = ap.parse_args()
-    result = estimates(args.preset)
+    if args.gpus < 1:
+        ap.error("--gpus must be >= 1")
+    result = estimates(args.preset, args.gpus)
     if args.json:
         sys.stdout.write(json.dumps(result, indent=1) + "\n")
         return 0
     w = sys.stdout.write
-    w(f"{result['preset']}: {result['parameters_analytic'] / 1e9:.3f} B parameters (analytic)\n")
+    w(f"{result['preset']}: {result['parameters_analytic'] / 1e9:.3f} B parameters (analytic); memory per GPU of "
+      f"{result['gpus']}\n")  # fmt: skip
     for k, v in result["state_gib_analytic"].items():
         w(f"  {k:<22} {v:6.1f} GiB (analytic)\n")
     w(f"  {'total':<22} {result['state_total_gib_analytic']:6.1f} GiB; a distillation teacher adds "

@@ -286,8 +286,9 @@ def test_committed_wan_configs_are_valid():
     root = Path(__file__).resolve().parents[1] / "configs"
     for name, cls in (("wan_1.3b_finetune.json", TrainConfig), ("wan_1.3b_distill.json", DistillConfig)):
         cfg = load_config(root / name, cls)
-        video_config(dict(cfg.video))
+        video = video_config(dict(cfg.video))
         assert cfg.buffer == 16 and cfg.batch == 1
+        assert (video.height, video.width) == (480, 832) and cfg.activation_checkpointing  # fits 80 GB (estimated)
 
 
 # ----------------------------------------------------------------------------------------------------------
