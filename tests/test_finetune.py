@@ -25,7 +25,7 @@ from streamdit_core.checkpoint import load_checkpoint  # noqa: E402
 from streamdit_core.cli import main  # noqa: E402
 from streamdit_core.codec import LATENT_CODECS, WAN21_MEAN, WAN21_STD  # noqa: E402
 from streamdit_core.config import ModelConfig  # noqa: E402
-from streamdit_core.encoders import Lazy, load_umt5, load_wan_vae  # noqa: E402
+from streamdit_core.encoders import Lazy, WanVAECodec, load_umt5, load_wan_vae  # noqa: E402
 from streamdit_core.model import StreamDiT  # noqa: E402
 from streamdit_core.pipeline import load_pipeline  # noqa: E402
 from streamdit_core.train import (  # noqa: E402
@@ -233,6 +233,9 @@ def test_vae_from_the_original_layout_encodes_like_diffusers(models):
         codec.encode(frames[:4])
     with pytest.raises(ValueError, match="not a Wan 2.1 VAE"):
         load_wan_vae(models["root"] / "wan.safetensors")
+    other = AutoencoderKLWan(base_dim=4, z_dim=16, latents_mean=[0.0] * 16)  # not Wan 2.1's latent space
+    with pytest.raises(ValueError, match="latents_mean .* differs from Wan 2.1's"):
+        WanVAECodec(other, "x")
 
 
 def test_umt5_from_a_folder_and_from_a_single_file(models, tmp_path):
