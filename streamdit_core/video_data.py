@@ -39,7 +39,6 @@ from fractions import Fraction
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
-import av
 import numpy as np
 import torch
 from PIL import Image
@@ -49,6 +48,7 @@ from safetensors.torch import save_file
 from .config import ModelConfig
 from .encoders import LatentEncoder, Lazy, TextEmbedder, clean_caption, pad_embeddings
 from .log import get_logger
+from .video_io import require_av
 
 __all__ = [
     "VIDEO_EXTENSIONS",
@@ -196,6 +196,7 @@ def read_clip(path: str | os.PathLike[str], fps: float, height: int, width: int,
         raise FileNotFoundError(f"video file not found: {path}")
     step = 1.0 / fps
     out: list[np.ndarray] = []
+    av = require_av()
     try:
         container = av.open(str(path), mode="r")
     except av.FFmpegError as error:

@@ -56,11 +56,19 @@ from fractions import Fraction
 from pathlib import Path
 from typing import Any, Literal
 
-import av
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from .log import get_logger
+
+
+def require_av() -> Any:
+    """PyAV, imported on first use: PNG, WEBP and GIF output work without it (a training machine may lack it)."""
+    try:
+        import av
+    except ImportError as error:  # pragma: no cover - depends on the environment
+        raise ImportError("MP4 reading and writing need PyAV: pip install av") from error
+    return av
 
 __all__ = [
     "Layout",
@@ -75,6 +83,7 @@ __all__ = [
     "sample_indices",
     "probe_video",
     "StreamVideoWriter",
+    "require_av",
 ]
 
 log = get_logger("video_io")
@@ -233,7 +242,7 @@ def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:
 
 def _h264_codec() -> str:
     for name in _H264_CODECS:
-        if name in av.codecs_available:
+        if name in require_av().codecs_available:
             return name
     raise RuntimeError(
         f"this PyAV build has no H.264 encoder (looked for {', '.join(_H264_CODECS)}); "
@@ -246,6 +255,7 @@ def _encode_h264(frames: np.ndarray, path: Path, fps: Fraction, crf: int, fastst
     codec = _h264_codec()
     options = {"crf": str(crf), "preset": "medium"} if codec == "libx264" else {}
     container_options = {"movflags": "+faststart"} if faststart else {}
+    av = require_av()
     with av.open(str(path), mode="w", format="mp4", options=container_options) as container:
         stream = container.add_stream(codec, rate=fps, options=options)
         stream.width, stream.height = frames.shape[2], frames.shape[1]
@@ -475,6 +485,7 @@ def read_video(path: PathLike, max_frames: int | None = None) -> np.ndarray:
 def _open_for_reading(path: PathLike) -> Iterator[Any]:
     if not Path(path).is_file():
         raise FileNotFoundError(f"video file not found: {path}")
+    av = require_av()
     try:
         container = av.open(str(path), mode="r")
     except av.FFmpegError as error:
@@ -685,6 +696,7 @@ def _remux_segments(segments: Sequence[tuple[Path, int]], out_path: Path, fps: F
     All segments must share the codec parameters (size, pixel format, SPS/PPS); the writer guarantees that by
     encoding every segment with the same settings, and a mismatch raises ``ValueError``.
     """
+    av = require_av()
     with av.open(str(out_path), mode="w", format="mp4", options={"movflags": "+faststart"}) as out:
         out_stream: Any = None
         extradata: bytes | None = None

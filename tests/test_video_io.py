@@ -443,3 +443,27 @@ def test_requirements_txt_matches_pyproject_and_never_lists_torch() -> None:
     assert requirements == project["dependencies"]
     assert not any(req.lower().startswith("torch") for req in requirements)
     assert "av" in {req.split(">")[0].split("=")[0] for req in requirements}
+
+
+def test_images_work_without_pyav_and_mp4_names_the_missing_package(tmp_path):
+    """A training machine may lack PyAV: contact sheets and WEBP still work, MP4 says what to install."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; sys.modules['av'] = None\n"
+        "import numpy as np\n"
+        "from streamdit_core import video_io\n"
+        "frames = np.zeros((4, 16, 16, 3), dtype=np.uint8)\n"
+        f"video_io.write_contact_sheet(frames, r'{tmp_path}/sheet.png')\n"
+        f"video_io.write_webp(frames, r'{tmp_path}/clip.webp', fps=8)\n"
+        "try:\n"
+        f"    video_io.write_mp4(frames, r'{tmp_path}/clip.mp4', fps=8)\n"
+        "except ImportError as error:\n"
+        "    print('IMPORT-ERROR', error)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "IMPORT-ERROR MP4 reading and writing need PyAV: pip install av" in done.stdout
+    assert (tmp_path / "sheet.png").stat().st_size > 0 and (tmp_path / "clip.webp").stat().st_size > 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["clip.webp", "sheet.png"]  # no partial MP4 left
