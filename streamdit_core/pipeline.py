@@ -65,6 +65,10 @@ WAN_BASE_DEFAULTS: dict[str, Any] = {
     "model_frames": 4,
 }
 
+# contexts remembered by identity (device copies, guided batches): at least the model inputs of one step
+# (B / model_frames parts, about twice that with lookahead)
+_MEMO_SIZE = 16
+
 _DTYPES = {
     "float32": torch.float32,
     "fp32": torch.float32,
@@ -121,7 +125,8 @@ class StreamPipeline:
     external_embeddings: dict[str, torch.Tensor] = field(default_factory=dict)
     _prompt_cache: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
     _sigma_memo: dict[tuple[float, ...], torch.Tensor] = field(default_factory=dict, repr=False)
-    _guided_memo: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = field(default=None, repr=False)
+    _guided_memo: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = field(default_factory=list, repr=False)
+    _device_memo: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list, repr=False)
 
     def set_perf(self, options: PerfOptions) -> dict[str, str]:
         """Switch the model's inference speed-ups (GPU-only parts are dropped on a CPU); returns what is on."""
@@ -138,6 +143,18 @@ class StreamPipeline:
                 self._sigma_memo.clear()
             found = self._sigma_memo[key] = sigmas.to(self.device, torch.float32)[None]
         return found
+
+    def _on_device(self, t: torch.Tensor) -> torch.Tensor:
+        """``t`` on the device, the same tensor for the same input tensor (contexts made on the CPU, e.g. from
+        ComfyUI CONDITIONING, would otherwise be a new copy every call and miss the model's text K/V cache)."""
+        if t.device == self.device:
+            return t
+        for src, dst in self._device_memo:
+            if src is t:
+                return dst
+        dst = t.to(self.device)
+        self._device_memo = [*self._device_memo[-(_MEMO_SIZE - 1) :], (t, dst)]
+        return dst
 
     @property
     def cheap_decode(self) -> bool:
@@ -227,16 +244,17 @@ class StreamPipeline:
         context/uncond ``[1, B, Lt, D]``. Returns the (guided) velocity ``[1, C, B, h, w]`` float32."""
         x = latents.to(self.device, self.dtype)
         sig = self._device_sigmas(sigmas)
-        ctx = context.to(self.device)
+        ctx = self._on_device(context)
         if guidance != 1.0:
             if uncond is None:
                 raise ValueError("guidance != 1 needs an unconditional context")
-            memo = self._guided_memo
-            if memo is not None and memo[0] is context and memo[1] is uncond:
-                both = memo[2]
+            # one entry per context in use: with model_frames the sampler passes one context slice per part
+            found = [m[2] for m in self._guided_memo if m[0] is context and m[1] is uncond]
+            if found:
+                both = found[0]
             else:
-                both = torch.cat([ctx, uncond.to(self.device)])
-                self._guided_memo = (context, uncond, both)
+                both = torch.cat([ctx, self._on_device(uncond)])
+                self._guided_memo = [*self._guided_memo[-(_MEMO_SIZE - 1) :], (context, uncond, both)]
             x, sig, ctx = torch.cat([x, x]), torch.cat([sig, sig]), both
         with torch.inference_mode():
             v = self.model(x, sig, ctx, window=window, attention_backend=self.attention).float()

@@ -193,6 +193,26 @@ def test_guided_batch_and_stream_equal_plain_path():
     assert torch.allclose(outs[0], outs[1], atol=1e-5)
 
 
+def test_guided_model_frames_stream_reuses_text_keys_values():
+    """Guidance with several model inputs per step (a base Wan's defaults: model_frames, CFG) keeps one guided
+    context per part, so a steady one-prompt stream computes no text keys/values after the start; the frames
+    equal the plain path's."""
+    schedule = parse_schedule("0: a large red circle on a black background")
+    outs = []
+    for options in (PLAIN, PerfOptions()):
+        pipe = placeholder_pipeline(perf=options)
+        sampler = StreamSampler(pipe, pipe.default_settings(height=16, width=16, guidance=2.0, model_frames=4,
+                                                            partition=Partition(K=0, N=4, c=2, s=1)))
+        state = sampler.init_state(3, schedule)
+        computed: list[int] = []
+        hook = pipe.model.text_embedding.register_forward_hook(lambda *_, n=computed: n.append(1))
+        _, frames = sampler.advance(state, schedule, chunks=3)  # 3 steps of 2 model inputs each
+        hook.remove()
+        outs.append(frames)
+    assert len(computed) == 0  # was 6 (every call) when only the last guided context was remembered
+    assert torch.allclose(outs[0], outs[1], atol=1e-5)
+
+
 # -- fp8 --------------------------------------------------------------------------------------------------
 
 
