@@ -395,11 +395,12 @@ def load_wan_pipeline(
     if cfg.in_dim != 16:
         raise ValueError(f"{Path(path).name}: {cfg.in_dim} latent channels; only Wan 2.1 (16 channels) is supported")
     codec = wan21_codec()
-    loaded.model.set_perf(_perf_options(perf).for_device(dev))
+    model = loaded.model.to(device=dev, dtype=dt)
+    model.set_perf(_perf_options(perf).for_device(dev))  # after the move: fp8/CUDA graphs look at the device
     log.info("loaded Wan checkpoint %s (%s parameters, stored as %s)", Path(path).name,
              f"{cfg.num_parameters():,}", "/".join(loaded.stored_dtypes))
     return StreamPipeline(
-        model=loaded.model.to(device=dev, dtype=dt),
+        model=model,
         text_encoder=None,
         codec=codec,
         device=dev,

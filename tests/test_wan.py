@@ -72,3 +72,23 @@ def test_unknown_and_missing_keys_are_listed(tmp_path):
     assert not is_wan_checkpoint(other)
     with pytest.raises(CheckpointError, match="not a Wan 2.1"):
         load_wan(other)
+
+
+def test_wan_pipeline_applies_speed_ups_after_the_move(tmp_path, monkeypatch):
+    """Speed-ups are installed on the model in its final device and dtype (fp8 quantises the weights it finds,
+    CUDA graphs need the model on CUDA), as load_pipeline does."""
+    import streamdit_core.model as model_mod
+    from streamdit_core.pipeline import load_wan_pipeline
+
+    path = tmp_path / "wan.safetensors"
+    save_file({k: v.contiguous() for k, v in _random_wan().state_dict().items()}, str(path))
+    seen = []
+    real = model_mod.apply_perf
+
+    def spy(model, options):
+        seen.append(model.patch_embedding.weight.device.type)
+        return real(model, options)
+
+    monkeypatch.setattr(model_mod, "apply_perf", spy)
+    pipe = load_wan_pipeline(path, device="meta", perf="safe")  # a device other than the loading CPU
+    assert seen == ["meta"] and pipe.model.perf_status["requested"] == "text_kv_cache,layout_cache"
