@@ -108,7 +108,7 @@ class StreamDiTConditioningSchedule:
     @classmethod
     def INPUT_TYPES(cls) -> dict[str, Any]:
         optional: dict[str, Any] = {
-            f"conditioning_{i}": (CONDITIONING, {"tooltip": f"The prompt that starts at the {i}th keyframe."})
+            f"conditioning_{i}": (CONDITIONING, {"tooltip": f"The prompt that starts at keyframe {i}."})
             for i in range(2, SLOTS + 1)
         }
         optional["negative"] = (
