@@ -599,12 +599,13 @@ class Trainer:
     def defaults(self) -> dict[str, object]:
         """Stream settings the trained model runs with (``streamdit.defaults``). With a source: chunks of 2
         (latent) frames over the training buffer, Wan's guidance 5, and the source's size and frame rate."""
+        c = 2 if self.cfg.buffer % 2 == 0 else 1
+        partition = [0, self.cfg.buffer // c, c, 1]  # the distilled scheme over the training buffer
         if self.source is not None:
-            c = 2 if self.cfg.buffer % 2 == 0 else 1
-            d: dict[str, object] = {"partition": [0, self.cfg.buffer // c, c, 1], "shift": self.cfg.shift}
+            d: dict[str, object] = {"partition": partition, "shift": self.cfg.shift}
             return d | {"guidance": 5.0} | self.source.defaults()
         return {
-            "partition": [0, 8, 2, 1],
+            "partition": partition,
             "shift": self.cfg.shift,
             "guidance": 1.0,
             "height": self.world.config.height,
