@@ -998,32 +998,30 @@ def _add_scale_args(p: Any) -> None:
     p.add_argument("--grad-accum", type=int, default=None, help="micro-batches accumulated per step (overrides)")
 
 
+def _add_run_args(p: Any) -> None:
+    """Arguments shared by ``train`` and ``distill``: config, output, device, length, resume, scale and data."""
+    p.add_argument("--config", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--device", default=None)
+    p.add_argument("--steps", type=int, default=None, help="override the config's steps")
+    p.add_argument("--resume", action="store_true")
+    p.add_argument("--minutes", type=float, default=None, help="wall-clock budget (overrides the config)")
+    _add_scale_args(p)
+    _add_data_args(p)
+
+
 @register_command("train")
 def _add_train(sub: Any) -> None:
     t = sub.add_parser(
         "train",
         help="train a StreamDiT model on the procedural world (several GPUs: torchrun --nproc_per_node N -m …)",
     )
-    t.add_argument("--config", required=True)
-    t.add_argument("--out", required=True)
-    t.add_argument("--device", default=None)
     t.add_argument("--init", default=None, help="start from this checkpoint (StreamDiT or Wan 2.1 T2V safetensors)")
-    t.add_argument("--steps", type=int, default=None, help="override the config's steps")
-    t.add_argument("--resume", action="store_true")
-    t.add_argument("--minutes", type=float, default=None, help="wall-clock budget (overrides the config)")
-    _add_scale_args(t)
-    _add_data_args(t)
+    _add_run_args(t)
     t.set_defaults(func=cmd_train)
     d = sub.add_parser("distill", help="multistep-distil a teacher into a one-step-per-chunk student")
-    d.add_argument("--config", required=True)
     d.add_argument("--teacher", required=True)
-    d.add_argument("--out", required=True)
-    d.add_argument("--device", default=None)
-    d.add_argument("--steps", type=int, default=None)
-    d.add_argument("--resume", action="store_true")
-    d.add_argument("--minutes", type=float, default=None, help="wall-clock budget (overrides the config)")
-    _add_scale_args(d)
-    _add_data_args(d)
+    _add_run_args(d)
     d.set_defaults(func=cmd_distill)
     e = sub.add_parser("export", help="write a checkpoint as fp16 shards under 16 MiB")
     e.add_argument("--ckpt", required=True)
