@@ -14,9 +14,10 @@ or prompt schedule, a frame count, a seed, optionally a video to restyle) and an
 * **background** (pixels away from objects): fraction of horizontal / vertical neighbour pairs that differ by
   more than ``edge_step`` (stripes: horizontal only, checkerboard: both, plain: neither) and the median grey
   level (black vs grey).
-* **motion**: per window of frames, the median displacement of the tracked centroid (wrapped to the torus):
-  still if both axes move less than ``still_speed`` px/frame, bouncing if both move, else the dominant axis'
-  sign.
+* **motion**: per window of frames, the displacements of the tracked centroid (wrapped to the torus): an axis
+  moves when its median ``|d|`` reaches ``still_speed`` px/frame and either its mean displacement does too or
+  its steps reverse sign at most ``max_reversals`` times (a wall reflection) — centroid jitter of a blob that
+  stays put does neither; still if no axis moves, bouncing if both move, else the moving axis' sign.
 """
 
 from __future__ import annotations
@@ -98,6 +99,7 @@ class AnalysisConfig:
     still_speed: float = 0.25
     max_speed: float = 5.0
     bounce_ratio: float = 0.3
+    max_reversals: int = 1
     chunk_frames: int = 256
 
     def __post_init__(self) -> None:
@@ -111,6 +113,8 @@ class AnalysisConfig:
             )
         if self.chunk_frames < 1:
             raise ValueError(f"AnalysisConfig chunk_frames must be >= 1, got {self.chunk_frames}")
+        if self.max_reversals < 0:
+            raise ValueError(f"AnalysisConfig max_reversals must be >= 0, got {self.max_reversals}")
 
 
 @dataclass(frozen=True)
@@ -333,10 +337,14 @@ def analyze_frames(frames: torch.Tensor, world: WorldConfig | None = None,
 def classify_motion(track: torch.Tensor, width: int, height: int, config: AnalysisConfig | None = None) -> int:
     """Motion index (into ``MOTIONS``) of a centroid track ``[K, 2]`` (``K ≥ 2``, NaN rows = lost).
 
-    Displacements are wrapped to ``[−W/2, W/2)``; medians of ``|dx|``, ``|dy|`` decide still / bouncing /
-    axis; the mean signed displacement of the dominant axis decides the direction. Returns −1 when fewer
-    than one valid displacement exists, or when the median step exceeds ``max_speed`` (erratic motion, e.g.
-    frames out of order)."""
+    Displacements are wrapped to ``[−W/2, W/2)``. An axis *moves* when its median ``|d|`` reaches
+    ``still_speed`` and it goes somewhere: its mean displacement reaches ``still_speed`` too, or its steps
+    change sign at most ``max_reversals`` times (a world object reverses an axis only when it reflects off a
+    wall, which can cancel the mean). A generated blob that stays in place while its centroid jitters by a
+    pixel has a large median ``|d|`` but neither, and counts as still on that axis. No moving axis: still; both moving
+    with the smaller median ≥ ``bounce_ratio`` × the larger: bouncing; else the sign of the mean displacement of
+    the moving (or, with two, the dominant) axis. Returns −1 when fewer than one valid displacement exists, or
+    when the median step exceeds ``max_speed`` (erratic motion, e.g. frames out of order)."""
     config = config or AnalysisConfig()
     d = track[1:] - track[:-1]
     d = d[~torch.isnan(d).any(-1)]
@@ -344,14 +352,20 @@ def classify_motion(track: torch.Tensor, width: int, height: int, config: Analys
         return -1
     extent = torch.tensor([float(width), float(height)])
     d = torch.remainder(d + extent / 2, extent) - extent / 2
-    ax, ay = d.abs().median(0).values.tolist()
-    mx, my = d.mean(0).tolist()
-    big, small = max(ax, ay), min(ax, ay)
     if float(d.norm(dim=-1).median()) > config.max_speed:
         return -1  # erratic: the world never moves faster than a few pixels per frame
-    if big < config.still_speed:
+    speed = d.abs().median(0).values  # [2]
+    sign = torch.sign(d)
+    reversals = ((sign[1:] * sign[:-1]) < 0).sum(0)  # [2]
+    net = d.mean(0)  # [2]
+    steady = (net.abs() >= config.still_speed) | (reversals <= config.max_reversals)
+    moving = (speed >= config.still_speed) & steady
+    ax, ay = (float(speed[a]) if bool(moving[a]) else 0.0 for a in (0, 1))
+    mx, my = net.tolist()
+    big, small = max(ax, ay), min(ax, ay)
+    if big == 0.0:
         return MOTIONS.index("still")
-    if small >= config.still_speed and small >= config.bounce_ratio * big:
+    if small > 0.0 and small >= config.bounce_ratio * big:
         return MOTIONS.index("bouncing")
     if ax >= ay:
         return MOTIONS.index("right" if mx > 0 else "left")

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from streamdit_core.evaluate import (
+    AnalysisConfig,
     EvalConfig,
     GenerateRequest,
     analyze_frames,
@@ -111,6 +112,24 @@ def test_classify_motion_tracks():
     assert MOTIONS[classify_motion(up_wrapping, 64, 64)] == "up"
     assert MOTIONS[classify_motion(still + t * torch.tensor([1.0, -0.8]), 64, 64)] == "bouncing"
     assert classify_motion(torch.full((5, 2), float("nan")), 64, 64) == -1
+
+
+def test_classify_motion_ignores_centroid_jitter():
+    """A generated blob that stays in place but whose centroid jitters by about a pixel per frame (seen in the
+    v2 teacher's streams) is still, not bouncing; jitter on top of a real drift keeps the drift; a bouncing
+    object that reflects off a wall mid-window (its mean cancels on that axis) is still bouncing."""
+    jitter = torch.tensor([[0.0, 0.0], [-0.4, -0.8], [-0.7, -1.9], [-0.9, -1.5], [-0.5, -2.2], [-0.4, -0.4],
+                           [-1.0, 1.7], [-1.3, 1.1], [-1.2, -0.9]])
+    still = torch.tensor([[40.0, 30.0]]) + jitter
+    assert MOTIONS[classify_motion(still, 64, 64)] == "still"
+    t = torch.arange(9, dtype=torch.float32)[:, None]
+    assert MOTIONS[classify_motion(still + t * torch.tensor([-1.2, 0.0]), 64, 64)] == "left"
+    assert MOTIONS[classify_motion(still + t * torch.tensor([0.0, 1.0]), 64, 64)] == "down"
+    x = 20.0 + 0.9 * t[:, 0]
+    y = 6.0 - (4.0 - (t[:, 0] - 4.0).abs()) * 0.8  # up 0.8 px/frame, reflects off the top wall at frame 4
+    assert MOTIONS[classify_motion(torch.stack([x, y], -1), 64, 64)] == "bouncing"
+    with pytest.raises(ValueError, match="max_reversals"):
+        AnalysisConfig(max_reversals=-1)
 
 
 def test_ground_truth_scores_near_perfect(gt_report):
