@@ -164,6 +164,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str = 
     """
     if backend == "auto":
         backend = resolve_backend("auto", q.device, q.dtype)
+    if backend == "cudnn" and torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+        backend = "sdpa"  # the cuDNN custom op is forward-only (inference); training differentiates plain SDPA
     if backend == "sdpa":
         out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
         return out.transpose(1, 2)

@@ -825,6 +825,8 @@ class Distiller(Trainer):
         super().__init__(cfg, out, device, init=teacher, dist_ctx=dist_ctx, source=source)
         model, text = load_init(teacher, need_text=source is None)
         self.teacher = model.requires_grad_(False).eval()
+        # 2·s_teacher of the ~2·s_teacher + 3 forward-equivalents of a step are the teacher's: compile it too
+        self._teacher_eager = compile_blocks(self.teacher.blocks) if cfg.compile else None
         shard_streamdit(self.teacher, self.dist.mesh, self.compute_dtype)
         self.teacher_forward: VelocityModel = InDtype(self.teacher, self.compute_dtype)
         # the bundled teacher's own (frozen) text encoder, small: a copy on every rank; with a source, its embeddings
@@ -836,6 +838,17 @@ class Distiller(Trainer):
 
     def sample_partition(self) -> Partition:
         return self.student_partition
+
+    def _micro_loss(self, draws: Draws) -> torch.Tensor:
+        try:
+            return super()._micro_loss(draws)
+        except Exception:  # the teacher's torch.compile failures surface on the first call too
+            if self._teacher_eager is None:
+                raise
+            log.warning("torch.compile of the teacher failed; running the teacher in eager mode", exc_info=True)
+            restore_forwards(self.teacher.blocks, self._teacher_eager)
+            self._teacher_eager = None
+            return super()._micro_loss(draws)
 
     @torch.no_grad()
     def _teacher_move(self, x: torch.Tensor, context_ids: torch.Tensor, unique: list[str]) -> torch.Tensor:

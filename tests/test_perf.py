@@ -333,3 +333,18 @@ def test_bench_case_runs_and_reports_every_mode():
     table = to_markdown([row])
     assert "| tiny | safe |" in table and "| tiny | baseline (eager, full attention) |" in table
     assert CASES["paper-4b"].temporal_factor == 4 and CASES["wan2.1-1.3b-w8"].window == (8, 30, 52)
+
+
+def test_cudnn_backend_trains_through_plain_sdpa():
+    """The cuDNN custom op is forward-only: with inputs that need gradients, ``attention(backend="cudnn")``
+    differentiates plain SDPA instead (the first H100 training run after 'auto' began choosing cuDNN failed
+    with 'no autograd formula' in backward). Gradients equal those of the math backend."""
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 12, 3, 8, generator=gen, requires_grad=True) for _ in range(3))
+    attention(q, k, v, backend="cudnn").square().sum().backward()
+    got = [t.grad.clone() for t in (q, k, v)]  # type: ignore[union-attr]
+    for t in (q, k, v):
+        t.grad = None
+    attention(q, k, v, backend="math").square().sum().backward()
+    for g, t in zip(got, (q, k, v)):
+        torch.testing.assert_close(g, t.grad, rtol=1e-4, atol=1e-5)
