@@ -229,16 +229,18 @@ def test_settings_node_fills_model_defaults_and_validates() -> None:
     defaults = handle.pipeline.default_settings()
     settings = model.build_settings(handle)
     assert settings.partition == defaults.partition and settings.height == defaults.height
-    custom = model.build_settings(handle, chunk_size=1, chunks=4, micro_steps=2, reference_frames=1, shift=3.0,
+    custom = model.build_settings(handle, chunk_size=2, chunks=4, micro_steps=2, reference_frames=2, shift=3.0,
                                   guidance=2.0, window=(2, 0, 0), warm_start=False, negative_prompt="blurry")
     p = custom.partition
-    assert (p.K, p.N, p.c, p.s) == (1, 4, 1, 2)
+    assert (p.K, p.N, p.c, p.s) == (2, 4, 2, 2)
     assert custom.shift == 3.0 and custom.guidance == 2.0 and not custom.warm_start
     assert custom.window is not None and custom.window[0] == 2
     with pytest.raises(ValueError, match="StreamDiT Settings"):
         model.build_settings(handle, guidance=0.5)
     with pytest.raises(ValueError, match="height"):
-        model.build_settings(handle, height=12)  # not a multiple of the model's patch
+        model.build_settings(handle, height=10)  # not a multiple of the model's patch (4)
+    with pytest.raises(ValueError, match="temporal patch 2"):
+        model.build_settings(handle, chunk_size=1)  # the bundled model's tokens span 2 frames
 
 
 def test_every_node_and_input_is_documented() -> None:

@@ -331,7 +331,7 @@ def test_resume_with_different_settings_is_refused(env: Path) -> None:
     prompt = _convert(ex, "streamdit_save_and_resume")
     _run(ex, prompt, 2)
     common.STREAMS.clear()
-    _set(prompt, "StreamDiTSettings", chunk_size=1)
+    _set(prompt, "StreamDiTSettings", chunk_size=4)
     with pytest.raises(ExecutionError, match="settings"):
         ex.run(prompt)
 
