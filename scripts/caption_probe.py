@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import json
 import logging
 import sys
@@ -47,6 +48,7 @@ from typing import Any
 
 import torch
 
+from streamdit_core.checkpoint import shard_paths
 from streamdit_core.codec import PixelCodec
 from streamdit_core.distributed import seed_for
 from streamdit_core.log import LOGGER_NAME, get_logger
@@ -290,6 +292,14 @@ def probe(
     return result
 
 
+def _sha256(paths: Sequence[Path]) -> str:
+    """SHA-256 of the files' bytes, concatenated in order (one file: its usual checksum)."""
+    digest = hashlib.sha256()
+    for path in paths:
+        digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
 def markdown(result: dict[str, Any]) -> str:
     """The tables of a :func:`probe` result (plus the run's settings when present)."""
     keys = list(result["clips_per_sigma"])
@@ -297,7 +307,8 @@ def markdown(result: dict[str, Any]) -> str:
     lines = []
     if "model" in result:
         lines += [
-            f"Caption probe of `{result['model']}`: {result['clips']} world clips of {result['frames']} frames, "
+            f"Caption probe of `{result['model']}` (sha256 {result['model_sha256'][:12]}…): "
+            f"{result['clips']} world clips of {result['frames']} frames, "
             f"seed {result['seed']}, config `{result['config']}`, "
             f"{'every clip at every σ' if result['every_sigma'] else 'clip i at σ[i mod len(σ)]'}; "
             f"{result['seconds']:.0f} s on CPU. Command: `{result['command']}`",
@@ -365,6 +376,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     config_path = Path(args.config).resolve()
     result = {
         "model": str(model_path.relative_to(REPO)) if model_path.is_relative_to(REPO) else str(model_path),
+        "model_sha256": _sha256(shard_paths(model_path)),
         "config": str(config_path.relative_to(REPO)) if config_path.is_relative_to(REPO) else str(config_path),
         "clips": args.clips,
         "frames": cfg.buffer,
