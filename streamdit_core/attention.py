@@ -37,6 +37,9 @@ __all__ = [
     "effective_window",
     "window_partition",
     "window_reverse",
+    "window_index",
+    "window_partition_indexed",
+    "window_reverse_indexed",
 ]
 
 Backend = Literal["auto", "sdpa", "cudnn", "flash_attn", "math"]
@@ -234,3 +237,48 @@ def window_reverse(
     if shift:
         x = torch.roll(x, shifts=(wf // 2, wh // 2, ww // 2), dims=(1, 2, 3))
     return x.reshape(batch, f * h * w, *tail)
+
+
+def window_index(
+    grid: tuple[int, int, int], window: tuple[int, int, int], shift: bool, device: torch.device | str = "cpu"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token order of :func:`window_partition` as an index, for :func:`window_partition_indexed`.
+
+    Position ``p`` of the partitioned sequence (window-major: window ``(i, j, k)`` in (frame, row, column)
+    order, then the offset ``(a, b, c)`` inside it) holds the token at grid position
+    ``((i·wf + a + sf) mod F, (j·wh + b + sh) mod H, (k·ww + c + sw) mod W)``, with ``s = ⌊window/2⌋`` on every
+    axis when ``shift`` (the cyclic roll by minus half a window) and 0 otherwise.
+
+    Returns:
+        ``(index, inverse)``, both ``[F·H·W]`` int64 on ``device``: ``partitioned = x[:, index]`` and
+        ``x = partitioned[:, inverse]``.
+    """
+    f, h, w = grid
+    wf, wh, ww = window
+    if f % wf or h % wh or w % ww:
+        raise ValueError(f"window {window} does not tile the token grid {grid}")
+    axes = []
+    for size, win in zip(grid, window):
+        start = (torch.arange(size // win) * win)[:, None]  # [n, 1] first position of each window
+        offset = torch.arange(win)[None, :]  # [1, win]
+        axes.append((start + offset + (win // 2 if shift else 0)) % size)  # [n, win] grid coordinate
+    cf, ch, cw = axes
+    # [nf, nh, nw, wf, wh, ww]: window indices first, then offsets, like window_partition's permute
+    flat = (cf[:, None, None, :, None, None] * (h * w) + ch[None, :, None, None, :, None] * w
+            + cw[None, None, :, None, None, :])
+    index = flat.reshape(-1)
+    inverse = torch.empty_like(index)
+    inverse[index] = torch.arange(index.numel())
+    return index.to(device), inverse.to(device)
+
+
+def window_partition_indexed(x: torch.Tensor, index: torch.Tensor, window_tokens: int) -> torch.Tensor:
+    """:func:`window_partition` as one gather: ``x`` ``[batch, L, ...]``, ``index`` ``[L]`` from
+    :func:`window_index` → ``[batch · n_windows, window_tokens, ...]`` (contiguous; no roll, no permute)."""
+    return x.index_select(1, index).reshape(-1, window_tokens, *x.shape[2:])
+
+
+def window_reverse_indexed(x: torch.Tensor, batch: int, inverse: torch.Tensor) -> torch.Tensor:
+    """:func:`window_reverse` as one gather: ``x`` ``[batch · n_windows, w, ...]``, ``inverse`` ``[L]`` from
+    :func:`window_index` → ``[batch, L, ...]``."""
+    return x.reshape(batch, -1, *x.shape[2:]).index_select(1, inverse)

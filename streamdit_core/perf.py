@@ -15,7 +15,17 @@ option             what it does                                                 
 ``fp8``            block linears in float8 e4m3 (``torch._scaled_mm``), weights quantised    ~2-4 % relative
                    once, activations per call; ``row`` = per-row scales, ``tensor`` = one     (measured by
                    scale per tensor                                                          ``bench``)
+``fused_qkv``      self-attention q/k/v as one ``[3d, d]`` matmul, cross-attention k/v as    float rounding
+                   one ``[2d, d]`` matmul; the weights become views of one buffer (state      (≤ 1e-5 fp32)
+                   dict and parameters unchanged); with fp8 the fused weight is quantised
+                   (per-row scales: the same quantisation as q/k/v apart; activations
+                   quantised once instead of three times)
+``window_gather``  shifted and unshifted window partitioning as one ``index_select`` with a   bit-identical
+                   precomputed token order per grid/window/shift (no ``torch.roll`` copies)
 =================  ========================================================================  ==================
+
+``fused_qkv`` and ``window_gather`` are off in every level until they are measured on a GPU; switch them on
+with the items ``qkv`` and ``gather`` (``"fast,qkv,gather"``), in ``bench --modes fast+qkv+gather`` too.
 
 The attention kernel is chosen by the attention backend (``auto`` picks cuDNN on GPUs that support it), not
 here. Everything fails soft: an optimisation that cannot run on this machine (no CUDA, no fp8 matmul, a
@@ -47,6 +57,7 @@ __all__ = [
     "Fp8Linear",
     "GraphRunner",
     "apply_perf",
+    "fp8_linear",
     "quantize_fp8",
     "dequantize_fp8",
     "fp8_supported",
@@ -69,6 +80,8 @@ class PerfOptions:
         compile: ``torch.compile`` mode of the blocks, or ``"off"``.
         cuda_graphs: replay the model call as a CUDA graph (CUDA only; needs both caches).
         fp8: ``"off"``, ``"row"`` (per-row scales) or ``"tensor"`` (per-tensor scales) float8 block linears.
+        fused_qkv: one matmul for self-attention q/k/v and one for cross-attention k/v (inference only).
+        window_gather: window partitioning by a cached token permutation instead of ``torch.roll`` + reshape.
     """
 
     text_kv_cache: bool = True
@@ -76,6 +89,8 @@ class PerfOptions:
     compile: str = "off"
     cuda_graphs: bool = False
     fp8: str = "off"
+    fused_qkv: bool = False
+    window_gather: bool = False
 
     def __post_init__(self) -> None:
         if self.compile not in COMPILE_MODES:
@@ -93,17 +108,20 @@ class PerfOptions:
     @classmethod
     def level(cls, name: str) -> PerfOptions:
         """A named level (:data:`PERF_LEVELS`) or a comma list such as ``"kv,layout,compile=default,graphs,fp8=row"``
-        (``kv``/``layout``/``graphs`` switch on; ``compile`` alone means ``compile=default``; ``fp8`` alone
-        means ``fp8=row``; ``plain`` as an item starts from everything off)."""
+        (``kv``/``layout``/``graphs``/``qkv``/``gather`` switch on; ``compile`` alone means ``compile=default``;
+        ``fp8`` alone means ``fp8=row``; a level name as an item, e.g. ``"fast,qkv"``, sets every option to
+        that level's at that point of the list; a list starts from everything off)."""
         if name in PERF_LEVELS:
             return PERF_LEVELS[name]
         opts: dict[str, Any] = {"text_kv_cache": False, "layout_cache": False}
+        switches = {"kv": "text_kv_cache", "layout": "layout_cache", "graphs": "cuda_graphs", "qkv": "fused_qkv",
+                    "gather": "window_gather"}
         for raw in filter(None, (p.strip() for p in name.split(","))):
             key, _, value = raw.partition("=")
-            if key == "plain" and not value:
-                continue
-            if key in ("kv", "layout", "graphs") and not value:
-                opts[{"kv": "text_kv_cache", "layout": "layout_cache", "graphs": "cuda_graphs"}[key]] = True
+            if key in PERF_LEVELS and not value:
+                opts = {f.name: getattr(PERF_LEVELS[key], f.name) for f in fields(PERF_LEVELS[key])}
+            elif key in switches and not value:
+                opts[switches[key]] = True
             elif key == "compile":
                 opts["compile"] = value or "default"
             elif key == "fp8":
@@ -111,7 +129,8 @@ class PerfOptions:
             else:
                 raise ValueError(
                     f"unknown optimisation {raw!r} in {name!r}; use a level {sorted(PERF_LEVELS)} or items "
-                    "kv, layout, compile[=MODE], graphs, fp8[=row|tensor]"
+                    "kv, layout, compile[=MODE], graphs, fp8[=row|tensor], qkv, gather (a level name may start "
+                    "the list)"
                 )
         return cls(**opts)
 
@@ -197,6 +216,40 @@ def _scaled_mm(
     return out if bias is None else out + bias.to(out_dtype)
 
 
+def fp8_linear(
+    x: torch.Tensor,
+    weight_fp8: torch.Tensor,
+    weight_scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    rowwise: bool,
+    use_scaled_mm: bool,
+) -> torch.Tensor:
+    """``x @ Wᵀ + b`` with ``x`` quantised to float8 e4m3 here and ``W`` quantised once.
+
+    Args:
+        x: ``[..., in]``.
+        weight_fp8: ``[out, in]`` e4m3 values stored as ``uint8`` (:func:`quantize_fp8`, then ``.view(uint8)``).
+        weight_scale: ``[1, out]`` (rowwise) or ``[]``; read as float32.
+        bias: ``[out]`` or ``None``.
+        rowwise: per-row scales for ``x`` (and ``W``); else one scale per tensor.
+        use_scaled_mm: the fp8 tensor-core matmul; else the same quantisation emulated in float32.
+    Returns:
+        ``[..., out]`` in x's dtype.
+    """
+    lead, features, out_features = x.shape[:-1], x.shape[-1], weight_fp8.shape[0]
+    x8, sx = quantize_fp8(x.reshape(-1, features), rowwise)
+    w8 = weight_fp8.view(torch.float8_e4m3fn)
+    sw = weight_scale.float()
+    if use_scaled_mm:
+        out = _scaled_mm(x8, w8, sx, sw, bias, x.dtype)
+    else:
+        out = F.linear(
+            dequantize_fp8(x8, sx), dequantize_fp8(w8, sw.reshape(-1, 1) if rowwise else sw),
+            None if bias is None else bias.float(),
+        ).to(x.dtype)
+    return out.reshape(*lead, out_features)
+
+
 class Fp8Linear(nn.Module):
     """A ``nn.Linear`` whose matmul runs in float8 e4m3. Shares the original ``weight``/``bias`` parameters
     (state dict unchanged); the quantised weight and its scale are non-persistent buffers (the weight stored
@@ -227,35 +280,30 @@ class Fp8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x ``[..., in]`` → ``[..., out]`` in x's dtype."""
-        lead = x.shape[:-1]
-        x8, sx = quantize_fp8(x.reshape(-1, self.in_features), self.rowwise)
-        w8 = self.weight_fp8.view(torch.float8_e4m3fn)
-        sw = self.weight_scale.float()
-        if self.use_scaled_mm:
-            out = _scaled_mm(x8, w8, sx, sw, self.bias, x.dtype)
-        else:
-            out = F.linear(
-                dequantize_fp8(x8, sx), dequantize_fp8(w8, sw.reshape(-1, 1) if self.rowwise else sw),
-                None if self.bias is None else self.bias.float(),
-            ).to(x.dtype)
-        return out.reshape(*lead, self.out_features)
+        return fp8_linear(x, self.weight_fp8, self.weight_scale, self.bias, self.rowwise, self.use_scaled_mm)
 
     def extra_repr(self) -> str:
         return f"{self.in_features}, {self.out_features}, rowwise={self.rowwise}, scaled_mm={self.use_scaled_mm}"
 
 
-def _block_linears(model: StreamDiT) -> list[tuple[nn.Module, str]]:
+def _block_linears(model: StreamDiT, self_qkv: bool = True) -> list[tuple[nn.Module, str]]:
     """(parent, attribute) of every linear layer applied to the video tokens inside the blocks (the
-    cross-attention key/value projections of the text are cached, so they stay in the model dtype)."""
+    cross-attention key/value projections of the text are cached, so they stay in the model dtype).
+    ``self_qkv=False`` leaves out the self-attention q/k/v (fused: quantised as one weight instead)."""
     out: list[tuple[nn.Module, str]] = []
     block: Any
     for block in model.blocks:
         sa, ca = block.self_attn, block.cross_attn
-        out += [(sa, "q"), (sa, "k"), (sa, "v"), (sa, "o"), (ca, "q"), (ca, "o"), (block.ffn, "0"), (block.ffn, "2")]
+        if self_qkv:
+            out += [(sa, "q"), (sa, "k"), (sa, "v")]
+        out += [(sa, "o"), (ca, "q"), (ca, "o"), (block.ffn, "0"), (block.ffn, "2")]
     return out
 
 
-def _set_fp8(model: StreamDiT, mode: str, status: dict[str, str]) -> None:
+def _set_fp8(model: StreamDiT, mode: str, status: dict[str, str], self_qkv: bool = True) -> tuple[bool, bool] | None:
+    """Install (or, for ``"off"``, remove) the fp8 linears. ``self_qkv=False``: leave the self-attention q/k/v
+    as they are (the fused path quantises them). Returns what the fused path should use, ``(rowwise,
+    use_scaled_mm)``, or ``None`` when fp8 is off or unavailable."""
     device = model.patch_embedding.weight.device
     for parent, name in _block_linears(model):  # always undo first (mode switches, or off)
         layer = getattr(parent, name)
@@ -266,7 +314,7 @@ def _set_fp8(model: StreamDiT, mode: str, status: dict[str, str]) -> None:
             restored.bias = cast(nn.Parameter, layer.bias)
             setattr(parent, name, restored)
     if mode == "off":
-        return
+        return None
     rowwise = mode == "row"
     problem = fp8_supported(device, rowwise)
     if problem is not None and device.type == "cuda" and rowwise and fp8_supported(device, False) is None:
@@ -277,15 +325,39 @@ def _set_fp8(model: StreamDiT, mode: str, status: dict[str, str]) -> None:
         status["fp8"] = f"off: {problem}"
         log.warning("fp8 linears are not available on %s (%s); staying in %s", device, problem,
                     model.patch_embedding.weight.dtype)
-        return
+        return None
     count = 0
-    for parent, name in _block_linears(model):
+    for parent, name in _block_linears(model, self_qkv):
         layer = getattr(parent, name)
         if Fp8Linear.eligible(layer):
             setattr(parent, name, Fp8Linear(layer, rowwise, use_scaled_mm))
             count += 1
     status["fp8"] = f"{'row' if rowwise else 'tensor'} scales, {count} linears" + (
+        "" if self_qkv else " + the fused self-attention q/k/v") + (
         "" if use_scaled_mm else " (emulated in float32: no fp8 matmul here)")
+    return rowwise, use_scaled_mm
+
+
+# ----------------------------------------------------------------------------------------------------------
+# fused q/k/v projections
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _set_fused(model: StreamDiT, on: bool, fp8: tuple[bool, bool] | None, status: dict[str, str]) -> None:
+    """Fuse (or unfuse) every block's self-attention q/k/v and cross-attention k/v (``_Projections.fuse``).
+    ``fp8``: ``(rowwise, use_scaled_mm)`` to quantise the fused self-attention weight, or ``None``."""
+    block: Any
+    for block in model.blocks:  # always undo first (options change, or off)
+        block.self_attn.unfuse()
+        block.cross_attn.unfuse()
+    if not on:
+        return
+    for block in model.blocks:
+        block.self_attn.fuse(("q", "k", "v"), fp8)
+        block.cross_attn.fuse(("k", "v"), None)  # the text keys/values: cached per prompt, stay in model dtype
+    n = len(model.blocks)
+    status["fused_qkv"] = f"{n} self-attention q/k/v, {n} cross-attention k/v" + (
+        "" if fp8 is None else f" (self-attention q/k/v in fp8, {'row' if fp8[0] else 'tensor'} scales)")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -403,7 +475,11 @@ def apply_perf(model: StreamDiT, options: PerfOptions) -> dict[str, str]:
     and dtype. Returns (and stores in ``model.perf_status``) what is actually active."""
     device = model.patch_embedding.weight.device
     status: dict[str, str] = {"requested": options.describe()}
-    _set_fp8(model, options.fp8, status)
+    _set_fused(model, False, None, status)
+    fp8 = _set_fp8(model, options.fp8, status, self_qkv=not options.fused_qkv)
+    _set_fused(model, options.fused_qkv, fp8, status)
+    if options.window_gather:
+        status["window_gather"] = "on"
     _set_compile(model, options.compile, status)
     graphs = options.cuda_graphs
     if graphs and device.type != "cuda":

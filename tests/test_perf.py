@@ -4,17 +4,27 @@ Each optimisation is compared with an independent reference: window attention by
 attention with a window mask; cached text keys/values and cached RoPE/time embeddings against recomputing
 them (plain path); fp8 linears against the float32 matmul, within the bound that e4m3 rounding implies.
 torch.compile is compared only with STREAMDIT_TEST_COMPILE=1 (a CPU compile takes ~20 s). CUDA graphs and
-the cuDNN kernel need a GPU: `python -m streamdit_core bench` checks them (relative error column).
+the cuDNN kernel need a GPU: `python -m streamdit_core bench` checks them (relative error column). Window
+partitioning by gather is compared bit for bit with the roll path; fused q/k/v projections with the separate
+ones to float rounding.
 """
 
 import os
+from dataclasses import replace
 
 import pytest
 import torch
 from torch import nn
 
-from streamdit_core.attention import attention, window_partition, window_reverse
-from streamdit_core.bench import CASES, BenchCase, floors, model_flops, run_case, to_markdown
+from streamdit_core.attention import (
+    attention,
+    window_index,
+    window_partition,
+    window_partition_indexed,
+    window_reverse,
+    window_reverse_indexed,
+)
+from streamdit_core.bench import CASES, BenchCase, floors, mode_options, model_flops, run_case, to_markdown
 from streamdit_core.config import preset
 from streamdit_core.model import StreamDiT
 from streamdit_core.perf import (
@@ -84,6 +94,161 @@ def test_window_partition_attention_equals_masked_dense_attention(grid, window, 
         out = window_reverse(attention(*parts, backend), 2, grid, window, shift)
         ref = _masked_reference(q, k, v, grid, window, shift)
         assert torch.allclose(out.double(), ref, atol=1e-5), backend
+
+
+WINDOW_CASES = [
+    ((4, 4, 6), (2, 2, 3)), ((3, 6, 4), (3, 2, 4)), ((4, 2, 2), (4, 2, 2)), ((8, 8, 16), (4, 8, 8)),
+    ((5, 3, 7), (5, 1, 7)), ((6, 4, 4), (3, 4, 1)),
+]
+
+
+@pytest.mark.parametrize("shift", [False, True])
+@pytest.mark.parametrize("grid,window", WINDOW_CASES)
+def test_window_gather_equals_roll_path_exactly(grid, window, shift):
+    """The gather formulation moves the same values to the same places as roll + reshape + permute."""
+    g = torch.Generator().manual_seed(0)
+    L = grid[0] * grid[1] * grid[2]
+    tokens = window[0] * window[1] * window[2]
+    x = torch.randn(2, L, 3, 4, generator=g)
+    index, inverse = window_index(grid, window, shift)
+    assert sorted(index.tolist()) == list(range(L)) and torch.equal(index[inverse], torch.arange(L))
+    parts = window_partition_indexed(x, index, tokens)
+    assert torch.equal(parts, window_partition(x, grid, window, shift)) and parts.is_contiguous()
+    y = torch.randn(parts.shape, generator=g)
+    assert torch.equal(window_reverse_indexed(y, 2, inverse), window_reverse(y, 2, grid, window, shift))
+    assert torch.equal(window_reverse_indexed(parts, 2, inverse), x)
+    # and against the independent masked reference, like the roll path
+    q, k, v = (torch.randn(1, L, 2, 8, generator=g) for _ in range(3))
+    out = window_reverse_indexed(attention(*(window_partition_indexed(t, index, tokens) for t in (q, k, v)),
+                                           "math"), 1, inverse)
+    assert torch.allclose(out.double(), _masked_reference(q, k, v, grid, window, shift), atol=1e-5)
+
+
+def test_window_index_rejects_a_window_that_does_not_tile():
+    with pytest.raises(ValueError, match="does not tile"):
+        window_index((4, 4, 6), (3, 2, 3), False)
+
+
+def _wan_like(window=(2, 4, 4)):
+    """A small layout with Wan 2.1's structure (16-channel latents, patch 1×2×2, q/k norms, cross-attention
+    norm, head size 64)."""
+    return preset("wan2.1-1.3b").with_(dim=128, ffn_dim=256, num_heads=2, num_layers=2, text_dim=32, text_len=8,
+                                       freq_dim=32, window=window)
+
+
+def _layout_model(cfg, seed=0):
+    torch.manual_seed(seed)
+    model = StreamDiT(cfg).eval()
+    nn.init.normal_(model.head.head.weight, std=0.1)
+    return model
+
+
+def _layout_inputs(cfg, latent, seed=1):
+    c, f, h, w = latent
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(1, c, f, h, w, generator=g)
+    sigma = torch.rand(1, f, generator=g)
+    a, b = (torch.randn(cfg.text_len, cfg.text_dim, generator=g) for _ in range(2))
+    ctx = torch.stack([a] * (f // 2) + [b] * (f - f // 2))[None]  # a prompt switch: two runs of frames
+    return x, sigma, ctx
+
+
+LAYOUTS = {  # (config, latent [C, F, H, W]): both with windows that need partitioning and shifting
+    "bundled": (preset("bundled"), (3, 16, 32, 64)),  # token grid 8 × 8 × 16, windows 4 × 8 × 8
+    "wan-like": (_wan_like(), (16, 4, 16, 16)),  # token grid 4 × 8 × 8, windows 2 × 4 × 4
+}
+
+
+@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+def test_window_gather_model_is_bit_identical(layout):
+    cfg, latent = LAYOUTS[layout]
+    model = _layout_model(cfg)
+    x, sigma, ctx = _layout_inputs(cfg, latent)
+    for base in (PLAIN, PerfOptions()):
+        ref = _run(model, base, x, sigma, ctx)
+        out = _run(model, replace(base, window_gather=True), x, sigma, ctx)
+        assert torch.equal(out, ref), base.describe()
+    assert len(model._window_cache) == 1  # safe: cached per grid and window, like RoPE
+
+
+def _shares_memory(state):
+    ptrs = [t.untyped_storage().data_ptr() for t in state.values()]
+    return len(ptrs) != len(set(ptrs))
+
+
+@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+def test_fused_qkv_equals_separate_projections_and_switches_back(layout):
+    cfg, latent = LAYOUTS[layout]
+    model = _layout_model(cfg)
+    x, sigma, ctx = _layout_inputs(cfg, latent)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    params = dict(model.named_parameters())
+    for base in (PLAIN, PerfOptions()):  # text keys/values recomputed every call, and cached
+        ref = _run(model, base, x, sigma, ctx)
+        out = _run(model, replace(base, fused_qkv=True), x, sigma, ctx)
+        sa, ca = model.blocks[1].self_attn, model.blocks[1].cross_attn
+        assert sa.fused == ("q", "k", "v") and ca.fused == ("k", "v")
+        assert sa.k.weight.data_ptr() == sa.fused_weight[cfg.dim :].data_ptr()  # a view, not a copy
+        assert torch.allclose(out, ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item()), base.describe()
+        state = model.state_dict()
+        assert list(state) == list(before) and all(torch.equal(state[k], before[k]) for k in before)
+        assert not _shares_memory(state)  # the state dict copies the views: safetensors can save it
+        assert dict(model.named_parameters()).keys() == params.keys()
+        assert all(p is params[n] for n, p in model.named_parameters())  # the same Parameter objects
+        assert torch.equal(_run(model, base, x, sigma, ctx), ref)  # switched back: the separate path
+        assert model.blocks[1].self_attn.fused_weight is None and not _shares_memory(
+            {n: p for n, p in model.named_parameters()})
+
+
+def test_fused_qkv_follows_moves_loads_and_autograd():
+    cfg, latent = LAYOUTS["wan-like"]
+    model = _layout_model(cfg)
+    x, sigma, ctx = _layout_inputs(cfg, latent)
+    fused = PerfOptions(fused_qkv=True)
+    model.set_perf(fused)
+    model.to(torch.float64)  # moved/cast while fused: fused again on the new tensors
+    sa = model.blocks[0].self_attn
+    assert sa.fused_weight.dtype == torch.float64 and sa.q.weight.data_ptr() == sa.fused_weight.data_ptr()
+    x64, ctx64 = x.double(), ctx.double()
+    with torch.inference_mode():
+        out = model(x64, sigma, ctx64)
+    assert torch.allclose(out, _run_plain_copy(model, x64, sigma, ctx64), atol=1e-12)
+    model.set_perf(fused)
+    other = _layout_model(cfg, seed=5).double()
+    model.load_state_dict(other.state_dict())  # in place: the views see the new values
+    assert sa.q.weight.data_ptr() == sa.fused_weight.data_ptr()
+    with torch.inference_mode():
+        assert torch.allclose(model(x64, sigma, ctx64), _run(other, PLAIN, x64, sigma, ctx64), atol=1e-12)
+    model.load_state_dict(_layout_model(cfg, seed=6).double().state_dict(), assign=True)  # new Parameters
+    with torch.inference_mode():
+        out = model(x64, sigma, ctx64)  # fused again from the new parameters before use
+    assert sa.q.weight.data_ptr() == sa.fused_weight.data_ptr()
+    assert torch.allclose(out, _run_plain_copy(model, x64, sigma, ctx64), atol=1e-12)
+    model.train()
+    model.set_perf(fused)
+    model(x64, sigma, ctx64).square().mean().backward()  # under autograd the parameters themselves are used
+    assert sa.q.weight.grad is not None and model.blocks[0].cross_attn.v.weight.grad is not None
+
+
+def test_fused_qkv_composes_with_fp8():
+    """With fp8 the fused weight is quantised as one: per-row scales quantise exactly as the separate layers
+    do (and the activations once instead of three times), so only float rounding differs."""
+    model = _model()
+    x, sigma, prompts = _inputs(model.config)
+    ctx = prompts[0][None]
+    ref = _run(model, PLAIN, x, sigma, ctx)
+    for mode in ("row", "tensor"):
+        separate = _run(model, PerfOptions(fp8=mode), x, sigma, ctx)
+        out = _run(model, PerfOptions(fp8=mode, fused_qkv=True), x, sigma, ctx)
+        sa = model.blocks[0].self_attn
+        assert type(sa.q) is nn.Linear and sa.fused_weight_fp8 is not None and isinstance(sa.o, Fp8Linear)
+        assert "fused" in model.perf_status["fp8"] and "fp8" in model.perf_status["fused_qkv"]
+        rel = ((out - ref).norm() / ref.norm()).item()
+        assert 1e-4 < rel < 0.06, (mode, rel)  # really quantised, and close
+        if mode == "row":
+            assert torch.allclose(out, separate, atol=1e-5 * ref.abs().max().item())
+    assert torch.equal(_run(model, PLAIN, x, sigma, ctx), ref)
+    assert model.blocks[0].self_attn.fused_weight_fp8 is None and type(model.blocks[0].self_attn.o) is nn.Linear
 
 
 # -- caches -----------------------------------------------------------------------------------------------
@@ -276,6 +441,9 @@ def test_options_levels_parsing_and_validation():
     assert PerfOptions.level("safe") == PerfOptions() and PERF_LEVELS["plain"] == PLAIN
     assert PerfOptions.level("kv,compile,fp8") == PerfOptions(True, False, "default", False, "row")
     assert PerfOptions.level("plain,layout").describe() == "layout_cache"
+    assert PerfOptions.level("fast,qkv,gather") == replace(PERF_LEVELS["fast"], fused_qkv=True, window_gather=True)
+    assert mode_options("fastest+qkv", "default") == replace(PERF_LEVELS["fastest"], fused_qkv=True)
+    assert not any(o.fused_qkv or o.window_gather for o in PERF_LEVELS.values())  # off until measured on a GPU
     assert PERF_LEVELS["fastest"].for_device(torch.device("cpu")) == PerfOptions(compile="default")
     with pytest.raises(ValueError, match="unknown optimisation 'turbo'"):
         PerfOptions.level("turbo")
@@ -324,10 +492,12 @@ def test_flops_match_the_dense_estimate_and_floors_are_consistent():
 
 def test_bench_case_runs_and_reports_every_mode():
     case = BenchCase("tiny", "test-tiny", (3, 4, 8, 8), Partition(K=0, N=2, c=2, s=1), (2, 2, 2))
-    row = run_case(case, torch.device("cpu"), torch.float32, repeats=1, modes=("plain", "safe", "kv+fp8"))
-    assert [m["mode"] for m in row["modes"]] == ["plain", "safe", "kv+fp8"]
-    plain, safe, fp8 = row["modes"]
-    assert plain["relative_error"] == 0 and safe["relative_error"] < 1e-5
+    modes = ("plain", "safe", "kv+fp8", "safe+qkv+gather")
+    row = run_case(case, torch.device("cpu"), torch.float32, repeats=1, modes=modes)
+    assert tuple(m["mode"] for m in row["modes"]) == modes
+    plain, safe, fp8, fused = row["modes"]
+    assert plain["relative_error"] == 0 and safe["relative_error"] < 1e-5 and fused["relative_error"] < 1e-5
+    assert fused["status"]["window_gather"] == "on" and "fused_qkv" in fused["status"]
     assert fp8["status"]["requested"] == "text_kv_cache"  # fp8 would only be emulated on a CPU: dropped
     assert row["time_to_first_frame"]["warm_start_calls"] == 2 and row["baseline"]["ms_per_call"] > 0
     table = to_markdown([row])
