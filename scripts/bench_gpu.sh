@@ -11,6 +11,10 @@
 #   COMPILE_MODE  torch.compile mode of the compiled levels (default: default; max-autotune-no-cudagraphs
 #                 compiles for several minutes per case)
 #   REPEATS       timed calls per mode for the large cases (default: 5)
+#   EXTRA_MODES   modes appended to the paper-4b and wan-w4 steps, e.g. "fast+qkv+gather,fastest+qkv+gather"
+#                 (the fused q/k/v projections and roll-free windows, off by default until measured; each
+#                 compiled mode adds ~20 s per case; those steps get 40 s more per extra mode, so raise
+#                 BUDGET_S too)
 set -u
 OUT=${1:?usage: scripts/bench_gpu.sh OUTDIR}
 mkdir -p "$OUT" && OUT=$(cd "$OUT" && pwd)  # absolute: the script changes to the repository root
@@ -18,6 +22,8 @@ PY=${PYTHON:-python}
 BUDGET=${BUDGET_S:-470}
 COMPILE=${COMPILE_MODE:-default}
 REPS=${REPEATS:-5}
+EXTRA=${EXTRA_MODES:+,$EXTRA_MODES}
+EXTRA_S=$(( $(printf %s "$EXTRA" | tr -cd , | wc -c) * 40 ))  # more time for the steps that run them
 mkdir -p "$OUT/logs"
 cd "$(dirname "$0")/.."
 START=$(date +%s)
@@ -56,10 +62,10 @@ step() {
 }
 
 # most important first; each case measures: eager full-attention baseline, then the modes
-step paper-4b 250 --cases paper-4b --repeats "$REPS" --compile-mode "$COMPILE" --modes plain,safe,fast,fastest \
-  --profile safe,fastest
-step wan-w4 170 --cases wan2.1-1.3b-w4 --repeats "$REPS" --compile-mode "$COMPILE" --no-rates \
-  --modes plain,safe,fast,fastest
+step paper-4b $((250 + EXTRA_S)) --cases paper-4b --repeats "$REPS" --compile-mode "$COMPILE" \
+  --modes "plain,safe,fast,fastest$EXTRA" --profile safe,fastest
+step wan-w4 $((170 + EXTRA_S)) --cases wan2.1-1.3b-w4 --repeats "$REPS" --compile-mode "$COMPILE" --no-rates \
+  --modes "plain,safe,fast,fastest$EXTRA"
 step bundled 80 --cases bundled --repeats 20 --compile-mode "$COMPILE" --no-rates --no-decoder \
   --modes plain,safe,fast
 step wan-w8 90 --cases wan2.1-1.3b-w8 --repeats "$REPS" --compile-mode "$COMPILE" --no-rates --no-decoder \

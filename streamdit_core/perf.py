@@ -18,8 +18,8 @@ option             what it does                                                 
 ``fused_qkv``      self-attention q/k/v as one ``[3d, d]`` matmul, cross-attention k/v as    float rounding
                    one ``[2d, d]`` matmul; the weights become views of one buffer (state      (≤ 1e-5 fp32)
                    dict and parameters unchanged); with fp8 the fused weight is quantised
-                   (per-row scales: the same quantisation as q/k/v apart; activations
-                   quantised once instead of three times)
+                   (per-row scales: the same quantisation as q/k/v apart; per-tensor: one
+                   scale for the three; activations quantised once instead of three times)
 ``window_gather``  shifted and unshifted window partitioning as one ``index_select`` with a   bit-identical
                    precomputed token order per grid/window/shift (no ``torch.roll`` copies)
 =================  ========================================================================  ==================

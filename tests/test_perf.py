@@ -470,6 +470,8 @@ def test_compiled_blocks_equal_eager():
             got = model(x, sigma, per_frame)
         assert torch.allclose(got, _run_plain_copy(model, x, sigma, per_frame), atol=1e-4), kind
     assert counters["stats"]["unique_graphs"] == graphs
+    fused = _run(model, PerfOptions(compile="default", fused_qkv=True, window_gather=True), x, sigma, ctx)
+    assert model.perf_status.get("compile") == "default" and torch.allclose(fused, ref, atol=1e-4)
 
 
 # -- bench ------------------------------------------------------------------------------------------------
