@@ -182,14 +182,20 @@ class TrainConfig:
             raise ValueError(f"grad_accum must be a positive integer, got {self.grad_accum}")
 
 
+# The teacher's inference scheme: micro-steps per chunk and classifier-free guidance. A teacher checkpoint's
+# ``streamdit.defaults`` use it (with caption dropout; else guidance 1), and distillation starts from it.
+TEACHER_STEPS = 8
+TEACHER_GUIDANCE = 3.0
+
+
 @dataclass(frozen=True)
 class DistillConfig(TrainConfig):
     """Distillation: the student runs ``(K=0, N=buffer/chunk, c=chunk, s=1)`` without guidance; the teacher
     the same partition with ``teacher_steps`` micro-steps and ``teacher_guidance``."""
 
     chunk: int = 2
-    teacher_steps: int = 8
-    teacher_guidance: float = 3.0
+    teacher_steps: int = TEACHER_STEPS
+    teacher_guidance: float = TEACHER_GUIDANCE
     lr: float = 1e-4
     warmup: int = 100
     steps: int = 4000
@@ -598,16 +604,19 @@ class Trainer:
 
     def defaults(self) -> dict[str, object]:
         """Stream settings the trained model runs with (``streamdit.defaults``). With a source: chunks of 2
-        (latent) frames over the training buffer, Wan's guidance 5, and the source's size and frame rate."""
+        (latent) frames over the training buffer, Wan's guidance 5, and the source's size and frame rate.
+        Without (the procedural world): the teacher scheme, chunks of 2 with ``TEACHER_STEPS`` micro-steps and,
+        when captions were dropped in training, guidance ``TEACHER_GUIDANCE`` (:class:`Distiller` overrides
+        both for its one-step student)."""
         c = 2 if self.cfg.buffer % 2 == 0 else 1
-        partition = [0, self.cfg.buffer // c, c, 1]  # the distilled scheme over the training buffer
         if self.source is not None:
+            partition = [0, self.cfg.buffer // c, c, 1]
             d: dict[str, object] = {"partition": partition, "shift": self.cfg.shift}
             return d | {"guidance": 5.0} | self.source.defaults()
         return {
-            "partition": partition,
+            "partition": [0, self.cfg.buffer // c, c, TEACHER_STEPS],
             "shift": self.cfg.shift,
-            "guidance": 1.0,
+            "guidance": TEACHER_GUIDANCE if self.cfg.caption_dropout > 0 else 1.0,
             "height": self.world.config.height,
             "width": self.world.config.width,
             "fps": self.world.config.fps,

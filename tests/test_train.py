@@ -107,7 +107,16 @@ def test_distillation_steps_reduce_the_loss(tmp_path):
     before = fixed_loss()
     d.run()
     assert fixed_loss() < before
-    assert d.defaults()["partition"] == [0, 2, 2, 1]
+    assert d.defaults()["partition"] == [0, 2, 2, 1] and d.defaults()["guidance"] == 1.0  # one step, unguided
+
+
+def test_teacher_checkpoints_default_to_the_teacher_scheme(tmp_path):
+    """A world-trained teacher streams with s = 8 micro-steps per chunk and, if captions were dropped in
+    training (so it has an unconditional branch), guidance 3; without caption dropout, no guidance."""
+    guided = _tiny(tmp_path, caption_dropout=0.1).defaults()
+    assert guided["partition"] == [0, 2, 2, 8] and guided["guidance"] == 3.0
+    plain = _tiny(tmp_path / "plain", caption_dropout=0.0).defaults()
+    assert plain["partition"] == [0, 2, 2, 8] and plain["guidance"] == 1.0
 
 
 def test_resume_reads_the_single_file_layout_of_earlier_versions(tmp_path):
