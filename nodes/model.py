@@ -18,6 +18,8 @@ logger = logging.getLogger("StreamDiT.nodes")
 
 BUNDLED = "streamdit-bundled (default)"
 """Combo entry for the model shipped inside the pack; always listed, needs no download."""
+BUNDLED_TEACHER = "streamdit-bundled-teacher (16 calls per chunk)"
+"""Combo entry for the bundled model's teacher, shipped beside it (listed when its file is installed)."""
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 ATTENTION = ("auto", "sdpa", "math", "flash_attn", "cudnn")
@@ -80,7 +82,8 @@ def list_models() -> list[str]:
     except Exception:  # listing must never break the loader
         logger.warning("could not list Wan models in %s", host.DIFFUSION_FOLDER, exc_info=True)
         wan = []
-    return [BUNDLED, *files, *wan]
+    teacher = [BUNDLED_TEACHER] if core("pipeline").bundled_teacher_path() is not None else []
+    return [BUNDLED, *teacher, *files, *wan]
 
 
 def _model_help() -> str:
@@ -120,6 +123,12 @@ def load_model(model: str, dtype: str = "auto", attention: str = "auto", speed: 
     if model == BUNDLED:
         path = None
         stamp: tuple[Any, ...] = ()
+    elif model == BUNDLED_TEACHER:
+        path = core("pipeline").bundled_teacher_path()
+        if path is None:
+            raise FileNotFoundError(f"model {model!r}: the teacher file is not installed in streamdit_core/weights. "
+                                    f"{_model_help()}")
+        stamp = ()
     else:
         if model.startswith(DIFFUSION_PREFIX):
             name = model[len(DIFFUSION_PREFIX) :]
@@ -200,7 +209,9 @@ class StreamDiTModelLoader:
 
     DESCRIPTION = (
         "Loads a StreamDiT video model. 'streamdit-bundled (default)' is the small model shipped with the pack "
-        "and always works; other checkpoints (.safetensors) are read from ComfyUI/models/streamdit, and Wan 2.1 "
+        "and always works; 'streamdit-bundled-teacher' is its teacher (the same size, 8 guided micro-steps per "
+        "chunk: 16 model calls where the default makes 1); other checkpoints (.safetensors) are read from "
+        "ComfyUI/models/streamdit, and Wan 2.1 "
         "text-to-video files (e.g. wan2.1_t2v_1.3B_fp16.safetensors) from ComfyUI/models/diffusion_models, listed "
         "as 'diffusion_models/<file>'. Wan models take prompts as CONDITIONING (StreamDiT Conditioning Schedule) "
         "and need a Wan VAE for frames (StreamDiT Decode)."
@@ -224,8 +235,8 @@ class StreamDiTModelLoader:
                     choices,
                     {
                         "default": BUNDLED,
-                        "tooltip": "Which model to load: the bundled default, a .safetensors file from "
-                        "ComfyUI/models/streamdit, or a Wan 2.1 text-to-video file from "
+                        "tooltip": "Which model to load: the bundled default (or its teacher), a .safetensors "
+                        "file from ComfyUI/models/streamdit, or a Wan 2.1 text-to-video file from "
                         "ComfyUI/models/diffusion_models ('diffusion_models/...').",
                     },
                 ),

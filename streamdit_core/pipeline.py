@@ -33,12 +33,15 @@ __all__ = [
     "bundled_model_path",
     "placeholder_pipeline",
     "BUNDLED_NAME",
+    "BUNDLED_TEACHER_NAME",
+    "bundled_teacher_path",
     "WAN_BASE_DEFAULTS",
 ]
 
 log = get_logger("pipeline")
 
 BUNDLED_NAME = "streamdit-bundled"
+BUNDLED_TEACHER_NAME = "streamdit-bundled-teacher"  # the bundled student's teacher (s = 8, guidance 3)
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 
 # Stream settings the bundled layout runs with when a checkpoint stores none.
@@ -94,6 +97,12 @@ def bundled_model_path() -> Path | None:
         return shard_paths(WEIGHTS_DIR / f"{BUNDLED_NAME}.safetensors")[0]
     except FileNotFoundError:
         return None
+
+
+def bundled_teacher_path() -> Path | None:
+    """The bundled model's teacher, shipped beside it, or ``None`` if it is not installed."""
+    path = WEIGHTS_DIR / f"{BUNDLED_TEACHER_NAME}.safetensors"
+    return path if path.is_file() else None
 
 
 @dataclass

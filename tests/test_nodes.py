@@ -110,8 +110,8 @@ def test_loader_always_lists_the_bundled_model(tmp_path: Path) -> None:
         for i in (1, 2):  # a sharded checkpoint is listed once, by its first shard
             (models / f"big-{i:05d}-of-00002.safetensors").write_bytes(b"x")
         options = CLASSES["StreamDiTModelLoader"].INPUT_TYPES()["required"]["model"][0]
-        assert options == ["streamdit-bundled (default)", "a.safetensors", "big-00001-of-00002.safetensors",
-                           "sub/b.safetensors"]
+        assert options == ["streamdit-bundled (default)", "streamdit-bundled-teacher (16 calls per chunk)",
+                           "a.safetensors", "big-00001-of-00002.safetensors", "sub/b.safetensors"]
     finally:
         host.set_base_dir(None)
 
@@ -241,6 +241,19 @@ def test_settings_node_fills_model_defaults_and_validates() -> None:
         model.build_settings(handle, height=10)  # not a multiple of the model's patch (4)
     with pytest.raises(ValueError, match="temporal patch 2"):
         model.build_settings(handle, chunk_size=1)  # the bundled model's tokens span 2 frames
+
+
+def test_loader_offers_the_bundled_teacher_with_its_own_scheme() -> None:
+    """The shipped teacher is listed after the default and streams with its stored teacher scheme (s = 8,
+    guidance 3), while the default student makes one unguided call per chunk."""
+    model = pack_module("nodes.model")
+    choices = model.list_models()
+    assert choices[:2] == [model.BUNDLED, model.BUNDLED_TEACHER]
+    teacher = model.build_settings(model.load_model(model.BUNDLED_TEACHER))
+    student = model.build_settings(model.load_model(model.BUNDLED))
+    assert (teacher.partition.s, teacher.guidance) == (8, 3.0)
+    assert (student.partition.s, student.guidance) == (1, 1.0)
+    assert teacher.partition.c == student.partition.c == 2
 
 
 def test_every_node_and_input_is_documented() -> None:

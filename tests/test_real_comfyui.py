@@ -480,6 +480,23 @@ def test_a_checkpoint_in_models_streamdit_is_listed_and_streams(server: Server, 
     print(f"checkpoint: {listed[0]} listed once (sharded) and streamed {counts} frames")
 
 
+def test_the_bundled_teacher_is_listed_and_streams(server: Server, object_info: dict[str, Any]) -> None:
+    """The shipped teacher is a loader choice and streams 2 queue runs in a row (16 calls per chunk)."""
+    teacher = "streamdit-bundled-teacher (16 calls per chunk)"
+    choices = object_info["StreamDiTModelLoader"]["input"]["required"]["model"][0]
+    assert choices[:2] == ["streamdit-bundled (default)", teacher], choices
+    prompt = ui_to_api(load_workflow(REPO / "workflows" / "streamdit_text_to_video.json"),
+                       specs_from_object_info(object_info))
+    (loader_id,) = find_nodes(prompt, "StreamDiTModelLoader")
+    (sampler_id,) = find_nodes(prompt, "StreamDiTSampler")
+    (writer_id,) = find_nodes(prompt, "StreamDiTWriter")
+    prompt[loader_id]["inputs"]["model"] = teacher
+    prompt[sampler_id]["inputs"]["stream_id"] = f"teacher-{uuid.uuid4().hex[:6]}"
+    counts = [_frames_in(server.queue(prompt), writer_id) for _ in range(2)]
+    assert counts == [counts[0], 2 * counts[0]] and counts[0] > 0
+    print(f"teacher: listed second, streamed {counts} frames")
+
+
 def test_wan_workflow_streams_and_decodes_seamlessly(server: Server, object_info: dict[str, Any]) -> None:
     """The Wan 2.1 workflow with a tiny random Wan-layout transformer (in models/diffusion_models, listed by the
     loader) and a tiny Wan 2.1 VAE of ComfyUI's own class loaded by the stock VAELoader. The text encoder is the
