@@ -338,8 +338,9 @@ class StreamDiTSettings:
                 ),
                 "window_frames": (
                     "INT",
-                    {"default": 0, "min": 0, "max": 256, "tooltip": "Self-attention window length in latent "
-                     "frames. 0 = model default (the whole buffer when the model has no window)."},
+                    {"default": 0, "min": 0, "max": 256, "tooltip": "Self-attention window length in token "
+                     "frames (a token spans the model's temporal patch: 2 frames for the bundled model, 1 latent "
+                     "frame for Wan). 0 = model default (the whole buffer when the model has no window)."},
                 ),
                 "window_height": (
                     "INT",
