@@ -86,7 +86,7 @@ def test_loader_lists_wan_files_from_diffusion_models(env: Path) -> None:
     (folder / "not_wan.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}      ")  # other models: hidden
     (folder / "pickle.ckpt").write_bytes(b"x")
     options = CLASSES["StreamDiTModelLoader"].INPUT_TYPES()["required"]["model"][0]
-    assert options == ["streamdit-bundled (default)", WAN]
+    assert options == ["streamdit-bundled (default)", "streamdit-bundled-teacher (16 calls per chunk)", WAN]
     (handle,) = CLASSES["StreamDiTModelLoader"]().load(WAN, "auto", "auto")
     pipe = handle.pipeline
     assert pipe.base_model and pipe.text_encoder is None and pipe.codec.name == "wan2.1"
