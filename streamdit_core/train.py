@@ -117,12 +117,26 @@ VelocityModel = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tenso
 _TRUTH, _SMALL, _NOISE = 0, 1, 2
 
 
+def _default_mix(frames: int, model: str) -> tuple[int, ...]:
+    """``default_chunk_sizes`` in units of the preset's temporal patch ``p`` (frames inside one token share a
+    noise level): ``{p, 2p, …, frames}``; the plain mix for ``p = 1``, a model that is not a preset (Wan) or a
+    buffer that ``p`` does not divide (the trainer then names the problem)."""
+    try:
+        pt = preset(model).patch_size[0]
+    except ValueError:
+        pt = 1
+    if frames < 1 or frames % pt:
+        return default_chunk_sizes(frames)  # raises for frames < 1
+    return tuple(pt * c for c in default_chunk_sizes(frames // pt))
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """Attributes (all committed as JSON files under ``configs/``):
     model: preset name (``bundled`` …); text_layers/text_heads: the bundled text encoder's size.
     buffer: frames per training clip ``B``; reference_frames: ``K``.
-    chunk_sizes: the partition mix (``[]`` = ``{1, 2, 4, …, B}``); t2v_share: probability of ``c = B``.
+    chunk_sizes: the partition mix (``[]`` = ``{p, 2p, 4p, …, B}`` for the preset's temporal patch ``p``: the
+    paper's ``{1, 2, 4, …, B}`` for ``p = 1``); t2v_share: probability of ``c = B``.
     shift: time shift of the training levels. caption_dropout: share of samples trained unconditionally.
     batch: clips per micro-batch on each rank; a step's global batch is ``batch × grad_accum × world size``
     (the learning rate is not rescaled with the world size). grad_accum: micro-batches accumulated per step.
@@ -167,10 +181,8 @@ class TrainConfig:
     video: dict[str, object] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        object.__setattr__(
-            self, "chunk_sizes", tuple(self.chunk_sizes) or default_chunk_sizes(self.buffer - self.reference_frames)
-        )
         frames = self.buffer - self.reference_frames
+        object.__setattr__(self, "chunk_sizes", tuple(self.chunk_sizes) or _default_mix(frames, self.model))
         bad = [c for c in self.chunk_sizes if c < 1 or frames % c]
         if bad:
             raise ValueError(f"chunk_sizes {bad} do not divide buffer − reference_frames = {frames}")

@@ -110,6 +110,16 @@ def test_distillation_steps_reduce_the_loss(tmp_path):
     assert d.defaults()["partition"] == [0, 2, 2, 1] and d.defaults()["guidance"] == 1.0  # one step, unguided
 
 
+def test_default_chunk_mix_follows_the_presets_temporal_patch():
+    """Without ``chunk_sizes`` the mix is the paper's powers of two in units of the model's temporal patch, so
+    the default config trains the default model (tokens of 2 frames) and a patch-1 model gets {1, 2, 4, …}."""
+    assert TrainConfig().chunk_sizes == (2, 4, 8, 16)  # bundled, buffer 16
+    assert TrainConfig(model="test-tiny", buffer=8).chunk_sizes == (1, 2, 4, 8)
+    assert TrainConfig(buffer=16, reference_frames=4).chunk_sizes == (2, 4, 12)
+    with pytest.raises(ValueError, match="frames"):
+        TrainConfig(buffer=4, reference_frames=4)
+
+
 def test_teacher_checkpoints_default_to_the_teacher_scheme(tmp_path):
     """A world-trained teacher streams with s = 8 micro-steps per chunk and, if captions were dropped in
     training (so it has an unconditional branch), guidance 3; without caption dropout, no guidance."""
