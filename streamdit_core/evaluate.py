@@ -25,6 +25,7 @@ from __future__ import annotations
 import json
 import math
 import time
+import zlib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -48,6 +49,7 @@ from .world import (
     parse_caption,
     parse_schedule_text,
     render_caption,
+    render_schedule,
 )
 
 __all__ = [
@@ -63,6 +65,10 @@ __all__ = [
     "evaluate",
     "write_report",
     "TARGETS",
+    "REFERENCE_GENERATORS",
+    "ground_truth_video",
+    "random_caption_video",
+    "time_shuffled_video",
 ]
 
 _log = get_logger("evaluate")
@@ -899,6 +905,43 @@ def _v2v(gen: _Timer, config: EvalConfig) -> dict:
     out = {k: _nanmean([r[k] for r in rows]) for k in keys}
     out["strength"] = config.v2v_strength
     return out
+
+
+# ------------------------------------------------------------------------------------------------ references
+# Generators with known scores, to validate the evaluator (tests/test_evaluate.py, ``eval --reference``).
+
+
+def ground_truth_video(request: GenerateRequest) -> torch.Tensor:
+    """The ideal generator: the world's own video ``[F, H, W, 3]`` for the requested schedule (video-to-video
+    included: the same seed places a restyled caption exactly where the source caption was)."""
+    return render_schedule(request.schedule_text, request.num_frames, request.seed).frames
+
+
+def random_caption_video(request: GenerateRequest) -> torch.Tensor:
+    """Ignores the prompt: renders a caption drawn at random (seeded by the request), ``[F, H, W, 3]``."""
+    key = zlib.crc32(f"{request.schedule_text}|{request.seed}".encode())
+    g = torch.Generator().manual_seed(key)
+
+    def pick(values: tuple[str, ...]) -> str:
+        return values[int(torch.randint(len(values), (), generator=g))]
+
+    spec = SceneSpec(pick(BACKGROUNDS), (ObjectSpec(pick(SIZES), pick(COLOURS), pick(SHAPES), pick(MOTIONS)),))
+    return render_caption(spec.caption, request.num_frames, request.seed).frames
+
+
+def time_shuffled_video(request: GenerateRequest) -> torch.Tensor:
+    """The ground truth with its frames in a random (seeded) order: right content, no motion."""
+    frames = ground_truth_video(request)
+    g = torch.Generator().manual_seed(request.seed)
+    return frames[torch.randperm(frames.shape[0], generator=g)]
+
+
+REFERENCE_GENERATORS: dict[str, GenerateFn] = {
+    "ground-truth": ground_truth_video,
+    "random-caption": random_caption_video,
+    "time-shuffled": time_shuffled_video,
+}
+"""``eval --reference NAME``: generators whose scores are known (≈100 %, ≈chance, no motion)."""
 
 
 def evaluate(generate: GenerateFn, config: EvalConfig | None = None, name: str = "eval") -> EvalReport:

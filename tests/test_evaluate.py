@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import zlib
 
 import pytest
 import torch
@@ -15,47 +14,24 @@ from streamdit_core.evaluate import (
     analyze_frames,
     classify_motion,
     evaluate,
+    ground_truth_video,
+    random_caption_video,
+    time_shuffled_video,
     write_report,
 )
 from streamdit_core.world import (
-    BACKGROUNDS,
-    COLOURS,
     MOTIONS,
-    SHAPES,
-    SIZES,
-    ObjectSpec,
-    SceneSpec,
     World,
     WorldConfig,
-    render_caption,
     render_schedule,
 )
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def ground_truth(request: GenerateRequest) -> torch.Tensor:
-    """The ideal generator: the world's own video for the requested schedule (video-to-video included: the
-    same seed places a restyled caption exactly where the source caption was)."""
-    return render_schedule(request.schedule_text, request.num_frames, request.seed).frames
-
-
-def random_caption(request: GenerateRequest) -> torch.Tensor:
-    """Ignores the prompt: renders a random caption chosen from the request."""
-    key = zlib.crc32(f"{request.schedule_text}|{request.seed}".encode())
-    g = torch.Generator().manual_seed(key)
-
-    def pick(values: tuple[str, ...]) -> str:
-        return values[int(torch.randint(len(values), (), generator=g))]
-
-    spec = SceneSpec(pick(BACKGROUNDS), (ObjectSpec(pick(SIZES), pick(COLOURS), pick(SHAPES), pick(MOTIONS)),))
-    return render_caption(spec.caption, request.num_frames, request.seed).frames
-
-
-def time_shuffled(request: GenerateRequest) -> torch.Tensor:
-    frames = ground_truth(request)
-    g = torch.Generator().manual_seed(request.seed)
-    return frames[torch.randperm(frames.shape[0], generator=g)]
+ground_truth = ground_truth_video
+random_caption = random_caption_video
+time_shuffled = time_shuffled_video
 
 
 def small_config(**overrides) -> EvalConfig:
@@ -213,3 +189,18 @@ def gt_report_targets_nan() -> float:
 
     empty = EvalReport({}, [], {}, [], {}, [], {}, [], {}, {})
     return empty.targets()["cpu_fps"][0]
+
+
+def test_eval_reference_command_scores_the_known_answers(tmp_path, caplog):
+    """``eval --reference``: the world's own video scores 100 % and a prompt-ignoring one near chance, with the
+    report written like a model's; a model flag alongside is refused with a clear message."""
+    import json
+
+    from streamdit_core.cli import main
+
+    for name, expect in (("ground-truth", lambda a: a["mean"] == 1.0), ("random-caption", lambda a: a["mean"] < 0.5)):
+        assert main(["eval", "--reference", name, "--quick", "--out", str(tmp_path), "--name", name]) == 0
+        adherence = json.loads((tmp_path / f"{name}.json").read_text())["adherence"]
+        assert expect(adherence), (name, adherence)
+    assert main(["eval", "--reference", "ground-truth", "--guidance", "2", "--out", str(tmp_path), "--name", "x"]) == 2
+    assert "leave out --model" in caplog.text and not (tmp_path / "x.json").exists()
