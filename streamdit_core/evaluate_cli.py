@@ -63,7 +63,7 @@ def streaming_fps(sampler: StreamSampler, chunks: int = 16, seed: int = 0) -> fl
 def cmd_eval(args: argparse.Namespace) -> int:
     if args.reference:
         return _eval_reference(args)
-    pipeline: StreamPipeline = load_pipeline(args.model, device=args.device, dtype=args.dtype)
+    pipeline: StreamPipeline = load_pipeline(args.model, device=args.device, dtype=args.dtype, perf=args.perf)
     defaults = pipeline.default_settings()
     partition = defaults.partition
     if args.chunk_size or args.micro_steps:
@@ -75,7 +75,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         overrides["guidance"] = args.guidance
     sampler = StreamSampler(pipeline, pipeline.default_settings(**overrides))
     config = EvalConfig.quick(chunk_size=partition.c) if args.quick else EvalConfig(chunk_size=partition.c)
-    log.info("evaluating %s with %s (%s)", pipeline.name, partition.describe(), "quick" if args.quick else "full")
+    log.info("evaluating %s with %s (%s, speed-ups %s)", pipeline.name, partition.describe(),
+             "quick" if args.quick else "full", args.perf or "safe")
     report = evaluate(sampler_generate_fn(sampler), config, name=args.name)
     fps = streaming_fps(sampler)
     report = report.with_speed(**{f"{pipeline.device.type}_fps": fps, "threads": float(torch.get_num_threads())})
@@ -86,9 +87,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def _eval_reference(args: argparse.Namespace) -> int:
     """Score a reference generator (no model): validates the evaluator with known answers."""
-    if args.model or args.chunk_size or args.micro_steps or args.guidance is not None:
+    if args.model or args.chunk_size or args.micro_steps or args.guidance is not None or args.perf:
         raise ValueError("eval --reference scores a generator without a model: leave out --model, --chunk-size, "
-                         "--micro-steps and --guidance")
+                         "--micro-steps, --guidance and --perf")
     config = EvalConfig.quick() if args.quick else EvalConfig()
     log.info("evaluating the reference generator %r (%s)", args.reference, "quick" if args.quick else "full")
     start = time.perf_counter()
@@ -114,4 +115,7 @@ def _add_eval(sub: Any) -> None:
     e.add_argument("--guidance", type=float, default=None)
     e.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     e.add_argument("--dtype", default="float32")
+    e.add_argument("--perf", default=None,
+                   help="inference speed-ups as in generate --perf (default: safe); 'fast' makes GPU evaluations of "
+                   "many-call teachers several times faster (the fps in the report is measured with it)")
     e.set_defaults(func=cmd_eval)
