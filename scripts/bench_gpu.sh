@@ -11,10 +11,9 @@
 #   COMPILE_MODE  torch.compile mode of the compiled levels (default: default; max-autotune-no-cudagraphs
 #                 compiles for several minutes per case)
 #   REPEATS       timed calls per mode for the large cases (default: 5)
-#   EXTRA_MODES   modes appended to the paper-4b and wan-w4 steps, e.g. "fast+qkv+gather,fastest+qkv+gather"
-#                 (the fused q/k/v projections and roll-free windows, off by default until measured; each
-#                 compiled mode adds ~20 s per case; those steps get 40 s more per extra mode, so raise
-#                 BUDGET_S too)
+#   EXTRA_MODES   modes appended to the paper-4b and wan-w4 steps, e.g. "kv+layout,kv+layout+compile+graphs"
+#                 (safe and fast with the roll window path, to compare; each compiled mode adds ~20 s per
+#                 case; those steps get 40 s more per extra mode, so raise BUDGET_S too)
 set -u
 OUT=${1:?usage: scripts/bench_gpu.sh OUTDIR}
 mkdir -p "$OUT" && OUT=$(cd "$OUT" && pwd)  # absolute: the script changes to the repository root

@@ -611,7 +611,7 @@ def _best(row: dict[str, Any], modes: tuple[str, ...] | None = None) -> dict[str
 
 
 def _bf16_mode(mode: str) -> bool:
-    """Whether a mode keeps the linears in the model dtype (no fp8): ``fast``, ``fast+qkv+gather``, …"""
+    """Whether a mode keeps the linears in the model dtype (no fp8): ``fast``, ``kv+layout+compile``, …"""
     try:
         return mode_options(mode, "default").fp8 == "off"
     except ValueError:
@@ -766,8 +766,8 @@ def _add_bench(sub: Any) -> None:
     b.add_argument(
         "--modes", default=None,
         help=f"comma-separated speed-up levels {sorted(PERF_LEVELS)} or option lists joined by '+', which may "
-        "start from a level: fast+qkv+gather adds the fused q/k/v projections and the roll-free window "
-        "partitioning to fast (default: plain,safe,fast,fastest on CUDA, plain,safe on CPU)",
+        "start from a level (plain+gather, safe+compile); kv+layout is safe with the roll window path "
+        "(default: plain,safe,fast,fastest on CUDA, plain,safe on CPU)",
     )
     b.add_argument("--compile-mode", default="default", help="torch.compile mode for the compiled levels")
     b.add_argument("--no-ttff", action="store_true", help="skip the time-to-first-frame runs")

@@ -237,10 +237,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--perf",
         default="safe",
-        help="inference speed-ups: plain, safe (default: cached text keys/values, RoPE, time embedding), fast "
-        "(+ torch.compile, CUDA graphs), fastest (+ fp8 linears on H100/Ada), or items like "
-        "'kv,layout,compile,graphs,fp8'; opt-in items not in any level yet: 'qkv' (fused projections), 'gather' "
-        "(roll-free windows), e.g. 'fast,qkv,gather' (docs/BENCHMARKS.md)",
+        help="inference speed-ups: plain, safe (default: cached text keys/values, RoPE, time embedding; "
+        "roll-free windows), fast (+ torch.compile, CUDA graphs), fastest (+ fp8 linears on H100/Ada), or items "
+        "like 'kv,layout,gather,compile,graphs,fp8' (docs/BENCHMARKS.md)",
     )
     g.add_argument("--chunk-size", type=int, default=None, help="frames per chunk c (default: the model's)")
     g.add_argument("--micro-steps", type=int, default=None, help="micro-steps s per chunk position")

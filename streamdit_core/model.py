@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any, cast
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -36,16 +36,13 @@ from .attention import (
     window_reverse_indexed,
 )
 from .config import ModelConfig
-from .log import get_logger
-from .perf import GraphRunner, PerfOptions, apply_perf, disable_compile, fp8_linear, quantize_fp8
+from .perf import GraphRunner, PerfOptions, apply_perf, disable_compile
 
 # Cross-attention keys/values of one context, per block: runs ``(first_frame, end_frame, k, v)`` of token-grid
 # frames that share a prompt, k/v ``[b, Lt, heads, head_dim]``.
 CrossKV = tuple[tuple[int, int, torch.Tensor, torch.Tensor], ...]
 # Window token orders of one grid and window (``window_index``): ``(index, inverse)`` for unshifted and shifted.
 WindowIndex = tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
-
-log = get_logger("model")
 
 __all__ = ["StreamDiT", "sinusoidal_embedding", "rope_frequencies", "apply_rope"]
 
@@ -143,20 +140,7 @@ def gate(x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
 
 
 class _Projections(nn.Module):
-    """Wan's attention parameters: q, k, v, o projections and RMS norms of queries and keys.
-
-    :meth:`fuse` (the ``fused_qkv`` speed-up) makes some projections that read the same input one matmul:
-    their weights ``[out, in]`` and biases are concatenated into the non-persistent buffers ``fused_weight``
-    ``[n·out, in]`` and ``fused_bias`` ``[n·out]``, and the layers' parameters become views of those buffers
-    (the same ``Parameter`` objects, so the state dict keys, optimisers and in-place loads are unaffected; the
-    state dict holds copies while fused, so nothing saved shares memory). :meth:`unfuse` gives each parameter
-    its own memory again.
-    """
-
-    fused_weight: torch.Tensor | None
-    fused_bias: torch.Tensor | None
-    fused_weight_fp8: torch.Tensor | None
-    fused_weight_scale: torch.Tensor | None
+    """Wan's attention parameters: q, k, v, o projections and RMS norms of queries and keys."""
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
@@ -165,83 +149,6 @@ class _Projections(nn.Module):
         self.q, self.k, self.v, self.o = (nn.Linear(d, d) for _ in range(4))
         self.norm_q = RMSNorm(d, config.eps) if config.qk_norm else nn.Identity()
         self.norm_k = RMSNorm(d, config.eps) if config.qk_norm else nn.Identity()
-        self.fused: tuple[str, ...] = ()  # names of the fused layers, in output order
-        self.fused_fp8: tuple[bool, bool] | None = None  # (rowwise, use_scaled_mm) of the fp8 fused weight
-        self._fused_ptrs: tuple[int, ...] = ()
-        for name in ("fused_weight", "fused_bias", "fused_weight_fp8", "fused_weight_scale"):
-            self.register_buffer(name, None, persistent=False)
-        self.register_state_dict_post_hook(_copy_fused_entries)
-
-    def fuse(self, names: tuple[str, ...], fp8: tuple[bool, bool] | None = None) -> None:
-        """Make the linears ``names`` (same input size, with biases) one matmul; ``fp8`` = ``(rowwise,
-        use_scaled_mm)`` also quantises the fused weight (:func:`~streamdit_core.perf.fp8_linear`)."""
-        layers = [getattr(self, n) for n in names]
-        if not all(type(layer) is nn.Linear and layer.bias is not None for layer in layers):
-            raise TypeError(f"fuse needs plain nn.Linear layers with biases for {names}, got "
-                            f"{[type(layer).__name__ for layer in layers]} (undo fp8 on them first)")
-        with torch.no_grad():
-            weight = torch.cat([layer.weight.detach() for layer in layers])  # [n·out, in]
-            bias = torch.cat([layer.bias.detach() for layer in layers])  # [n·out]
-            row = 0
-            for layer in layers:
-                rows = layer.weight.shape[0]
-                layer.weight.data = weight[row : row + rows]  # the same Parameter, now a view
-                layer.bias.data = bias[row : row + rows]
-                row += rows
-            self.fused_weight, self.fused_bias = weight, bias
-            self.fused_weight_fp8 = self.fused_weight_scale = None
-            if fp8 is not None:
-                w8, scale = quantize_fp8(weight, fp8[0])
-                self.fused_weight_fp8 = w8.view(torch.uint8)
-                self.fused_weight_scale = scale.reshape(1, -1) if fp8[0] else scale
-        self.fused, self.fused_fp8 = tuple(names), fp8
-        self._fused_ptrs = self._current_ptrs()
-
-    def unfuse(self) -> None:
-        """Undo :meth:`fuse`: every parameter gets its own memory (same values, same ``Parameter`` objects)."""
-        if not self.fused:
-            return
-        with torch.no_grad():
-            for name in self.fused:
-                layer = getattr(self, name)
-                for p in (layer.weight, layer.bias):
-                    p.data = p.detach().clone()
-        self.fused, self.fused_fp8, self._fused_ptrs = (), None, ()
-        self.fused_weight = self.fused_bias = self.fused_weight_fp8 = self.fused_weight_scale = None
-
-    def _current_ptrs(self) -> tuple[int, ...]:
-        return tuple(p.data_ptr() for n in self.fused for p in (getattr(self, n).weight, getattr(self, n).bias))
-
-    def refresh_fused(self) -> bool:
-        """Fuse again if a fused parameter no longer lives in ``fused_weight`` (replaced, or loaded with
-        ``assign=True``); the parameters' values win. Returns whether it fused again."""
-        if not self.fused or self._current_ptrs() == self._fused_ptrs:
-            return False
-        names, fp8 = self.fused, self.fused_fp8
-        self.fused = ()  # the parameters are not all views any more: nothing to copy back
-        self.fuse(names, fp8)
-        return True
-
-    def fused_linear(self, x: torch.Tensor) -> torch.Tensor:
-        """The fused projections of ``x`` ``[..., in]`` → ``[..., n·out]`` (outputs in ``self.fused`` order)."""
-        assert self.fused_weight is not None and self.fused_bias is not None
-        if self.fused_weight_fp8 is not None and self.fused_weight_scale is not None and self.fused_fp8 is not None:
-            return fp8_linear(x, self.fused_weight_fp8, self.fused_weight_scale, self.fused_bias, *self.fused_fp8)
-        return F.linear(x, self.fused_weight, self.fused_bias)
-
-    def use_fused(self) -> bool:
-        """The fused matmul serves inference only: under autograd the parameters themselves must be used."""
-        return self.fused_weight is not None and not torch.is_grad_enabled()
-
-
-def _copy_fused_entries(module: nn.Module, state: dict[str, Any], prefix: str, local_metadata: Any) -> None:
-    """State-dict hook of :class:`_Projections`: while fused, its entries share one buffer; copy them so a
-    state dict never holds tensors that share memory (safetensors refuses those)."""
-    for name in cast(_Projections, module).fused:
-        for kind in ("weight", "bias"):
-            key = f"{prefix}{name}.{kind}"
-            if key in state and not isinstance(state[key], nn.Parameter):  # keep_vars=True: the live objects
-                state[key] = state[key].clone()
 
 
 class SelfAttention(_Projections):
@@ -260,13 +167,9 @@ class SelfAttention(_Projections):
         of :func:`~streamdit_core.attention.window_index` for this grid, window and shift: partition by one
         gather instead of roll + reshape (same values)."""
         b = x.shape[0]
-        if self.use_fused():
-            qx, kx, vx = self.fused_linear(x).chunk(3, dim=-1)  # 3 × [b, L, dim]
-        else:
-            qx, kx, vx = self.q(x), self.k(x), self.v(x)
-        q = apply_rope(self.norm_q(qx).unflatten(-1, (self.num_heads, -1)), *rope)  # [b, L, h, dh]
-        k = apply_rope(self.norm_k(kx).unflatten(-1, (self.num_heads, -1)), *rope)
-        v = vx.unflatten(-1, (self.num_heads, -1))
+        q = apply_rope(self.norm_q(self.q(x)).unflatten(-1, (self.num_heads, -1)), *rope)  # [b, L, h, dh]
+        k = apply_rope(self.norm_k(self.k(x)).unflatten(-1, (self.num_heads, -1)), *rope)
+        v = self.v(x).unflatten(-1, (self.num_heads, -1))
         if window == grid:
             out = attention(q, k, v, backend)
         elif order is not None:
@@ -302,11 +205,8 @@ class CrossAttention(_Projections):
 
     def project_context(self, ctx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """ctx ``[n, Lt, dim]`` → keys and values ``[n, Lt, heads, head_dim]``."""
-        if self.use_fused():
-            kx, vx = self.fused_linear(ctx).chunk(2, dim=-1)  # 2 × [n, Lt, dim]
-        else:
-            kx, vx = self.k(ctx), self.v(ctx)
-        return self.norm_k(kx).unflatten(-1, (self.num_heads, -1)), vx.unflatten(-1, (self.num_heads, -1))
+        k = self.norm_k(self.k(ctx)).unflatten(-1, (self.num_heads, -1))
+        return k, self.v(ctx).unflatten(-1, (self.num_heads, -1))
 
     @torch.compiler.disable  # the run layout varies; never specialise on it
     def forward_cached(self, x: torch.Tensor, frames: int, backend: str) -> torch.Tensor:
@@ -423,24 +323,7 @@ class StreamDiT(nn.Module):
 
     def _apply(self, fn, *args, **kwargs):  # type: ignore[no-untyped-def]
         self.clear_caches()  # .to()/.cuda()/.half() move or copy the weights the caches were built from
-        # fused projections: drop the fused buffers, move the parameters one by one, fuse again after (the
-        # move would otherwise hold the fused weights twice and leave the parameters outside the buffer)
-        fused = [(m, m.fused, m.fused_fp8) for m in self.modules() if isinstance(m, _Projections) and m.fused]
-        for m, _, _ in fused:
-            m.fused = ()  # the parameters keep their (views of the old) memory until fn replaces it
-            m.fused_weight = m.fused_bias = m.fused_weight_fp8 = m.fused_weight_scale = None
-        try:
-            return super()._apply(fn, *args, **kwargs)
-        finally:
-            for m, names, fp8 in fused:
-                m.fuse(names, fp8)
-
-    def _refresh_fused(self) -> None:
-        """Fuse again where a fused parameter was replaced since (see ``_Projections.refresh_fused``)."""
-        again = [m.refresh_fused() for b in self.blocks for m in (cast(Block, b).self_attn, cast(Block, b).cross_attn)]
-        if any(again):
-            log.info("fused projections re-fused after their parameters were replaced (%d modules)", sum(again))
-            self._graphs.reset()  # a captured graph reads the old fused buffers
+        return super()._apply(fn, *args, **kwargs)
 
     def _window_orders(self, grid: tuple[int, int, int], window: tuple[int, int, int],
                        device: torch.device) -> WindowIndex:
@@ -600,9 +483,9 @@ class StreamDiT(nn.Module):
         if context.dim() == 4 and context.shape[1] != frames:
             raise ValueError(f"per-frame context has {context.shape[1]} frames, latents have {frames}")
         rope = self._rope(grid, x.device)
-        orders = self._window_orders(grid, win, x.device) if self.perf.window_gather and win != grid else None
-        if self.perf.fused_qkv:
-            self._refresh_fused()
+        # roll-free windows: inference only, like the caches (training keeps the roll path)
+        gather = self.perf.window_gather and win != grid and not torch.is_grad_enabled()
+        orders = self._window_orders(grid, win, x.device) if gather else None
         cross: list[CrossKV] | None = None
         ctx = context
         if self._caching(self.perf.text_kv_cache):

@@ -15,17 +15,18 @@ option             what it does                                                 
 ``fp8``            block linears in float8 e4m3 (``torch._scaled_mm``), weights quantised    ~2-4 % relative
                    once, activations per call; ``row`` = per-row scales, ``tensor`` = one     (measured by
                    scale per tensor                                                          ``bench``)
-``fused_qkv``      self-attention q/k/v as one ``[3d, d]`` matmul, cross-attention k/v as    float rounding
-                   one ``[2d, d]`` matmul; the weights become views of one buffer (state      (≤ 1e-5 fp32)
-                   dict and parameters unchanged); with fp8 the fused weight is quantised
-                   (per-row scales: the same quantisation as q/k/v apart; per-tensor: one
-                   scale for the three; activations quantised once instead of three times)
 ``window_gather``  shifted and unshifted window partitioning as one ``index_select`` with a   bit-identical
-                   precomputed token order per grid/window/shift (no ``torch.roll`` copies)
+                   precomputed token order per grid/window/shift (no ``torch.roll`` copies);
+                   inference only (under autograd the roll path runs)
 =================  ========================================================================  ==================
 
-``fused_qkv`` and ``window_gather`` are off in every level until they are measured on a GPU; switch them on
-with the items ``qkv`` and ``gather`` (``"fast,qkv,gather"``), in ``bench --modes fast+qkv+gather`` too.
+Levels (:data:`PERF_LEVELS`): ``plain`` (all off, the eager reference), ``safe`` (the default: both caches
+and ``window_gather``), ``fast`` (+ ``compile`` and ``cuda_graphs``), ``fastest`` (+ ``fp8=row``).
+``window_gather`` is in every level but ``plain`` since the H100 run in ``docs/bench/h100_qkv_gather/``
+(eager: −8.8 % per call at paper scale, −5.9 % for Wan 1.3B with 4-frame windows; compiled: within ±2 %);
+the item ``gather`` switches it on in an option list (``"kv,layout,gather"``), and ``kv,layout`` is ``safe``
+with the roll path. A fused q/k/v projection was measured in the same run, gained nothing in any level, and
+was removed.
 
 The attention kernel is chosen by the attention backend (``auto`` picks cuDNN on GPUs that support it), not
 here. Everything fails soft: an optimisation that cannot run on this machine (no CUDA, no fp8 matmul, a
@@ -80,8 +81,8 @@ class PerfOptions:
         compile: ``torch.compile`` mode of the blocks, or ``"off"``.
         cuda_graphs: replay the model call as a CUDA graph (CUDA only; needs both caches).
         fp8: ``"off"``, ``"row"`` (per-row scales) or ``"tensor"`` (per-tensor scales) float8 block linears.
-        fused_qkv: one matmul for self-attention q/k/v and one for cross-attention k/v (inference only).
-        window_gather: window partitioning by a cached token permutation instead of ``torch.roll`` + reshape.
+        window_gather: window partitioning by a cached token permutation instead of ``torch.roll`` + reshape
+            (inference only; bit-identical).
     """
 
     text_kv_cache: bool = True
@@ -89,8 +90,7 @@ class PerfOptions:
     compile: str = "off"
     cuda_graphs: bool = False
     fp8: str = "off"
-    fused_qkv: bool = False
-    window_gather: bool = False
+    window_gather: bool = True
 
     def __post_init__(self) -> None:
         if self.compile not in COMPILE_MODES:
@@ -103,19 +103,18 @@ class PerfOptions:
     @classmethod
     def plain(cls) -> PerfOptions:
         """Everything off: the eager reference path."""
-        return cls(text_kv_cache=False, layout_cache=False)
+        return cls(text_kv_cache=False, layout_cache=False, window_gather=False)
 
     @classmethod
     def level(cls, name: str) -> PerfOptions:
         """A named level (:data:`PERF_LEVELS`) or a comma list such as ``"kv,layout,compile=default,graphs,fp8=row"``
-        (``kv``/``layout``/``graphs``/``qkv``/``gather`` switch on; ``compile`` alone means ``compile=default``;
-        ``fp8`` alone means ``fp8=row``; a level name as an item, e.g. ``"fast,qkv"``, sets every option to
-        that level's at that point of the list; a list starts from everything off)."""
+        (``kv``/``layout``/``graphs``/``gather`` switch on; ``compile`` alone means ``compile=default``;
+        ``fp8`` alone means ``fp8=row``; a level name as an item, e.g. ``"safe,compile"``, sets every option to
+        that level's at that point of the list; a list starts from everything off, like ``plain``)."""
         if name in PERF_LEVELS:
             return PERF_LEVELS[name]
-        opts: dict[str, Any] = {"text_kv_cache": False, "layout_cache": False}
-        switches = {"kv": "text_kv_cache", "layout": "layout_cache", "graphs": "cuda_graphs", "qkv": "fused_qkv",
-                    "gather": "window_gather"}
+        opts: dict[str, Any] = {f.name: getattr(PERF_LEVELS["plain"], f.name) for f in fields(PERF_LEVELS["plain"])}
+        switches = {"kv": "text_kv_cache", "layout": "layout_cache", "graphs": "cuda_graphs", "gather": "window_gather"}
         for raw in filter(None, (p.strip() for p in name.split(","))):
             key, _, value = raw.partition("=")
             if key in PERF_LEVELS and not value:
@@ -129,8 +128,8 @@ class PerfOptions:
             else:
                 raise ValueError(
                     f"unknown optimisation {raw!r} in {name!r}; use a level {sorted(PERF_LEVELS)} or items "
-                    "kv, layout, compile[=MODE], graphs, fp8[=row|tensor], qkv, gather (a level name may start "
-                    "the list)"
+                    "kv, layout, compile[=MODE], graphs, fp8[=row|tensor], gather (a level name may start the "
+                    "list)"
                 )
         return cls(**opts)
 
@@ -147,9 +146,9 @@ class PerfOptions:
 
 
 PERF_LEVELS: dict[str, PerfOptions] = {
-    # the eager reference: no caches, no compile
-    "plain": PerfOptions(text_kv_cache=False, layout_cache=False),
-    # the default: exact caches only (plus the attention backend's fastest kernel)
+    # the eager reference: no caches, no compile, windows partitioned by roll + reshape
+    "plain": PerfOptions(text_kv_cache=False, layout_cache=False, window_gather=False),
+    # the default: exact caches and roll-free windows only (plus the attention backend's fastest kernel)
     "safe": PerfOptions(),
     # + fused kernels and CUDA graphs: first call compiles (tens of seconds), same results to bf16 rounding
     "fast": PerfOptions(compile="default", cuda_graphs=True),
@@ -286,24 +285,19 @@ class Fp8Linear(nn.Module):
         return f"{self.in_features}, {self.out_features}, rowwise={self.rowwise}, scaled_mm={self.use_scaled_mm}"
 
 
-def _block_linears(model: StreamDiT, self_qkv: bool = True) -> list[tuple[nn.Module, str]]:
+def _block_linears(model: StreamDiT) -> list[tuple[nn.Module, str]]:
     """(parent, attribute) of every linear layer applied to the video tokens inside the blocks (the
-    cross-attention key/value projections of the text are cached, so they stay in the model dtype).
-    ``self_qkv=False`` leaves out the self-attention q/k/v (fused: quantised as one weight instead)."""
+    cross-attention key/value projections of the text are cached, so they stay in the model dtype)."""
     out: list[tuple[nn.Module, str]] = []
     block: Any
     for block in model.blocks:
         sa, ca = block.self_attn, block.cross_attn
-        if self_qkv:
-            out += [(sa, "q"), (sa, "k"), (sa, "v")]
-        out += [(sa, "o"), (ca, "q"), (ca, "o"), (block.ffn, "0"), (block.ffn, "2")]
+        out += [(sa, "q"), (sa, "k"), (sa, "v"), (sa, "o"), (ca, "q"), (ca, "o"), (block.ffn, "0"), (block.ffn, "2")]
     return out
 
 
-def _set_fp8(model: StreamDiT, mode: str, status: dict[str, str], self_qkv: bool = True) -> tuple[bool, bool] | None:
-    """Install (or, for ``"off"``, remove) the fp8 linears. ``self_qkv=False``: leave the self-attention q/k/v
-    as they are (the fused path quantises them). Returns what the fused path should use, ``(rowwise,
-    use_scaled_mm)``, or ``None`` when fp8 is off or unavailable."""
+def _set_fp8(model: StreamDiT, mode: str, status: dict[str, str]) -> None:
+    """Install (or, for ``"off"``, remove) the fp8 linears."""
     device = model.patch_embedding.weight.device
     for parent, name in _block_linears(model):  # always undo first (mode switches, or off)
         layer = getattr(parent, name)
@@ -314,7 +308,7 @@ def _set_fp8(model: StreamDiT, mode: str, status: dict[str, str], self_qkv: bool
             restored.bias = cast(nn.Parameter, layer.bias)
             setattr(parent, name, restored)
     if mode == "off":
-        return None
+        return
     rowwise = mode == "row"
     problem = fp8_supported(device, rowwise)
     if problem is not None and device.type == "cuda" and rowwise and fp8_supported(device, False) is None:
@@ -325,39 +319,15 @@ def _set_fp8(model: StreamDiT, mode: str, status: dict[str, str], self_qkv: bool
         status["fp8"] = f"off: {problem}"
         log.warning("fp8 linears are not available on %s (%s); staying in %s", device, problem,
                     model.patch_embedding.weight.dtype)
-        return None
+        return
     count = 0
-    for parent, name in _block_linears(model, self_qkv):
+    for parent, name in _block_linears(model):
         layer = getattr(parent, name)
         if Fp8Linear.eligible(layer):
             setattr(parent, name, Fp8Linear(layer, rowwise, use_scaled_mm))
             count += 1
     status["fp8"] = f"{'row' if rowwise else 'tensor'} scales, {count} linears" + (
-        "" if self_qkv else " + the fused self-attention q/k/v") + (
         "" if use_scaled_mm else " (emulated in float32: no fp8 matmul here)")
-    return rowwise, use_scaled_mm
-
-
-# ----------------------------------------------------------------------------------------------------------
-# fused q/k/v projections
-# ----------------------------------------------------------------------------------------------------------
-
-
-def _set_fused(model: StreamDiT, on: bool, fp8: tuple[bool, bool] | None, status: dict[str, str]) -> None:
-    """Fuse (or unfuse) every block's self-attention q/k/v and cross-attention k/v (``_Projections.fuse``).
-    ``fp8``: ``(rowwise, use_scaled_mm)`` to quantise the fused self-attention weight, or ``None``."""
-    block: Any
-    for block in model.blocks:  # always undo first (options change, or off)
-        block.self_attn.unfuse()
-        block.cross_attn.unfuse()
-    if not on:
-        return
-    for block in model.blocks:
-        block.self_attn.fuse(("q", "k", "v"), fp8)
-        block.cross_attn.fuse(("k", "v"), None)  # the text keys/values: cached per prompt, stay in model dtype
-    n = len(model.blocks)
-    status["fused_qkv"] = f"{n} self-attention q/k/v, {n} cross-attention k/v" + (
-        "" if fp8 is None else f" (self-attention q/k/v in fp8, {'row' if fp8[0] else 'tensor'} scales)")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -475,9 +445,7 @@ def apply_perf(model: StreamDiT, options: PerfOptions) -> dict[str, str]:
     and dtype. Returns (and stores in ``model.perf_status``) what is actually active."""
     device = model.patch_embedding.weight.device
     status: dict[str, str] = {"requested": options.describe()}
-    _set_fused(model, False, None, status)
-    fp8 = _set_fp8(model, options.fp8, status, self_qkv=not options.fused_qkv)
-    _set_fused(model, options.fused_qkv, fp8, status)
+    _set_fp8(model, options.fp8, status)
     if options.window_gather:
         status["window_gather"] = "on"
     _set_compile(model, options.compile, status)

@@ -5,8 +5,7 @@ attention with a window mask; cached text keys/values and cached RoPE/time embed
 them (plain path); fp8 linears against the float32 matmul, within the bound that e4m3 rounding implies.
 torch.compile is compared only with STREAMDIT_TEST_COMPILE=1 (a CPU compile takes ~20 s). CUDA graphs and
 the cuDNN kernel need a GPU: `python -m streamdit_core bench` checks them (relative error column). Window
-partitioning by gather is compared bit for bit with the roll path; fused q/k/v projections with the separate
-ones to float rounding.
+partitioning by gather (in every level but ``plain``) is compared bit for bit with the roll path.
 """
 
 import os
@@ -159,96 +158,51 @@ LAYOUTS = {  # (config, latent [C, F, H, W]): both with windows that need partit
 }
 
 
+ROLL = PerfOptions(window_gather=False)  # the safe level's caches with the roll window path
+
+
 @pytest.mark.parametrize("layout", sorted(LAYOUTS))
 def test_window_gather_model_is_bit_identical(layout):
+    """The default (safe) level partitions windows by gather; its output equals the roll path bit for bit,
+    with and without the caches."""
     cfg, latent = LAYOUTS[layout]
     model = _layout_model(cfg)
     x, sigma, ctx = _layout_inputs(cfg, latent)
-    for base in (PLAIN, PerfOptions()):
-        ref = _run(model, base, x, sigma, ctx)
-        out = _run(model, replace(base, window_gather=True), x, sigma, ctx)
-        assert torch.equal(out, ref), base.describe()
+    assert PERF_LEVELS["safe"].window_gather and not PLAIN.window_gather
+    for roll in (PLAIN, ROLL):
+        ref = _run(model, roll, x, sigma, ctx)
+        assert not model._window_cache  # the roll path: no token orders built
+        out = _run(model, replace(roll, window_gather=True), x, sigma, ctx)
+        assert torch.equal(out, ref), roll.describe()
     assert len(model._window_cache) == 1  # safe: cached per grid and window, like RoPE
+    assert torch.equal(_run(model, PERF_LEVELS["safe"], x, sigma, ctx), _run(model, ROLL, x, sigma, ctx))
 
 
-def _shares_memory(state):
-    ptrs = [t.untyped_storage().data_ptr() for t in state.values()]
-    return len(ptrs) != len(set(ptrs))
+def test_window_gather_with_full_attention_and_under_autograd(monkeypatch):
+    """Windows as large as the grid are full attention: no token order is built and the output equals the
+    plain path. Under autograd (training) the roll path runs: no orders, same gradients."""
+    import streamdit_core.model as model_mod
 
-
-@pytest.mark.parametrize("layout", sorted(LAYOUTS))
-def test_fused_qkv_equals_separate_projections_and_switches_back(layout):
-    cfg, latent = LAYOUTS[layout]
-    model = _layout_model(cfg)
-    x, sigma, ctx = _layout_inputs(cfg, latent)
-    before = {k: v.clone() for k, v in model.state_dict().items()}
-    params = dict(model.named_parameters())
-    for base in (PLAIN, PerfOptions()):  # text keys/values recomputed every call, and cached
-        ref = _run(model, base, x, sigma, ctx)
-        out = _run(model, replace(base, fused_qkv=True), x, sigma, ctx)
-        sa, ca = model.blocks[1].self_attn, model.blocks[1].cross_attn
-        assert sa.fused == ("q", "k", "v") and ca.fused == ("k", "v")
-        assert sa.k.weight.data_ptr() == sa.fused_weight[cfg.dim :].data_ptr()  # a view, not a copy
-        assert torch.allclose(out, ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item()), base.describe()
-        state = model.state_dict()
-        assert list(state) == list(before) and all(torch.equal(state[k], before[k]) for k in before)
-        assert not _shares_memory(state)  # the state dict copies the views: safetensors can save it
-        assert dict(model.named_parameters()).keys() == params.keys()
-        assert all(p is params[n] for n, p in model.named_parameters())  # the same Parameter objects
-        assert torch.equal(_run(model, base, x, sigma, ctx), ref)  # switched back: the separate path
-        assert model.blocks[1].self_attn.fused_weight is None and not _shares_memory(
-            {n: p for n, p in model.named_parameters()})
-
-
-def test_fused_qkv_follows_moves_loads_and_autograd():
+    built: list[tuple[int, int, int]] = []
+    real = model_mod.window_index
+    monkeypatch.setattr(model_mod, "window_index", lambda grid, *a, **k: built.append(grid) or real(grid, *a, **k))
     cfg, latent = LAYOUTS["wan-like"]
     model = _layout_model(cfg)
     x, sigma, ctx = _layout_inputs(cfg, latent)
-    fused = PerfOptions(fused_qkv=True)
-    model.set_perf(fused)
-    model.to(torch.float64)  # moved/cast while fused: fused again on the new tensors
-    sa = model.blocks[0].self_attn
-    assert sa.fused_weight.dtype == torch.float64 and sa.q.weight.data_ptr() == sa.fused_weight.data_ptr()
-    x64, ctx64 = x.double(), ctx.double()
-    with torch.inference_mode():
-        out = model(x64, sigma, ctx64)
-    assert torch.allclose(out, _run_plain_copy(model, x64, sigma, ctx64), atol=1e-12)
-    model.set_perf(fused)
-    other = _layout_model(cfg, seed=5).double()
-    model.load_state_dict(other.state_dict())  # in place: the views see the new values
-    assert sa.q.weight.data_ptr() == sa.fused_weight.data_ptr()
-    with torch.inference_mode():
-        assert torch.allclose(model(x64, sigma, ctx64), _run(other, PLAIN, x64, sigma, ctx64), atol=1e-12)
-    model.load_state_dict(_layout_model(cfg, seed=6).double().state_dict(), assign=True)  # new Parameters
-    with torch.inference_mode():
-        out = model(x64, sigma, ctx64)  # fused again from the new parameters before use
-    assert sa.q.weight.data_ptr() == sa.fused_weight.data_ptr()
-    assert torch.allclose(out, _run_plain_copy(model, x64, sigma, ctx64), atol=1e-12)
-    model.train()
-    model.set_perf(fused)
-    model(x64, sigma, ctx64).square().mean().backward()  # under autograd the parameters themselves are used
-    assert sa.q.weight.grad is not None and model.blocks[0].cross_attn.v.weight.grad is not None
-
-
-def test_fused_qkv_composes_with_fp8():
-    """With fp8 the fused weight is quantised as one: per-row scales quantise exactly as the separate layers
-    do (and the activations once instead of three times), so only float rounding differs."""
-    model = _model()
-    x, sigma, prompts = _inputs(model.config)
-    ctx = prompts[0][None]
-    ref = _run(model, PLAIN, x, sigma, ctx)
-    for mode in ("row", "tensor"):
-        separate = _run(model, PerfOptions(fp8=mode), x, sigma, ctx)
-        out = _run(model, PerfOptions(fp8=mode, fused_qkv=True), x, sigma, ctx)
-        sa = model.blocks[0].self_attn
-        assert type(sa.q) is nn.Linear and sa.fused_weight_fp8 is not None and isinstance(sa.o, Fp8Linear)
-        assert "fused" in model.perf_status["fp8"] and "fp8" in model.perf_status["fused_qkv"]
-        rel = ((out - ref).norm() / ref.norm()).item()
-        assert 1e-4 < rel < 0.06, (mode, rel)  # really quantised, and close
-        if mode == "row":
-            assert torch.allclose(out, separate, atol=1e-5 * ref.abs().max().item())
-    assert torch.equal(_run(model, PLAIN, x, sigma, ctx), ref)
-    assert model.blocks[0].self_attn.fused_weight_fp8 is None and type(model.blocks[0].self_attn.o) is nn.Linear
+    grid = (latent[1], latent[2] // 2, latent[3] // 2)  # the token grid (patch 1 × 2 × 2)
+    for window in (grid, (64, 64, 64)):  # the grid itself, and a larger window (clamped to the grid)
+        ref = _run(model, PLAIN, x, sigma, ctx, window=window)
+        assert torch.equal(_run(model, PerfOptions(text_kv_cache=False), x, sigma, ctx, window=window), ref)
+    assert built == [] and not model._window_cache
+    grads = []
+    for options in (PerfOptions(), ROLL):
+        model.zero_grad()
+        model.set_perf(options)
+        model(x, sigma, ctx).square().mean().backward()
+        grads.append(model.blocks[1].self_attn.q.weight.grad.clone())
+    assert built == [] and torch.equal(grads[0], grads[1])
+    _run(model, PerfOptions(), x, sigma, ctx)
+    assert built == [grid, grid]  # inference, windows (2, 4, 4): unshifted and shifted orders, once
 
 
 # -- caches -----------------------------------------------------------------------------------------------
@@ -340,7 +294,7 @@ def test_caches_stay_out_of_autograd():
     out = model(x, sigma, prompts[0][None])
     out.square().mean().backward()
     assert model.blocks[0].cross_attn.k.weight.grad is not None
-    assert not model._kv_cache and not model._time_cache and not model._rope_cache
+    assert not model._kv_cache and not model._time_cache and not model._rope_cache and not model._window_cache
 
 
 def test_guided_batch_and_stream_equal_plain_path():
@@ -439,11 +393,16 @@ def test_fp8_model_output_close_to_plain_and_switches_back():
 
 def test_options_levels_parsing_and_validation():
     assert PerfOptions.level("safe") == PerfOptions() and PERF_LEVELS["plain"] == PLAIN
-    assert PerfOptions.level("kv,compile,fp8") == PerfOptions(True, False, "default", False, "row")
+    assert PerfOptions.level("kv,compile,fp8") == PerfOptions(True, False, "default", False, "row", False)
     assert PerfOptions.level("plain,layout").describe() == "layout_cache"
-    assert PerfOptions.level("fast,qkv,gather") == replace(PERF_LEVELS["fast"], fused_qkv=True, window_gather=True)
-    assert mode_options("fastest+qkv", "default") == replace(PERF_LEVELS["fastest"], fused_qkv=True)
-    assert not any(o.fused_qkv or o.window_gather for o in PERF_LEVELS.values())  # off until measured on a GPU
+    # roll-free windows are in every level but plain (measured on an H100: docs/bench/h100_qkv_gather/)
+    assert [name for name, o in PERF_LEVELS.items() if not o.window_gather] == ["plain"]
+    assert PerfOptions.level("kv,layout,gather") == PerfOptions() == PERF_LEVELS["safe"]
+    assert PerfOptions.level("kv,layout") == replace(PerfOptions(), window_gather=False)
+    assert mode_options("plain+gather", "default") == replace(PLAIN, window_gather=True)
+    assert PerfOptions().describe() == "text_kv_cache,layout_cache,window_gather"
+    with pytest.raises(ValueError, match="unknown optimisation 'qkv'"):  # the fused projection was removed
+        PerfOptions.level("fast,qkv")
     assert PERF_LEVELS["fastest"].for_device(torch.device("cpu")) == PerfOptions(compile="default")
     with pytest.raises(ValueError, match="unknown optimisation 'turbo'"):
         PerfOptions.level("turbo")
@@ -470,8 +429,8 @@ def test_compiled_blocks_equal_eager():
             got = model(x, sigma, per_frame)
         assert torch.allclose(got, _run_plain_copy(model, x, sigma, per_frame), atol=1e-4), kind
     assert counters["stats"]["unique_graphs"] == graphs
-    fused = _run(model, PerfOptions(compile="default", fused_qkv=True, window_gather=True), x, sigma, ctx)
-    assert model.perf_status.get("compile") == "default" and torch.allclose(fused, ref, atol=1e-4)
+    rolled = _run(model, PerfOptions(compile="default", window_gather=False), x, sigma, ctx)
+    assert model.perf_status.get("compile") == "default" and torch.allclose(rolled, ref, atol=1e-4)
 
 
 # -- bench ------------------------------------------------------------------------------------------------
@@ -494,12 +453,13 @@ def test_flops_match_the_dense_estimate_and_floors_are_consistent():
 
 def test_bench_case_runs_and_reports_every_mode():
     case = BenchCase("tiny", "test-tiny", (3, 4, 8, 8), Partition(K=0, N=2, c=2, s=1), (2, 2, 2))
-    modes = ("plain", "safe", "kv+fp8", "safe+qkv+gather")
+    modes = ("plain", "safe", "kv+fp8", "kv+layout", "plain+gather")
     row = run_case(case, torch.device("cpu"), torch.float32, repeats=1, modes=modes)
     assert tuple(m["mode"] for m in row["modes"]) == modes
-    plain, safe, fp8, fused = row["modes"]
-    assert plain["relative_error"] == 0 and safe["relative_error"] < 1e-5 and fused["relative_error"] < 1e-5
-    assert fused["status"]["window_gather"] == "on" and "fused_qkv" in fused["status"]
+    plain, safe, fp8, roll, gather = row["modes"]
+    assert plain["relative_error"] == 0 and gather["relative_error"] == 0  # gather: bit-identical
+    assert safe["relative_error"] < 1e-5 and roll["relative_error"] < 1e-5
+    assert safe["status"]["window_gather"] == "on" and "window_gather" not in roll["status"]
     assert fp8["status"]["requested"] == "text_kv_cache"  # fp8 would only be emulated on a CPU: dropped
     assert row["time_to_first_frame"]["warm_start_calls"] == 2 and row["baseline"]["ms_per_call"] > 0
     table = to_markdown([row])

@@ -91,4 +91,4 @@ def test_wan_pipeline_applies_speed_ups_after_the_move(tmp_path, monkeypatch):
 
     monkeypatch.setattr(model_mod, "apply_perf", spy)
     pipe = load_wan_pipeline(path, device="meta", perf="safe")  # a device other than the loading CPU
-    assert seen == ["meta"] and pipe.model.perf_status["requested"] == "text_kv_cache,layout_cache"
+    assert seen == ["meta"] and pipe.model.perf_status["requested"] == "text_kv_cache,layout_cache,window_gather"
