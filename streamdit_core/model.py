@@ -184,7 +184,7 @@ class SelfAttention(_Projections):
 
 class CrossAttention(_Projections):
     # Cached keys/values of this call's context (set by StreamDiT before each call). They are read only inside
-    # the compiler-disabled forward_cached, so torch.compile never specialises on the run layout, which changes
+    # the compiler-disabled attend_runs, so torch.compile never specialises on the run layout, which changes
     # while a prompt transition moves through the buffer; ``cached`` is the only flag the compiled code sees.
     runs: CrossKV | None = None
     cached: bool = False
@@ -208,18 +208,24 @@ class CrossAttention(_Projections):
         k = self.norm_k(self.k(ctx)).unflatten(-1, (self.num_heads, -1))
         return k, self.v(ctx).unflatten(-1, (self.num_heads, -1))
 
-    @torch.compiler.disable  # the run layout varies; never specialise on it
     def forward_cached(self, x: torch.Tensor, frames: int, backend: str) -> torch.Tensor:
         """Cross-attention with the precomputed keys/values in ``self.runs``: the tokens of each run of frames
-        (contiguous in ``x`` ``[b, L, dim]``, ``frames`` token-grid frames) attend to that run's keys/values."""
+        (contiguous in ``x`` ``[b, L, dim]``, ``frames`` token-grid frames) attend to that run's keys/values.
+
+        Only the attention over the runs is hidden from ``torch.compile`` (:meth:`attend_runs`); the query and
+        output projections (fp8 quantisation included) and the query norm compile with the rest of the block."""
+        q = self.norm_q(self.q(x)).unflatten(-1, (self.num_heads, -1))  # [b, L, h, dh]
+        return self.o(self.attend_runs(q, frames, backend).flatten(2))
+
+    @torch.compiler.disable  # the run layout varies; never specialise on it
+    def attend_runs(self, q: torch.Tensor, frames: int, backend: str) -> torch.Tensor:
+        """q ``[b, L, h, dh]`` → attention output ``[b, L, h, dh]`` against each run's cached keys/values."""
         runs = self.runs
         if runs is None:
             raise RuntimeError("forward_cached needs the context's keys/values in CrossAttention.runs")
-        q = self.norm_q(self.q(x)).unflatten(-1, (self.num_heads, -1))  # [b, L, h, dh]
-        per = x.shape[1] // frames
+        per = q.shape[1] // frames
         outs = [attention(q[:, f0 * per : f1 * per], k, v, backend) for f0, f1, k, v in runs]
-        out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
-        return self.o(out.flatten(2))
+        return outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
 
 
 class Block(nn.Module):
