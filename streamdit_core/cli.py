@@ -71,6 +71,20 @@ class ProgressBar:
             sys.stderr.write("\n")
 
 
+def window_arg(text: str) -> tuple[int, int, int]:
+    """``--window F,H,W``: a self-attention window in tokens (token frames, rows, columns)."""
+    parts = text.replace("x", ",").split(",")
+    try:
+        window = tuple(int(p) for p in parts)
+    except ValueError:
+        window = ()
+    if len(window) != 3 or min(window) < 1:
+        raise argparse.ArgumentTypeError(
+            f"--window must be three positive integers F,H,W (token frames, rows, columns), got {text!r}"
+        )
+    return (window[0], window[1], window[2])
+
+
 def _read_schedule(args: argparse.Namespace) -> PromptSchedule:
     """``--schedule`` (text or @FILE), else ``--prompt``, else the demo schedule (``--demo`` forces it)."""
     if args.demo:
@@ -132,6 +146,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
             if getattr(args, name) is not None:
                 overrides[name] = getattr(args, name)
         overrides["warm_start"] = not args.cold_start
+        overrides["window"] = args.window
         overrides["model_frames"] = args.model_frames
         overrides["lookahead"] = args.lookahead
         settings = pipeline.default_settings(**overrides)
@@ -250,6 +265,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--height", type=int, default=None)
     g.add_argument("--width", type=int, default=None)
     g.add_argument("--cold-start", action="store_true", help="start from noise instead of a warm T2V start")
+    g.add_argument("--window", type=window_arg, default=None,
+                   help="self-attention window in tokens F,H,W (default: the model's; a window the model was not "
+                   "trained with changes its output)")
     g.add_argument(
         "--model-frames",
         type=int,

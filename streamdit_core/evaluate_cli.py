@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from .cli import register_command
+from .cli import register_command, window_arg
 from .evaluate import REFERENCE_GENERATORS, EvalConfig, GenerateRequest, evaluate, write_report
 from .log import get_logger
 from .pipeline import StreamPipeline, load_pipeline
@@ -73,6 +73,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     overrides: dict[str, object] = {"partition": partition}
     if args.guidance is not None:
         overrides["guidance"] = args.guidance
+    if args.window is not None:
+        overrides["window"] = args.window
     sampler = StreamSampler(pipeline, pipeline.default_settings(**overrides))
     config = EvalConfig.quick(chunk_size=partition.c) if args.quick else EvalConfig(chunk_size=partition.c)
     log.info("evaluating %s with %s (%s, speed-ups %s)", pipeline.name, partition.describe(),
@@ -87,9 +89,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def _eval_reference(args: argparse.Namespace) -> int:
     """Score a reference generator (no model): validates the evaluator with known answers."""
-    if args.model or args.chunk_size or args.micro_steps or args.guidance is not None or args.perf:
+    if args.model or args.chunk_size or args.micro_steps or args.guidance is not None or args.perf or args.window:
         raise ValueError("eval --reference scores a generator without a model: leave out --model, --chunk-size, "
-                         "--micro-steps, --guidance and --perf")
+                         "--micro-steps, --guidance, --perf and --window")
     config = EvalConfig.quick() if args.quick else EvalConfig()
     log.info("evaluating the reference generator %r (%s)", args.reference, "quick" if args.quick else "full")
     start = time.perf_counter()
@@ -115,6 +117,8 @@ def _add_eval(sub: Any) -> None:
     e.add_argument("--guidance", type=float, default=None)
     e.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     e.add_argument("--dtype", default="float32")
+    e.add_argument("--window", type=window_arg, default=None,
+                   help="self-attention window in tokens F,H,W (default: the model's)")
     e.add_argument("--perf", default=None,
                    help="inference speed-ups as in generate --perf (default: safe); 'fast' makes GPU evaluations of "
                    "many-call teachers several times faster (the fps in the report is measured with it)")

@@ -147,6 +147,9 @@ class TrainConfig:
     max_minutes: wall-clock budget; the run stops when it is used up (0 = none). The learning-rate schedule
     follows ``max(step/steps, elapsed/budget)`` so a time-limited run still anneals.
     log_every, sample_every, ckpt_every: in steps. seed: all randomness derives from it.
+    window: self-attention window of the trained model in tokens ``[frames, height, width]``, or ``None`` to keep
+    the preset's (or the ``--init`` checkpoint's). Windows add no parameters, so a checkpoint can continue
+    training with another window; checkpoints store it, and inference uses it by default.
     world: keyword overrides for ``WorldConfig``.
     video: keyword overrides for ``video_data.VideoDataConfig`` (training on ``--data`` videos; ``buffer`` then
     counts latent frames).
@@ -177,6 +180,7 @@ class TrainConfig:
     sample_every: int = 2000
     ckpt_every: int = 1000
     seed: int = 0
+    window: tuple[int, int, int] | None = None
     world: dict[str, object] = field(default_factory=dict)
     video: dict[str, object] = field(default_factory=dict)
 
@@ -192,6 +196,11 @@ class TrainConfig:
             raise ValueError(f"batch, steps and lr must be positive, got {self.batch}, {self.steps}, {self.lr}")
         if self.grad_accum < 1:
             raise ValueError(f"grad_accum must be a positive integer, got {self.grad_accum}")
+        if self.window is not None:
+            window = tuple(self.window)
+            if len(window) != 3 or not all(isinstance(w, int) and w >= 1 for w in window):
+                raise ValueError(f"window must be three positive integers [frames, height, width], got {self.window!r}")
+            object.__setattr__(self, "window", window)
 
 
 # The teacher's inference scheme: micro-steps per chunk and classifier-free guidance. A teacher checkpoint's
@@ -435,8 +444,12 @@ class Trainer:
         torch.manual_seed(cfg.seed)  # parameter initialisation only
         if init:
             model, text = load_init(init, need_text=self.source is None)
+            if cfg.window is not None:
+                model.config = model.config.with_(window=cfg.window)
             return model, (text if self.source is None else None)
         mcfg: ModelConfig = preset(cfg.model)
+        if cfg.window is not None:
+            mcfg = mcfg.with_(window=cfg.window)
         if self.source is not None:
             return StreamDiT(mcfg), None
         text = TextEncoder(

@@ -47,6 +47,18 @@ def test_bad_input_is_a_clear_error(tmp_path):
     assert res.returncode == 2 and "chunk size c=3" in res.stderr
 
 
+def test_window_option_is_parsed_and_checked(tmp_path):
+    import streamdit_core.evaluate_cli  # noqa: F401  (registers the eval command)
+    from streamdit_core.cli import build_parser
+
+    args = build_parser().parse_args(["generate", "--window", "8,8,8"])
+    assert args.window == (8, 8, 8) and build_parser().parse_args(["generate"]).window is None
+    assert build_parser().parse_args(["eval", "--window", "4x16x16"]).window == (4, 16, 16)
+    res = _run("generate", "--prompt", "a red circle", "--window", "4,8", "--out", str(tmp_path / "w"))
+    assert res.returncode == 2 and "--window must be three positive integers F,H,W" in res.stderr
+    assert not (tmp_path / "w").exists()
+
+
 def test_eval_generate_fn_wraps_the_sampler(one_thread):
     import torch
 

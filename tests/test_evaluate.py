@@ -203,5 +203,6 @@ def test_eval_reference_command_scores_the_known_answers(tmp_path, caplog):
         adherence = json.loads((tmp_path / f"{name}.json").read_text())["adherence"]
         assert expect(adherence), (name, adherence)
     assert main(["eval", "--reference", "ground-truth", "--guidance", "2", "--out", str(tmp_path), "--name", "x"]) == 2
-    assert main(["eval", "--reference", "ground-truth", "--perf", "fast", "--out", str(tmp_path), "--name", "x"]) == 2
+    for extra in (["--perf", "fast"], ["--window", "8,8,8"]):  # model options with a reference generator
+        assert main(["eval", "--reference", "ground-truth", *extra, "--out", str(tmp_path), "--name", "x"]) == 2
     assert "leave out --model" in caplog.text and not (tmp_path / "x.json").exists()

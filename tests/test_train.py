@@ -1,5 +1,7 @@
 """A few training and distillation steps on a tiny config reduce the loss (CPU, seconds)."""
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -118,6 +120,25 @@ def test_default_chunk_mix_follows_the_presets_temporal_patch():
     assert TrainConfig(buffer=16, reference_frames=4).chunk_sizes == (2, 4, 12)
     with pytest.raises(ValueError, match="frames"):
         TrainConfig(buffer=4, reference_frames=4)
+
+
+def test_a_config_window_trains_and_is_stored(tmp_path):
+    """``TrainConfig.window`` replaces the preset's window (and an ``--init`` checkpoint's, whose weights it keeps):
+    the trained model uses it and its checkpoints store it, so inference uses it by default."""
+    from streamdit_core.checkpoint import load_checkpoint
+
+    with pytest.raises(ValueError, match="window must be three positive integers"):
+        TrainConfig(window=[4, 8])
+    tr = _tiny(tmp_path, window=[2, 2, 2])
+    assert tr.cfg.window == (2, 2, 2) and tr.model.config.window == (2, 2, 2)
+    tr.run()
+    saved = tmp_path / "teacher" / "ema.safetensors"
+    assert load_checkpoint(saved).model.config.window == (2, 2, 2)
+    cfg = replace(tr.cfg, window=(4, 4, 4))
+    again = Trainer(cfg, tmp_path / "again", "cpu", init=str(saved))
+    assert again.model.config.window == (4, 4, 4)
+    (a, _), (b, _) = again.gather("live"), tr.gather("ema")
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
 
 
 def test_teacher_checkpoints_default_to_the_teacher_scheme(tmp_path):
