@@ -12,6 +12,7 @@ import math
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -75,13 +76,21 @@ def cmd_eval(args: argparse.Namespace) -> int:
         overrides["guidance"] = args.guidance
     if args.window is not None:
         overrides["window"] = args.window
-    sampler = StreamSampler(pipeline, pipeline.default_settings(**overrides))
+    settings = pipeline.default_settings(**overrides)
+    sampler = StreamSampler(pipeline, settings)
     config = EvalConfig.quick(chunk_size=partition.c) if args.quick else EvalConfig(chunk_size=partition.c)
     log.info("evaluating %s with %s (%s, speed-ups %s)", pipeline.name, partition.describe(),
              "quick" if args.quick else "full", args.perf or "safe")
     report = evaluate(sampler_generate_fn(sampler), config, name=args.name)
     fps = streaming_fps(sampler)
     report = report.with_speed(**{f"{pipeline.device.type}_fps": fps, "threads": float(torch.get_num_threads())})
+    window = settings.window or pipeline.model.config.window
+    report = replace(report, notes=(
+        f"Model `{pipeline.name}`, scheme {partition.describe()}, guidance {settings.guidance:g}, shift "
+        f"{settings.shift:g}, window {list(window) if window else 'full'}, speed-ups `{args.perf or 'safe'}`, "
+        f"{pipeline.device.type} {str(pipeline.dtype).removeprefix('torch.')}, {'quick' if args.quick else 'full'} "
+        "configuration."
+    ))
     path = write_report(report, args.out, args.name)
     sys.stdout.write(report.to_markdown() + f"\n\nreport: {path}\n")
     return 0
