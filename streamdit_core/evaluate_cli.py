@@ -79,17 +79,16 @@ def cmd_eval(args: argparse.Namespace) -> int:
     settings = pipeline.default_settings(**overrides)
     sampler = StreamSampler(pipeline, settings)
     config = EvalConfig.quick(chunk_size=partition.c) if args.quick else EvalConfig(chunk_size=partition.c)
-    log.info("evaluating %s with %s (%s, speed-ups %s)", pipeline.name, partition.describe(),
-             "quick" if args.quick else "full", args.perf or "safe")
+    size, perf = ("quick" if args.quick else "full"), args.perf or "safe"
+    log.info("evaluating %s with %s (%s, speed-ups %s)", pipeline.name, partition.describe(), size, perf)
     report = evaluate(sampler_generate_fn(sampler), config, name=args.name)
     fps = streaming_fps(sampler)
     report = report.with_speed(**{f"{pipeline.device.type}_fps": fps, "threads": float(torch.get_num_threads())})
     window = settings.window or pipeline.model.config.window
     report = replace(report, notes=(
         f"Model `{pipeline.name}`, scheme {partition.describe()}, guidance {settings.guidance:g}, shift "
-        f"{settings.shift:g}, window {list(window) if window else 'full'}, speed-ups `{args.perf or 'safe'}`, "
-        f"{pipeline.device.type} {str(pipeline.dtype).removeprefix('torch.')}, {'quick' if args.quick else 'full'} "
-        "configuration."
+        f"{settings.shift:g}, window {list(window) if window else 'full'}, speed-ups `{perf}`, "
+        f"{pipeline.device.type} {str(pipeline.dtype).removeprefix('torch.')}, {size} configuration."
     ))
     path = write_report(report, args.out, args.name)
     sys.stdout.write(report.to_markdown() + f"\n\nreport: {path}\n")

@@ -18,8 +18,8 @@ Tensor shapes: latents ``[batch, channels, frames, height, width]``; tokens ``[b
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
-from typing import cast
+from collections.abc import Callable, Sequence
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -331,32 +331,34 @@ class StreamDiT(nn.Module):
         self.clear_caches()  # .to()/.cuda()/.half() move or copy the weights the caches were built from
         return super()._apply(fn, *args, **kwargs)
 
+    def _layout_cached(self, cache: dict[tuple[object, ...], Any], key: tuple[object, ...],
+                       make: Callable[[], Any]) -> Any:
+        """``make()`` cached in ``cache`` under ``key`` while ``layout_cache`` is on (at most 4 layouts kept)."""
+        if not self._caching(self.perf.layout_cache):
+            return make()
+        found = cache.get(key)
+        if found is None:
+            if len(cache) >= 4:
+                cache.clear()
+            found = cache[key] = make()
+        return found
+
     def _window_orders(self, grid: tuple[int, int, int], window: tuple[int, int, int],
                        device: torch.device) -> WindowIndex:
         """``window_index`` of the grid and window, unshifted and shifted (cached like RoPE)."""
-        key = (grid, window, str(device))
-        found = self._window_cache.get(key) if self._caching(self.perf.layout_cache) else None
-        if found is not None:
-            return found
-        orders = (window_index(grid, window, False, device), window_index(grid, window, True, device))
-        if self._caching(self.perf.layout_cache):
-            if len(self._window_cache) >= 4:
-                self._window_cache.clear()
-            self._window_cache[key] = orders
-        return orders
+        return cast(WindowIndex, self._layout_cached(
+            self._window_cache, (grid, window, str(device)),
+            lambda: (window_index(grid, window, False, device), window_index(grid, window, True, device)),
+        ))
 
     def _rope(self, grid: tuple[int, int, int], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        key = (grid, str(device))
-        found = self._rope_cache.get(key) if self._caching(self.perf.layout_cache) else None
-        if found is not None:
-            return found
-        angles = rope_frequencies(self.config.head_dim, grid, self.config.rope_theta, device)
-        rope = (torch.cos(angles).float(), torch.sin(angles).float())  # 2 × [L, dh/2]
-        if self._caching(self.perf.layout_cache):
-            if len(self._rope_cache) >= 4:
-                self._rope_cache.clear()
-            self._rope_cache[key] = rope
-        return rope
+        """cos and sin of the RoPE angles ``2 × [L, dh/2]`` float32 for ``grid`` (cached per layout)."""
+
+        def make() -> tuple[torch.Tensor, torch.Tensor]:
+            angles = rope_frequencies(self.config.head_dim, grid, self.config.rope_theta, device)
+            return (torch.cos(angles).float(), torch.sin(angles).float())
+
+        return cast(tuple[torch.Tensor, torch.Tensor], self._layout_cached(self._rope_cache, (grid, str(device)), make))
 
     @staticmethod
     def _caching(option: bool) -> bool:

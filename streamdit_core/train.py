@@ -411,7 +411,11 @@ class Trainer:
         ema_model, ema_text = copy.deepcopy(model), copy.deepcopy(text)
         if cfg.activation_checkpointing:
             enable_activation_checkpointing(model.blocks)
-        self._eager_forwards = compile_blocks(model.blocks) if cfg.compile else None
+        # compiled block groups and their eager forwards, to undo every compilation if one fails (the Distiller
+        # adds its teacher's blocks)
+        self._compiled: list[tuple[nn.ModuleList, list[Callable[..., Any]]]] = (
+            [(model.blocks, compile_blocks(model.blocks))] if cfg.compile else []
+        )
         shard_streamdit(model, self.dist.mesh, self.compute_dtype)
         shard_streamdit(ema_model, self.dist.mesh)
         if text is not None and ema_text is not None:
@@ -572,11 +576,12 @@ class Trainer:
         try:
             return self.loss(draws)
         except Exception:  # torch.compile failures surface on the first call
-            if self._eager_forwards is None:
+            if not self._compiled:
                 raise
             log.warning("torch.compile failed; training in eager mode", exc_info=True)
-            restore_forwards(self.model.blocks, self._eager_forwards)
-            self._eager_forwards = None
+            for blocks, forwards in self._compiled:
+                restore_forwards(blocks, forwards)
+            self._compiled = []
             return self.loss(draws)
 
     def train_step(self, time_progress: float = 0.0) -> float:
@@ -860,7 +865,8 @@ class Distiller(Trainer):
         model, text = load_init(teacher, need_text=source is None)
         self.teacher = model.requires_grad_(False).eval()
         # 2·s_teacher of the ~2·s_teacher + 3 forward-equivalents of a step are the teacher's: compile it too
-        self._teacher_eager = compile_blocks(self.teacher.blocks) if cfg.compile else None
+        if cfg.compile:
+            self._compiled.append((self.teacher.blocks, compile_blocks(self.teacher.blocks)))
         shard_streamdit(self.teacher, self.dist.mesh, self.compute_dtype)
         self.teacher_forward: VelocityModel = InDtype(self.teacher, self.compute_dtype)
         # the bundled teacher's own (frozen) text encoder, small: a copy on every rank; with a source, its embeddings
@@ -872,17 +878,6 @@ class Distiller(Trainer):
 
     def sample_partition(self) -> Partition:
         return self.student_partition
-
-    def _micro_loss(self, draws: Draws) -> torch.Tensor:
-        try:
-            return super()._micro_loss(draws)
-        except Exception:  # the teacher's torch.compile failures surface on the first call too
-            if self._teacher_eager is None:
-                raise
-            log.warning("torch.compile of the teacher failed; running the teacher in eager mode", exc_info=True)
-            restore_forwards(self.teacher.blocks, self._teacher_eager)
-            self._teacher_eager = None
-            return super()._micro_loss(draws)
 
     @torch.no_grad()
     def _teacher_move(self, x: torch.Tensor, context_ids: torch.Tensor, unique: list[str]) -> torch.Tensor:
