@@ -91,6 +91,7 @@ from .schedule import (
     next_inference_sigmas,
     sample_chunk_size,
     training_sigmas,
+    uniform_sigmas,
 )
 from .text import TextEncoder, TextEncoderConfig
 
@@ -106,6 +107,7 @@ __all__ = [
     "load_init",
     "flow_matching_loss",
     "distillation_loss",
+    "distill_levels",
 ]
 
 log = get_logger("train")
@@ -137,7 +139,10 @@ class TrainConfig:
     buffer: frames per training clip ``B``; reference_frames: ``K``.
     chunk_sizes: the partition mix (``[]`` = ``{p, 2p, 4p, …, B}`` for the preset's temporal patch ``p``: the
     paper's ``{1, 2, 4, …, B}`` for ``p = 1``); t2v_share: probability of ``c = B``.
-    shift: time shift of the training levels. caption_dropout: share of samples trained unconditionally.
+    shift: time shift of the training levels. t2v_shift: the time shift of the whole-buffer (``c = B``) samples
+    only (``None`` = ``shift``): above 1 it trains more at high noise, where a text-to-video start (and a
+    prompt switch) must take shape, colour and motion from the caption alone; the streaming staircase keeps
+    ``shift``, so inference is unchanged. caption_dropout: share of samples trained unconditionally.
     batch: clips per micro-batch on each rank; a step's global batch is ``batch × grad_accum × world size``
     (the learning rate is not rescaled with the world size). grad_accum: micro-batches accumulated per step.
     lr, weight_decay, warmup, steps, grad_clip, ema: optimisation.
@@ -163,6 +168,7 @@ class TrainConfig:
     chunk_sizes: tuple[int, ...] = ()
     t2v_share: float = 0.3
     shift: float = 1.0
+    t2v_shift: float | None = None
     caption_dropout: float = 0.1
     batch: int = 64
     grad_accum: int = 1
@@ -196,6 +202,10 @@ class TrainConfig:
             raise ValueError(f"batch, steps and lr must be positive, got {self.batch}, {self.steps}, {self.lr}")
         if self.grad_accum < 1:
             raise ValueError(f"grad_accum must be a positive integer, got {self.grad_accum}")
+        if not self.shift > 0 or (self.t2v_shift is not None and not self.t2v_shift > 0):
+            raise ValueError(
+                f"shift and t2v_shift must be > 0 (t2v_shift may be null), got {self.shift}, {self.t2v_shift}"
+            )
         if self.window is not None:
             window = tuple(self.window)
             if len(window) != 3 or not all(isinstance(w, int) and w >= 1 for w in window):
@@ -212,15 +222,26 @@ TEACHER_GUIDANCE = 3.0
 @dataclass(frozen=True)
 class DistillConfig(TrainConfig):
     """Distillation: the student runs ``(K=0, N=buffer/chunk, c=chunk, s=1)`` without guidance; the teacher
-    the same partition with ``teacher_steps`` micro-steps and ``teacher_guidance``."""
+    the same partition with ``teacher_steps`` micro-steps and ``teacher_guidance``.
+
+    warm_share: share of samples that distil a step of the warm start instead of the staircase: the student's
+    stream starts with ``N − 1`` whole-buffer text-to-video steps (uniform levels, :func:`distill_levels`),
+    which decide the first objects; without such samples the student takes them unguided and untrained.
+    """
 
     chunk: int = 2
     teacher_steps: int = TEACHER_STEPS
     teacher_guidance: float = TEACHER_GUIDANCE
+    warm_share: float = 0.0
     lr: float = 1e-4
     warmup: int = 100
     steps: int = 4000
     caption_dropout: float = 0.0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not 0.0 <= self.warm_share <= 1.0:
+            raise ValueError(f"warm_share must be in [0, 1], got {self.warm_share}")
 
 
 def load_config(path: str | os.PathLike[str], cls: type[TrainConfig] = TrainConfig) -> TrainConfig:
@@ -266,21 +287,34 @@ def distillation_loss(
     context: torch.Tensor,
 ) -> torch.Tensor:
     """The student's one step must land where the teacher's guided micro-steps landed:
-    ``v_target = (x_teacher − x_σ) / (σ_next − σ)`` (frames that do not move are masked out)."""
+    ``v_target = (x_teacher − x_σ) / (σ_next − σ)`` (frames that do not move are masked out); the mean runs over
+    the moving frames' pixels."""
     delta = (sigma_next - sigma).float()[:, None, :, None, None]
     moving = (delta != 0).float()
     target = (x_teacher - x_sigma).float() / torch.where(delta == 0, torch.ones_like(delta), delta)
     pred = student(x_sigma, sigma, context).float()
-    err = (pred - target).pow(2) * moving
-    return err.sum() / (
-        moving.sum()
-        * x_sigma.shape[1]
-        * x_sigma.shape[3]
-        * x_sigma.shape[4]
-        / moving.shape[1]
-        / moving.shape[3]
-        / moving.shape[4]
-    ).clamp(min=1.0)
+    b, channels, frames, height, width = x_sigma.shape
+    w = moving.expand(b, 1, frames, height, width)
+    return ((pred - target).pow(2) * w).sum() / (w.sum() * channels).clamp(min=1.0)
+
+
+def distill_levels(teacher: Partition, shift: float, warm_step: int | None = None) -> torch.Tensor:
+    """σ of every buffer frame before each of the teacher's ``s`` micro-steps and after the last: float64
+    ``[s + 1, B]``; row 0 is the student's input level and row ``s`` its target level (one student step).
+
+    ``warm_step=None``: the streaming staircase at the student's rung (micro-steps ``0 … s−1``).
+    ``warm_step=j`` (``0 ≤ j < N − 1``): step ``j`` of the student's warm start, the whole buffer at the uniform
+    levels of ``N`` steps (:func:`~streamdit_core.schedule.uniform_sigmas`; the sampler runs ``j = 0 … N−2``),
+    subdivided into the teacher's ``s`` uniform steps.
+    """
+    s, N = teacher.s, teacher.N
+    if warm_step is None:
+        rows = [inference_sigmas(teacher, m, shift) for m in range(s)]
+        return torch.stack(rows + [next_inference_sigmas(teacher, s - 1, shift)])
+    if teacher.K or not 0 <= warm_step < N - 1:
+        raise ValueError(f"warm_step must be in [0, N − 1 = {N - 1}) without reference frames, got {warm_step}")
+    levels = uniform_sigmas(N * s, shift)[warm_step * s : (warm_step + 1) * s + 1]  # [s + 1]
+    return levels[:, None].expand(s + 1, teacher.B).clone()
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -560,7 +594,8 @@ class Trainer:
         for _ in range(cfg.batch):
             c = sample_chunk_size(frames, cfg.chunk_sizes, cfg.t2v_share, draws.small)
             p = Partition(K=cfg.reference_frames, N=frames // c, c=c, s=1)
-            rows.append(training_sigmas(p, draws.small, cfg.shift))
+            shift = cfg.t2v_shift if c == frames and cfg.t2v_shift is not None else cfg.shift
+            rows.append(training_sigmas(p, draws.small, shift))
         return torch.cat(rows).to(self.device)
 
     # -- steps --------------------------------------------------------------------------------------------
@@ -880,33 +915,48 @@ class Distiller(Trainer):
         return self.student_partition
 
     @torch.no_grad()
-    def _teacher_move(self, x: torch.Tensor, context_ids: torch.Tensor, unique: list[str]) -> torch.Tensor:
-        """``s_teacher`` guided Euler micro-steps of the teacher from the student's rung (m = 0)."""
+    def _teacher_move(
+        self, x: torch.Tensor, context_ids: torch.Tensor, unique: list[str], levels: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """``s_teacher`` guided Euler micro-steps of the teacher through ``levels`` ``[s + 1, b, B]`` (per
+        sample, :func:`distill_levels`; default: the staircase from the student's rung, m = 0)."""
         cfg, tp = self.dcfg, self.teacher_partition
+        if levels is None:
+            levels = distill_levels(tp, cfg.shift)[:, None].expand(-1, x.shape[0], -1)
+        levels = levels.float().to(self.device)
         texts = unique + [""]
         emb = self.teacher_text.encode(texts) if self.teacher_text is not None else self.embed(texts)
         cond = shared_context(emb, context_ids)
         uncond = emb[-1].expand(cond.shape)
         for m in range(tp.s):
-            sig = inference_sigmas(tp, m, cfg.shift).float().to(self.device)
-            nxt = next_inference_sigmas(tp, m, cfg.shift).float().to(self.device)
-            s = sig[None].expand(x.shape[0], -1)
-            v = self.teacher_forward(torch.cat([x, x]), torch.cat([s, s]), torch.cat([cond, uncond])).float()
+            sig, nxt = levels[m], levels[m + 1]  # [b, B]
+            v = self.teacher_forward(torch.cat([x, x]), torch.cat([sig, sig]), torch.cat([cond, uncond])).float()
             vc, vu = v.chunk(2)
-            x = x + (nxt - sig)[None, None, :, None, None] * (vu + cfg.teacher_guidance * (vc - vu))
+            x = x + (nxt - sig)[:, None, :, None, None] * (vu + cfg.teacher_guidance * (vc - vu))
         return x
 
+    def levels(self, draws: Draws) -> torch.Tensor:
+        """Per-sample teacher levels ``[s + 1, b, B]``: the staircase, or with probability ``warm_share`` a warm-start
+        step ``j ~ U{0 … N−2}`` (drawn from ``draws.small`` only when ``warm_share > 0``)."""
+        cfg, tp = self.dcfg, self.teacher_partition
+        stair = distill_levels(tp, cfg.shift)
+        if cfg.warm_share <= 0 or tp.N < 2:
+            return stair[:, None].expand(-1, cfg.batch, -1)
+        warm = (torch.rand(cfg.batch, generator=draws.small) < cfg.warm_share).tolist()
+        steps = torch.randint(tp.N - 1, (cfg.batch,), generator=draws.small).tolist()
+        rows = [distill_levels(tp, cfg.shift, j) if w else stair for w, j in zip(warm, steps)]
+        return torch.stack(rows, dim=1)
+
     def loss(self, draws: Draws) -> torch.Tensor:
-        cfg, sp = self.dcfg, self.student_partition
         x, captions = self.clips(draws)
         unique = sorted({c for row in captions for c in row})
         index = {c: i for i, c in enumerate(unique)}
         ids = torch.tensor([[index[c] for c in row] for row in captions], device=self.device)
-        sigma = inference_sigmas(sp, 0, cfg.shift).float().to(self.device)[None].expand(cfg.batch, -1)
-        sigma_next = next_inference_sigmas(sp, 0, cfg.shift).float().to(self.device)[None].expand(cfg.batch, -1)
+        levels = self.levels(draws).float().to(self.device)  # [s + 1, b, B]
+        sigma, sigma_next = levels[0], levels[-1]
         noise = torch.randn(x.shape, generator=draws.noise, device=self.device)
         x_sigma = noise_clip(x, sigma, noise)
-        x_teacher = self._teacher_move(x_sigma, ids, unique)
+        x_teacher = self._teacher_move(x_sigma, ids, unique, levels)
         context = shared_context(self.embed(unique), ids)
         return distillation_loss(self.forward, x_sigma, sigma, sigma_next, x_teacher, context)
 

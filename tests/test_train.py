@@ -201,3 +201,84 @@ def test_activation_checkpointing_changes_memory_not_results(tmp_path):
     assert saved[1] < 0.5 * saved[0], saved  # the blocks' activations are not kept for backward
     (a, _), (b, _) = plain.gather("live"), checkpointed.gather("live")
     assert all(torch.equal(x, y) for x, y in zip(a.parameters(), b.parameters()))
+
+
+def test_t2v_shift_moves_only_the_whole_buffer_samples_to_high_noise(tmp_path):
+    """``t2v_shift`` applies the time shift to the ``c = B`` samples' levels (same draws, shifted) and leaves the
+    staircase samples alone."""
+    from streamdit_core.schedule import time_shift
+
+    plain = _tiny(tmp_path / "a", t2v_share=1.0).sigmas(_tiny(tmp_path / "a2", t2v_share=1.0).draws(0))
+    shifted_tr = _tiny(tmp_path / "b", t2v_share=1.0, t2v_shift=4.0)
+    shifted = shifted_tr.sigmas(shifted_tr.draws(0))
+    assert torch.allclose(shifted.double(), time_shift(plain.double(), 4.0), atol=1e-6)
+    assert float(shifted.mean()) > float(plain.mean()) + 0.1
+    assert all(len(set(row.tolist())) == 1 for row in shifted)  # one level per whole-buffer sample
+    stair_a = _tiny(tmp_path / "c", t2v_share=0.0)
+    stair_b = _tiny(tmp_path / "d", t2v_share=0.0, t2v_shift=4.0)
+    assert torch.equal(stair_a.sigmas(stair_a.draws(0)), stair_b.sigmas(stair_b.draws(0)))
+    for bad in ({"t2v_shift": 0.0}, {"shift": -2.0}):
+        with pytest.raises(ValueError, match="must be"):
+            TrainConfig(**bad)
+    with pytest.raises(ValueError, match="warm_share"):
+        DistillConfig(warm_share=1.5)
+
+
+def test_distill_levels_follow_the_staircase_and_the_warm_start():
+    from streamdit_core.schedule import uniform_sigmas
+    from streamdit_core.train import distill_levels
+
+    tp = Partition(K=0, N=4, c=2, s=3)
+    stair = distill_levels(tp, 2.0)
+    assert stair.shape == (4, 8)
+    for m in range(3):
+        assert torch.allclose(stair[m], inference_sigmas(tp, m, 2.0))
+        assert torch.allclose(stair[m + 1], next_inference_sigmas(tp, m, 2.0))
+    student = uniform_sigmas(4, 2.0)  # the student's warm start levels (T = N for s = 1)
+    for j in range(3):
+        warm = distill_levels(tp, 2.0, j)
+        assert warm.shape == (4, 8) and bool((warm == warm[:, :1]).all())  # the whole buffer at one level
+        assert torch.isclose(warm[0, 0], student[j]) and torch.isclose(warm[-1, 0], student[j + 1])
+        assert bool((warm[1:, 0] < warm[:-1, 0]).all())
+    with pytest.raises(ValueError, match="warm_step"):
+        distill_levels(tp, 2.0, 3)
+
+
+def test_warm_share_distils_warm_start_steps(tmp_path):
+    """With ``warm_share = 1`` every sample is a whole-buffer warm-start step (one level per sample, a level of the
+    student's warm start), and distillation runs on them; with 0 every sample is the staircase."""
+    from streamdit_core.schedule import uniform_sigmas
+
+    tr = _tiny(tmp_path, caption_dropout=0.3)  # untrained weights suffice here
+    teacher = tmp_path / "teacher.safetensors"
+    save_checkpoint(teacher, *tr.gather("ema"))
+    base = {
+        "model": "test-tiny",
+        "text_heads": 2,
+        "text_layers": 1,
+        "buffer": 8,
+        "chunk": 2,
+        "teacher_steps": 2,
+        "batch": 6,
+        "warmup": 1,
+        "steps": 3,
+        "log_every": 1,
+        "sample_every": 0,
+        "ckpt_every": 3,
+        "world": WORLD,
+    }
+    d = Distiller(DistillConfig(warm_share=1.0, **base), tmp_path / "warm", "cpu", teacher=str(teacher))
+    levels = d.levels(d.draws(0))
+    assert levels.shape == (3, 6, 8)
+    student = uniform_sigmas(4, 1.0)
+    for b in range(6):
+        assert bool((levels[:, b] == levels[:, b, :1]).all())
+        assert any(torch.isclose(levels[0, b, 0].double(), student[j]) for j in range(3))
+    d.run()
+    assert d.step == 3
+    stair = Distiller(DistillConfig(warm_share=0.0, **base), tmp_path / "stair", "cpu", teacher=str(teacher))
+    expected = torch.stack(
+        [inference_sigmas(stair.teacher_partition, 0), next_inference_sigmas(stair.teacher_partition, 1)]
+    )
+    got = stair.levels(stair.draws(0))
+    assert torch.allclose(got[[0, -1]], expected[:, None].expand(-1, 6, -1))
