@@ -916,13 +916,11 @@ class Distiller(Trainer):
 
     @torch.no_grad()
     def _teacher_move(
-        self, x: torch.Tensor, context_ids: torch.Tensor, unique: list[str], levels: torch.Tensor | None = None
+        self, x: torch.Tensor, context_ids: torch.Tensor, unique: list[str], levels: torch.Tensor
     ) -> torch.Tensor:
-        """``s_teacher`` guided Euler micro-steps of the teacher through ``levels`` ``[s + 1, b, B]`` (per
-        sample, :func:`distill_levels`; default: the staircase from the student's rung, m = 0)."""
+        """``s_teacher`` guided Euler micro-steps of the teacher through ``levels`` ``[s + 1, b, B]`` (per sample,
+        :func:`distill_levels`)."""
         cfg, tp = self.dcfg, self.teacher_partition
-        if levels is None:
-            levels = distill_levels(tp, cfg.shift)[:, None].expand(-1, x.shape[0], -1)
         levels = levels.float().to(self.device)
         texts = unique + [""]
         emb = self.teacher_text.encode(texts) if self.teacher_text is not None else self.embed(texts)

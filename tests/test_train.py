@@ -12,6 +12,7 @@ from streamdit_core.train import (
     Distiller,
     TrainConfig,
     Trainer,
+    distill_levels,
     distillation_loss,
     flow_matching_loss,
     noise_clip,
@@ -100,7 +101,9 @@ def test_distillation_steps_reduce_the_loss(tmp_path):
     sigma = inference_sigmas(sp, 0).float()[None].expand(4, -1)
     nxt = next_inference_sigmas(sp, 0).float()[None].expand(4, -1)
     x_sigma = noise_clip(x, sigma, noise)
-    x_teacher = d._teacher_move(x_sigma, ids, unique)
+    x_teacher = d._teacher_move(
+        x_sigma, ids, unique, distill_levels(d.teacher_partition, 1.0)[:, None].expand(-1, 4, -1)
+    )
 
     def fixed_loss():
         with torch.no_grad():
@@ -226,7 +229,6 @@ def test_t2v_shift_moves_only_the_whole_buffer_samples_to_high_noise(tmp_path):
 
 def test_distill_levels_follow_the_staircase_and_the_warm_start():
     from streamdit_core.schedule import uniform_sigmas
-    from streamdit_core.train import distill_levels
 
     tp = Partition(K=0, N=4, c=2, s=3)
     stair = distill_levels(tp, 2.0)
