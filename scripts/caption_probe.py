@@ -38,7 +38,6 @@ import argparse
 import dataclasses
 import hashlib
 import json
-import logging
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -51,7 +50,7 @@ import torch
 from streamdit_core.checkpoint import shard_paths
 from streamdit_core.codec import PixelCodec
 from streamdit_core.distributed import seed_for
-from streamdit_core.log import LOGGER_NAME, get_logger
+from streamdit_core.log import get_logger, log_to_stderr
 from streamdit_core.pipeline import WEIGHTS_DIR, load_pipeline
 from streamdit_core.schedule import Partition, sample_chunk_size, training_sigmas
 from streamdit_core.text import TextEncoder
@@ -359,10 +358,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
     ap.add_argument("--out", default=None, help="write JSON here and the markdown beside it (.md)")
     args = ap.parse_args(argv)
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s: %(message)s", "%H:%M:%S"))
-    logging.getLogger(LOGGER_NAME).addHandler(handler)
-    logging.getLogger(LOGGER_NAME).setLevel(logging.INFO)
+    log_to_stderr()
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
     pipe = load_pipeline(args.model, device="cpu", dtype=torch.float32, perf="plain")

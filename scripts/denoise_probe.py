@@ -21,7 +21,6 @@ Prints the x0 mean squared error per frame of each pattern. CPU, float32, a few 
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from pathlib import Path
 
@@ -29,9 +28,10 @@ import torch
 from PIL import Image
 
 from streamdit_core.checkpoint import load_checkpoint
-from streamdit_core.log import LOGGER_NAME, get_logger
+from streamdit_core.log import get_logger, log_to_stderr
 from streamdit_core.pipeline import WEIGHTS_DIR
 from streamdit_core.schedule import Partition, inference_sigmas
+from streamdit_core.train import noise_clip
 from streamdit_core.world import render_caption
 
 log = get_logger("denoise_probe")
@@ -54,9 +54,8 @@ def predictions(model_path: Path, caption: str, seed: int) -> tuple[list[torch.T
     with torch.no_grad():
         context = ckpt.text_encoder.encode([caption])
         for name, sigma in patterns.items():
-            s = sigma[:, None, :, None, None]
-            noisy = (1 - s) * x + s * noise
-            x0 = noisy - s * ckpt.model(noisy, sigma, context)
+            noisy = noise_clip(x, sigma, noise)
+            x0 = noisy - sigma[:, None, :, None, None] * ckpt.model(noisy, sigma, context)
             rows += [noisy, x0]
             errors[name] = [round(float(e), 4) for e in (x0 - x).pow(2).mean(dim=(1, 3, 4))[0]]
     return rows, errors
@@ -79,10 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=3)
     p.add_argument("--out", type=Path, required=True)
     args = p.parse_args(argv)
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s: %(message)s", "%H:%M:%S"))
-    logging.getLogger(LOGGER_NAME).addHandler(handler)
-    logging.getLogger(LOGGER_NAME).setLevel(logging.INFO)
+    log_to_stderr()
     rows, errors = predictions(args.model, args.caption, args.seed)
     save_rows(rows, args.out)
     for name, values in errors.items():

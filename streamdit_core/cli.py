@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from .log import LOGGER_NAME, get_logger
+from .log import get_logger, log_to_stderr
 from .prompts import PromptSchedule, parse_schedule
 from .schedule import Partition
 
@@ -306,11 +306,7 @@ def _load_optional_commands() -> None:
 def main(argv: list[str] | None = None) -> int:
     _load_optional_commands()
     args = build_parser().parse_args(argv)
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s: %(message)s", "%H:%M:%S"))
-    root = logging.getLogger(LOGGER_NAME)
-    root.addHandler(handler)
-    root.setLevel(logging.DEBUG if args.verbose else logging.INFO)
+    log_to_stderr(logging.DEBUG if args.verbose else logging.INFO)
     try:
         return int(args.func(args))
     except (ValueError, FileNotFoundError) as exc:
