@@ -13,7 +13,8 @@ For each case (a preset at a latent size with a streaming scheme) it measures, i
   (:func:`measure_rates`) and with nominal H100 rates;
 * **time to first frame** through the real sampler, warm start (the paper's uniform T2V fill) and cold start;
 * the **decoder's** cost per emitted chunk for latent models (the Wan 2.1 VAE from diffusers with random
-  weights; ``skipped`` with the reason when diffusers is missing).
+  weights), the chunk decoded on its own and through the pack's streaming decode with the causal cache;
+  ``skipped`` with the reason when diffusers is missing.
 
 Results go to ``<out>/bench.json`` (merged with what is there, so one folder can collect several runs) and
 ``<out>/bench.md``; the JSON is rewritten after every measurement, so a crash or time-out keeps what was done.
@@ -37,6 +38,7 @@ from typing import Any
 import torch
 
 from .attention import effective_window
+from .causal_decode import DecoderState, ModuleStepDecoder, count_causal_convs, decode_chunk
 from .cli import register_command
 from .config import ModelConfig, preset
 from .log import get_logger
@@ -379,30 +381,53 @@ def time_to_first_frame(
     return out
 
 
-def time_decoder(case: BenchCase, device: torch.device, dtype: torch.dtype, repeats: int = 3) -> dict[str, Any]:
-    """Milliseconds to decode one emitted chunk (``c`` latent frames, decoded on its own) with the Wan 2.1 VAE
-    (diffusers ``AutoencoderKLWan``, its default = the 2.1 configuration, random weights)."""
+def time_decoder(
+    case: BenchCase,
+    device: torch.device,
+    dtype: torch.dtype,
+    repeats: int = 3,
+    make_vae: Callable[[], Any] | None = None,
+) -> dict[str, Any]:
+    """Milliseconds to decode one emitted chunk (``c`` latent frames) with the Wan 2.1 VAE (diffusers
+    ``AutoencoderKLWan``, its default = the 2.1 configuration, random weights; ``make_vae`` builds another, for
+    tests), two ways:
+
+    * ``ms_per_chunk``: the chunk decoded on its own by ``vae.decode`` (``frames_out_standalone`` frames: a
+      causal decoder's first latent frame gives 1 frame, every later one ``temporal_factor``);
+    * ``stream_ms_per_chunk``: the pack's streaming decode (:func:`~streamdit_core.causal_decode.decode_chunk`,
+      the path of the ComfyUI decode node and the Wan pipeline): a chunk in the middle of a stream, its feature
+      cache carried over from the previous chunk, ``stream_frames_per_chunk`` = ``c · temporal_factor`` frames
+      copied to the CPU as float32 — what a stream pays per emitted chunk.
+    """
     if case.decoder is None:
         return {"decoder": "none (pixel space)"}
     try:
         from diffusers import AutoencoderKLWan
     except Exception as exc:  # noqa: BLE001
         return {"decoder": "skipped", "reason": f"diffusers' AutoencoderKLWan is not importable: {_error_text(exc)}"}
-    c, _, h, w = case.latent
+    _, _, h, w = case.latent
     chunk = case.partition.c
     try:
         torch.manual_seed(0)
         with torch.device(device):
-            vae: Any = AutoencoderKLWan()
+            vae: Any = (make_vae or AutoencoderKLWan)()
             vae = vae.to(dtype).eval()
-        z = torch.randn(1, vae.config.z_dim, chunk, h, w, device=device, dtype=dtype)
+        z = torch.randn(1, vae.config.z_dim, 2 * chunk, h, w, device=device, dtype=dtype)  # two chunks
+        first_chunk, next_chunk = z[:, :, :chunk], z[:, :, chunk:]
         with torch.inference_mode():
-            ms, first = _time_calls(lambda: vae.decode(z).sample, device, repeats, warmup=1)
-            frames = int(vae.decode(z).sample.shape[2])
+            ms, first = _time_calls(lambda: vae.decode(first_chunk).sample, device, repeats, warmup=1)
+            frames = int(vae.decode(first_chunk).sample.shape[2])
+            step = ModuleStepDecoder(pre=vae.post_quant_conv, decoder=vae.decoder,
+                                     num_slots=count_causal_convs(vae.decoder), device=device, dtype=dtype,
+                                     first_chunk_arg=True)
+            mid, _ = decode_chunk(step, DecoderState.fresh(step.num_slots), first_chunk)  # the stream so far
+            stream_ms, _ = _time_calls(lambda: decode_chunk(step, mid, next_chunk), device, repeats, warmup=1)
+            stream_frames = int(decode_chunk(step, mid, next_chunk)[1].shape[0])
         peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
         note = "Wan 2.1 VAE" if case.decoder == "wan-vae" else (
             "proxy: Wan 2.1 VAE at the same pixel size (the paper's 8-channel TAE is not public)")
         return {"decoder": note, "ms_per_chunk": ms, "latent_frames": chunk, "frames_out_standalone": frames,
+                "stream_ms_per_chunk": stream_ms, "stream_frames_per_chunk": stream_frames,
                 "first_call_s": first, "peak_gpu_memory_gib": peak}
     except Exception as exc:  # noqa: BLE001
         return {"decoder": "failed", "reason": _error_text(exc)}
@@ -592,7 +617,7 @@ def to_markdown(rows: list[dict[str, Any]]) -> str:
                     f"{fl['memory_floor_ms']:.1f} | {'nominal' if key == 'floors_nominal' else 'measured'} |"
                 )
     lines += ["", "| case | first frame, warm start s (again) | cold start s (again) | calls | decoder ms/chunk | "
-              "decoder |", "|" + "---|" * 6]
+              "streaming decode ms/chunk (frames) | decoder |", "|" + "---|" * 7]
     for r in rows:
         t = r.get("time_to_first_frame", {})
         d = r.get("decoder", {})
@@ -600,6 +625,7 @@ def to_markdown(rows: list[dict[str, Any]]) -> str:
             f"| {r['case']} | {_f(t.get('warm_start_first_s'), '.2f')} ({_f(t.get('warm_start_again_s'), '.2f')})"
             f" | {_f(t.get('cold_start_first_s'), '.2f')} ({_f(t.get('cold_start_again_s'), '.2f')})"
             f" | {t.get('warm_start_calls', '–')}/{t.get('cold_start_calls', '–')} | {_f(d.get('ms_per_chunk'))}"
+            f" | {_f(d.get('stream_ms_per_chunk'))} ({d.get('stream_frames_per_chunk', '–')})"
             f" | {d.get('decoder', '–')} {d.get('reason', '')} |"
         )
     return "\n".join(lines) + "\n"

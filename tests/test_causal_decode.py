@@ -8,6 +8,7 @@ cache carried between chunks — also through ``state_dict`` and a file, as a st
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -157,3 +158,17 @@ def test_bad_inputs_are_named() -> None:
         decode_chunk(One(), DecoderState.fresh(2), torch.zeros(1, 16, 1, 1, 1))
     with pytest.raises(ValueError, match=r"\[1, C, F, h, w\]"):
         decode_chunk(One(), DecoderState.fresh(3), torch.zeros(16, 1, 1, 1))
+
+
+def test_bench_times_the_decoder_standalone_and_streaming(vae: torch.nn.Module) -> None:
+    """The bench's decoder timing decodes one chunk on its own (a stream's first chunk: 1 + 4·(c − 1) frames)
+    and one chunk in the middle of a stream through the causal cache (4·c frames)."""
+    from streamdit_core.bench import BenchCase, time_decoder
+
+    case = BenchCase("tiny-vae", "test-tiny", (16, 8, 4, 6), Partition(K=0, N=4, c=2, s=1), None,
+                     temporal_factor=4, spatial_factor=8, decoder="wan-vae")
+    row = time_decoder(case, torch.device("cpu"), torch.float32, repeats=1, make_vae=tiny_wan_vae)
+    assert row["decoder"] == "Wan 2.1 VAE", row
+    assert row["frames_out_standalone"] == 5 and row["stream_frames_per_chunk"] == 8
+    assert row["ms_per_chunk"] > 0 and row["stream_ms_per_chunk"] > 0
+    assert time_decoder(replace(case, decoder=None), torch.device("cpu"), torch.float32)["decoder"].startswith("none")
