@@ -38,7 +38,7 @@ from typing import Any
 import torch
 
 from .attention import effective_window
-from .causal_decode import DecoderState, ModuleStepDecoder, count_causal_convs, decode_chunk
+from .causal_decode import DecoderState, ModuleStepDecoder, decode_chunk
 from .cli import register_command
 from .config import ModelConfig, preset
 from .log import get_logger
@@ -417,9 +417,7 @@ def time_decoder(
         with torch.inference_mode():
             ms, first = _time_calls(lambda: vae.decode(first_chunk).sample, device, repeats, warmup=1)
             frames = int(vae.decode(first_chunk).sample.shape[2])
-            step = ModuleStepDecoder(pre=vae.post_quant_conv, decoder=vae.decoder,
-                                     num_slots=count_causal_convs(vae.decoder), device=device, dtype=dtype,
-                                     first_chunk_arg=True)
+            step = ModuleStepDecoder.from_diffusers(vae, device, dtype)
             mid, _ = decode_chunk(step, DecoderState.fresh(step.num_slots), first_chunk)  # the stream so far
             stream_ms, _ = _time_calls(lambda: decode_chunk(step, mid, next_chunk), device, repeats, warmup=1)
             stream_frames = int(decode_chunk(step, mid, next_chunk)[1].shape[0])

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 
@@ -85,6 +85,15 @@ class ModuleStepDecoder:
     device: torch.device | str = "cpu"
     dtype: torch.dtype = torch.float32
     first_chunk_arg: bool = False
+
+    @classmethod
+    def from_diffusers(
+        cls, vae: Any, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
+    ) -> ModuleStepDecoder:
+        """The adapter for diffusers' ``AutoencoderKLWan``: ``post_quant_conv``, then its decoder with
+        ``first_chunk``."""
+        return cls(pre=vae.post_quant_conv, decoder=vae.decoder, num_slots=count_causal_convs(vae.decoder),
+                   device=device, dtype=dtype, first_chunk_arg=True)
 
     def __call__(self, z: torch.Tensor, cache: list[CacheEntry], first: bool) -> torch.Tensor:
         x = self.pre(z.to(device=self.device, dtype=self.dtype))

@@ -37,8 +37,7 @@ def tiny_wan_vae(seed: int = 0) -> torch.nn.Module:
 
 
 def step_decoder(vae: torch.nn.Module) -> ModuleStepDecoder:
-    return ModuleStepDecoder(pre=vae.post_quant_conv, decoder=vae.decoder, num_slots=count_causal_convs(vae.decoder),
-                             first_chunk_arg=True)
+    return ModuleStepDecoder.from_diffusers(vae)
 
 
 def full_decode(vae: torch.nn.Module, raw: torch.Tensor) -> torch.Tensor:
@@ -160,7 +159,7 @@ def test_bad_inputs_are_named() -> None:
         decode_chunk(One(), DecoderState.fresh(3), torch.zeros(16, 1, 1, 1))
 
 
-def test_bench_times_the_decoder_standalone_and_streaming(vae: torch.nn.Module) -> None:
+def test_bench_times_the_decoder_standalone_and_streaming() -> None:
     """The bench's decoder timing decodes one chunk on its own (a stream's first chunk: 1 + 4·(c − 1) frames)
     and one chunk in the middle of a stream through the causal cache (4·c frames)."""
     from streamdit_core.bench import BenchCase, time_decoder
