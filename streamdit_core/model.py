@@ -36,6 +36,7 @@ from .attention import (
     window_reverse_indexed,
 )
 from .config import ModelConfig
+from .fp8_quant import QuantizedActivation, norm_modulate_quantize
 from .perf import GraphRunner, PerfOptions, apply_perf, disable_compile
 
 # Cross-attention keys/values of one context, per block: runs ``(first_frame, end_frame, k, v)`` of token-grid
@@ -155,7 +156,7 @@ class SelfAttention(_Projections):
 
     def forward(
         self,
-        x: torch.Tensor,
+        x: torch.Tensor | QuantizedActivation,
         rope: tuple[torch.Tensor, torch.Tensor],
         grid: tuple[int, int, int],
         window: tuple[int, int, int],
@@ -163,11 +164,12 @@ class SelfAttention(_Projections):
         backend: str,
         order: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
-        """x: ``[b, L, dim]``; windows tile ``grid``; returns ``[b, L, dim]``. ``order``: ``(index, inverse)``
-        of :func:`~streamdit_core.attention.window_index` for this grid, window and shift: partition by one
-        gather instead of roll + reshape (same values)."""
-        b = x.shape[0]
+        """x: ``[b, L, dim]`` (quantised once for q, k and v when they are fp8 with fused quantisation); windows tile
+        ``grid``; returns ``[b, L, dim]``. ``order``: ``(index, inverse)`` of
+        :func:`~streamdit_core.attention.window_index` for this grid, window and shift: partition by one gather
+        instead of roll + reshape (same values)."""
         q = apply_rope(self.norm_q(self.q(x)).unflatten(-1, (self.num_heads, -1)), *rope)  # [b, L, h, dh]
+        b = q.shape[0]
         k = apply_rope(self.norm_k(self.k(x)).unflatten(-1, (self.num_heads, -1)), *rope)
         v = self.v(x).unflatten(-1, (self.num_heads, -1))
         if window == grid:
@@ -243,6 +245,24 @@ class Block(nn.Module):
             nn.Linear(d, config.ffn_dim), nn.GELU(approximate="tanh"), nn.Linear(config.ffn_dim, d)
         )
         self.modulation = nn.Parameter(torch.randn(1, 6, d) / d**0.5)
+        # set by perf (fp8_fused): the self-attention's q/k/v and the FFN's first linear are per-row fp8 linears
+        # that take their adaLN input quantised by one fused kernel
+        self.fused_fp8_input = False
+
+    def adaln_input(
+        self, norm: nn.Module, x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor
+    ) -> torch.Tensor | QuantizedActivation:
+        """``modulate(norm(x), shift, scale)`` in x's dtype: the input of the self-attention or the FFN. With
+        ``fused_fp8_input`` the same values quantised to fp8 per row in one kernel (norm, modulation and
+        quantisation fused), which the consuming fp8 linears take as they are.
+
+        Args:
+            norm: ``norm1`` or ``norm2`` (LayerNorm without affine parameters).
+            x: ``[b, L, dim]``; shift, scale: ``[b, F, dim]`` float32 per-frame modulation.
+        """
+        if self.fused_fp8_input:
+            return norm_modulate_quantize(x, shift, scale, cast(LayerNorm, norm).eps)  # data [b, L, dim] fp8
+        return modulate(norm(x).float(), shift, scale).type_as(x)  # [b, L, dim]
 
     def forward(
         self,
@@ -260,15 +280,13 @@ class Block(nn.Module):
         (ignored when ``cross_attn.cached``: the context's keys/values were precomputed); ``order`` as in
         :meth:`SelfAttention.forward`."""
         mod = (self.modulation.float()[:, None] + e).unbind(dim=2)  # 6 × [b, F, dim]
-        y = self.self_attn(
-            modulate(self.norm1(x).float(), mod[0], mod[1]).type_as(x), rope, grid, window, shift, backend, order
-        )
+        y = self.self_attn(self.adaln_input(self.norm1, x, mod[0], mod[1]), rope, grid, window, shift, backend, order)
         x = x + gate(y.float(), mod[2]).type_as(x)
         if self.cross_attn.cached:
             x = x + self.cross_attn.forward_cached(self.norm3(x), e.shape[1], backend)
         else:
             x = x + self.cross_attn(self.norm3(x), context, backend)
-        y = self.ffn(modulate(self.norm2(x).float(), mod[3], mod[4]).type_as(x))
+        y = self.ffn(self.adaln_input(self.norm2, x, mod[3], mod[4]))
         return x + gate(y.float(), mod[5]).type_as(x)
 
 

@@ -38,12 +38,21 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, fields, replace
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any, Literal, cast
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .fp8_quant import (
+    FP8_MAX,
+    QuantizedActivation,
+    dequantize_fp8,
+    gelu_quantize,
+    quantize_fp8,
+    quantize_rows,
+    triton_problem,
+)
 from .log import get_logger
 
 if TYPE_CHECKING:
@@ -56,9 +65,11 @@ __all__ = [
     "FP8_MODES",
     "FP8_MAX",
     "Fp8Linear",
+    "GeluInNextLinear",
     "GraphRunner",
     "apply_perf",
     "fp8_linear",
+    "fp8_matmul",
     "quantize_fp8",
     "dequantize_fp8",
     "fp8_supported",
@@ -68,7 +79,6 @@ log = get_logger("perf")
 
 COMPILE_MODES = ("off", "default", "max-autotune-no-cudagraphs", "max-autotune")
 FP8_MODES = ("off", "row", "tensor")
-FP8_MAX = 448.0  # largest finite float8 e4m3fn
 
 
 @dataclass(frozen=True)
@@ -83,6 +93,10 @@ class PerfOptions:
         fp8: ``"off"``, ``"row"`` (per-row scales) or ``"tensor"`` (per-tensor scales) float8 block linears.
         window_gather: window partitioning by a cached token permutation instead of ``torch.roll`` + reshape
             (inference only; bit-identical).
+        fp8_fused: quantise the fp8 linears' adaLN inputs (LayerNorm + modulation; once for q, k and v) and the
+            FFN's GELU output in single-pass fused kernels (``fp8_quant``); needs ``fp8="row"``.
+        fp8_rows: quantise the other fp8 linears' inputs (self-attention output, cross-attention query and
+            output) with a single-pass kernel instead of the compiler's; needs ``fp8="row"``.
     """
 
     text_kv_cache: bool = True
@@ -91,12 +105,17 @@ class PerfOptions:
     cuda_graphs: bool = False
     fp8: str = "off"
     window_gather: bool = True
+    fp8_fused: bool = False
+    fp8_rows: bool = False
 
     def __post_init__(self) -> None:
         if self.compile not in COMPILE_MODES:
             raise ValueError(f"compile must be one of {list(COMPILE_MODES)}, got {self.compile!r}")
         if self.fp8 not in FP8_MODES:
             raise ValueError(f"fp8 must be one of {list(FP8_MODES)}, got {self.fp8!r}")
+        if (self.fp8_fused or self.fp8_rows) and self.fp8 != "row":
+            raise ValueError(f"fp8_fused and fp8_rows quantise per row: they need fp8='row' (the items fp8 or "
+                             f"fp8=row), got fp8={self.fp8!r}")
         if self.cuda_graphs and not (self.text_kv_cache and self.layout_cache):
             raise ValueError("cuda_graphs needs text_kv_cache and layout_cache (graph inputs must keep their address)")
 
@@ -108,13 +127,15 @@ class PerfOptions:
     @classmethod
     def level(cls, name: str) -> PerfOptions:
         """A named level (:data:`PERF_LEVELS`) or a comma list such as ``"kv,layout,compile=default,graphs,fp8=row"``
-        (``kv``/``layout``/``graphs``/``gather`` switch on; ``compile`` alone means ``compile=default``;
-        ``fp8`` alone means ``fp8=row``; a level name as an item, e.g. ``"safe,compile"``, sets every option to
-        that level's at that point of the list; a list starts from everything off, like ``plain``)."""
+        (``kv``/``layout``/``graphs``/``gather``/``fp8fuse``/``fp8rows`` switch on; ``compile`` alone means
+        ``compile=default``; ``fp8`` alone means ``fp8=row``; a level name as an item, e.g. ``"safe,compile"``, sets
+        every option to that level's at that point of the list; a list starts from everything off, like
+        ``plain``)."""
         if name in PERF_LEVELS:
             return PERF_LEVELS[name]
         opts: dict[str, Any] = {f.name: getattr(PERF_LEVELS["plain"], f.name) for f in fields(PERF_LEVELS["plain"])}
-        switches = {"kv": "text_kv_cache", "layout": "layout_cache", "graphs": "cuda_graphs", "gather": "window_gather"}
+        switches = {"kv": "text_kv_cache", "layout": "layout_cache", "graphs": "cuda_graphs", "gather": "window_gather",
+                    "fp8fuse": "fp8_fused", "fp8rows": "fp8_rows"}
         for raw in filter(None, (p.strip() for p in name.split(","))):
             key, _, value = raw.partition("=")
             if key in PERF_LEVELS and not value:
@@ -128,8 +149,8 @@ class PerfOptions:
             else:
                 raise ValueError(
                     f"unknown optimisation {raw!r} in {name!r}; use a level {sorted(PERF_LEVELS)} or items "
-                    "kv, layout, compile[=MODE], graphs, fp8[=row|tensor], gather (a level name may start the "
-                    "list)"
+                    "kv, layout, compile[=MODE], graphs, fp8[=row|tensor], gather, fp8fuse, fp8rows (a level name "
+                    "may start the list)"
                 )
         return cls(**opts)
 
@@ -137,7 +158,7 @@ class PerfOptions:
         """Drop what cannot help on ``device``: CUDA graphs and fp8 need CUDA (fp8 would only be emulated)."""
         if device.type == "cuda":
             return self
-        return replace(self, cuda_graphs=False, fp8="off")
+        return replace(self, cuda_graphs=False, fp8="off", fp8_fused=False, fp8_rows=False)
 
     def describe(self) -> str:
         on = [f.name if isinstance(getattr(self, f.name), bool) else f"{f.name}={getattr(self, f.name)}"
@@ -160,19 +181,6 @@ PERF_LEVELS: dict[str, PerfOptions] = {
 # ----------------------------------------------------------------------------------------------------------
 # fp8
 # ----------------------------------------------------------------------------------------------------------
-
-
-def quantize_fp8(x: torch.Tensor, rowwise: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Scale ``x`` ``[M, K]`` into float8 e4m3 range. Returns ``(x8 [M, K] float8_e4m3fn, scale)`` with
-    ``x ≈ x8·scale``; ``scale`` is ``[M, 1]`` (rowwise) or ``[]`` float32. Zero rows get scale ``1e-12/448``."""
-    xf = x.float()
-    amax = xf.abs().amax(dim=-1, keepdim=True) if rowwise else xf.abs().amax()
-    scale = amax.clamp(min=1e-12) / FP8_MAX
-    return (xf / scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn), scale
-
-
-def dequantize_fp8(x8: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    return x8.float() * scale.float()
 
 
 _FP8_PROBE: dict[tuple[str, str], str | None] = {}
@@ -235,38 +243,58 @@ def fp8_linear(
     Returns:
         ``[..., out]`` in x's dtype.
     """
-    lead, features, out_features = x.shape[:-1], x.shape[-1], weight_fp8.shape[0]
-    x8, sx = quantize_fp8(x.reshape(-1, features), rowwise)
+    x8, sx = quantize_fp8(x.reshape(-1, x.shape[-1]), rowwise)
+    out = fp8_matmul(x8, sx, weight_fp8, weight_scale, bias, rowwise, use_scaled_mm, x.dtype)  # [M, out]
+    return out.reshape(*x.shape[:-1], out.shape[-1])
+
+
+def fp8_matmul(
+    x8: torch.Tensor,
+    scale_x: torch.Tensor,
+    weight_fp8: torch.Tensor,
+    weight_scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    rowwise: bool,
+    use_scaled_mm: bool,
+    out_dtype: torch.dtype,
+) -> torch.Tensor:
+    """``(x8·scale_x) @ Wᵀ + b`` for an already quantised ``x8`` ``[M, in]`` float8_e4m3fn with ``scale_x``
+    ``[M, 1]`` (rowwise) or ``[]``; the weight arguments as in :func:`fp8_linear`. Returns ``[M, out]``."""
     w8 = weight_fp8.view(torch.float8_e4m3fn)
     sw = weight_scale.float()
     if use_scaled_mm:
-        out = _scaled_mm(x8, w8, sx, sw, bias, x.dtype)
-    else:
-        out = F.linear(
-            dequantize_fp8(x8, sx), dequantize_fp8(w8, sw.reshape(-1, 1) if rowwise else sw),
-            None if bias is None else bias.float(),
-        ).to(x.dtype)
-    return out.reshape(*lead, out_features)
+        return _scaled_mm(x8, w8, scale_x, sw, bias, out_dtype)
+    return F.linear(
+        dequantize_fp8(x8, scale_x), dequantize_fp8(w8, sw.reshape(-1, 1) if rowwise else sw),
+        None if bias is None else bias.float(),
+    ).to(out_dtype)
 
 
 class Fp8Linear(nn.Module):
     """A ``nn.Linear`` whose matmul runs in float8 e4m3. Shares the original ``weight``/``bias`` parameters
     (state dict unchanged); the quantised weight and its scale are non-persistent buffers (the weight stored
     as ``uint8`` so ``model.to(dtype)`` leaves it alone). Off CUDA, or where ``torch._scaled_mm`` is missing,
-    the same quantisation is emulated in float32 (for tests)."""
+    the same quantisation is emulated in float32 (for tests).
+
+    The input is a tensor, quantised here, or a :class:`~streamdit_core.fp8_quant.QuantizedActivation` that its
+    producer quantised already (``fp8_fused``). ``prologue="gelu"``: the input is the pre-GELU FFN hidden and
+    GELU(tanh) is applied in the quantisation kernel (the FFN's ``nn.GELU`` is then a :class:`GeluInNextLinear`).
+    ``single_pass``: tensor inputs are quantised by the single-pass row kernel (``fp8_rows``)."""
 
     weight: nn.Parameter
     bias: nn.Parameter | None
     weight_fp8: torch.Tensor
     weight_scale: torch.Tensor
 
-    def __init__(self, linear: nn.Linear, rowwise: bool, use_scaled_mm: bool) -> None:
+    def __init__(self, linear: nn.Linear, rowwise: bool, use_scaled_mm: bool, single_pass: bool = False) -> None:
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.weight = cast(nn.Parameter, linear.weight)
         self.bias = cast("nn.Parameter | None", linear.bias)
         self.rowwise = rowwise
         self.use_scaled_mm = use_scaled_mm
+        self.single_pass = single_pass and rowwise
+        self.prologue: Literal["none", "gelu"] = "none"
         with torch.no_grad():
             w8, scale = quantize_fp8(linear.weight.detach(), rowwise)
         self.register_buffer("weight_fp8", w8.view(torch.uint8), persistent=False)
@@ -277,12 +305,39 @@ class Fp8Linear(nn.Module):
         """fp8 tensor cores need both matrix sizes to be multiples of 16."""
         return isinstance(linear, nn.Linear) and linear.in_features % 16 == 0 and linear.out_features % 16 == 0
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x ``[..., in]`` → ``[..., out]`` in x's dtype."""
-        return fp8_linear(x, self.weight_fp8, self.weight_scale, self.bias, self.rowwise, self.use_scaled_mm)
+    def forward(self, x: torch.Tensor | QuantizedActivation) -> torch.Tensor:
+        """x ``[..., in]`` (or its quantised form) → ``[..., out]`` in x's dtype."""
+        if self.prologue == "gelu":
+            if isinstance(x, QuantizedActivation):
+                raise TypeError("an Fp8Linear with a GELU prologue takes the pre-GELU tensor")
+            x = gelu_quantize(x)
+        elif self.single_pass and not isinstance(x, QuantizedActivation):
+            x = quantize_rows(x)
+        if not isinstance(x, QuantizedActivation):
+            return fp8_linear(x, self.weight_fp8, self.weight_scale, self.bias, self.rowwise, self.use_scaled_mm)
+        if not self.rowwise:
+            raise TypeError("a quantised activation has per-row scales; this Fp8Linear uses per-tensor scales")
+        lead = x.data.shape[:-1]
+        out = fp8_matmul(x.data.reshape(-1, self.in_features), x.scale.reshape(-1, 1), self.weight_fp8,
+                         self.weight_scale, self.bias, True, self.use_scaled_mm, x.dtype)  # [M, out]
+        return out.reshape(*lead, self.out_features)
 
     def extra_repr(self) -> str:
-        return f"{self.in_features}, {self.out_features}, rowwise={self.rowwise}, scaled_mm={self.use_scaled_mm}"
+        extra = (", single_pass" if self.single_pass else "") + (", prologue=gelu" if self.prologue == "gelu" else "")
+        return (f"{self.in_features}, {self.out_features}, rowwise={self.rowwise}, scaled_mm={self.use_scaled_mm}"
+                + extra)
+
+
+class GeluInNextLinear(nn.Identity):
+    """Stands in for the FFN's ``nn.GELU`` while the next :class:`Fp8Linear` applies it inside its quantisation
+    kernel (``fp8_fused``); ``approximate`` restores the original module."""
+
+    def __init__(self, approximate: str) -> None:
+        super().__init__()
+        self.approximate = approximate
+
+    def extra_repr(self) -> str:
+        return f"approximate={self.approximate!r}"
 
 
 def _block_linears(model: StreamDiT) -> list[tuple[nn.Module, str]]:
@@ -296,20 +351,56 @@ def _block_linears(model: StreamDiT) -> list[tuple[nn.Module, str]]:
     return out
 
 
-def _set_fp8(model: StreamDiT, mode: str, status: dict[str, str]) -> None:
-    """Install (or, for ``"off"``, remove) the fp8 linears."""
-    device = model.patch_embedding.weight.device
-    for parent, name in _block_linears(model):  # always undo first (mode switches, or off)
+def _undo_fp8(model: StreamDiT) -> None:
+    """Put back the ``nn.Linear`` s (the same Parameter objects: nothing is copied), the FFN's GELU and the
+    blocks' plain adaLN inputs."""
+    for parent, name in _block_linears(model):
         layer = getattr(parent, name)
         if isinstance(layer, Fp8Linear):
             restored = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None,
                                  device="meta")
-            restored.weight = layer.weight  # the same Parameter objects: nothing is copied
+            restored.weight = layer.weight
             restored.bias = cast(nn.Parameter, layer.bias)
             setattr(parent, name, restored)
-    if mode == "off":
+    block: Any
+    for block in model.blocks:
+        block.fused_fp8_input = False
+        if isinstance(block.ffn[1], GeluInNextLinear):
+            block.ffn[1] = nn.GELU(approximate=block.ffn[1].approximate)
+
+
+def _fuse_fp8(model: StreamDiT, status: dict[str, str]) -> None:
+    """Quantise per row inside the producers' kernels (``fp8_fused``): each block's adaLN inputs of q/k/v and of
+    the FFN (all ``Fp8Linear`` with per-row scales) once, and the FFN's GELU output in the second linear."""
+    problem = triton_problem()
+    adaln = gelu = 0
+    block: Any
+    for block in model.blocks:
+        sa, ffn = block.self_attn, block.ffn
+        consumers = (sa.q, sa.k, sa.v, ffn[0])
+        plain_norms = block.norm1.weight is None and block.norm2.weight is None  # the kernel has no affine
+        if all(isinstance(m, Fp8Linear) and m.rowwise for m in consumers) and plain_norms:
+            block.fused_fp8_input = True
+            adaln += 1
+        if (isinstance(ffn[2], Fp8Linear) and ffn[2].rowwise and isinstance(ffn[1], nn.GELU)
+                and ffn[1].approximate == "tanh"):
+            ffn[1] = GeluInNextLinear(ffn[1].approximate)
+            ffn[2].prologue = "gelu"
+            gelu += 1
+    kernels = "Triton kernels" if problem is None else f"reference implementation ({problem})"
+    status["fp8_fused"] = f"{adaln} adaLN inputs, {gelu} GELUs; {kernels}"
+    if problem is not None and model.patch_embedding.weight.device.type == "cuda":
+        log.warning("fused fp8 quantisation runs its reference implementation on CUDA (%s); install triton "
+                    "for the single-pass kernels", problem)
+
+
+def _set_fp8(model: StreamDiT, options: PerfOptions, status: dict[str, str]) -> None:
+    """Install (or, for ``fp8="off"``, remove) the fp8 linears and their fused quantisation."""
+    _undo_fp8(model)  # always undo first (mode switches, or off)
+    if options.fp8 == "off":
         return
-    rowwise = mode == "row"
+    device = model.patch_embedding.weight.device
+    rowwise = options.fp8 == "row"
     problem = fp8_supported(device, rowwise)
     if problem is not None and device.type == "cuda" and rowwise and fp8_supported(device, False) is None:
         log.warning("fp8 with per-row scales is not available (%s); using per-tensor scales", problem)
@@ -321,13 +412,21 @@ def _set_fp8(model: StreamDiT, mode: str, status: dict[str, str]) -> None:
                     model.patch_embedding.weight.dtype)
         return
     count = 0
+    single_pass = options.fp8_rows and rowwise
     for parent, name in _block_linears(model):
         layer = getattr(parent, name)
         if Fp8Linear.eligible(layer):
-            setattr(parent, name, Fp8Linear(layer, rowwise, use_scaled_mm))
+            setattr(parent, name, Fp8Linear(layer, rowwise, use_scaled_mm, single_pass))
             count += 1
     status["fp8"] = f"{'row' if rowwise else 'tensor'} scales, {count} linears" + (
         "" if use_scaled_mm else " (emulated in float32: no fp8 matmul here)")
+    if (options.fp8_fused or options.fp8_rows) and not rowwise:
+        status["fp8_fused"] = "off: needs per-row scales"
+        return
+    if single_pass:
+        status["fp8_rows"] = "on" if triton_problem() is None else f"reference implementation ({triton_problem()})"
+    if options.fp8_fused:
+        _fuse_fp8(model, status)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -445,7 +544,7 @@ def apply_perf(model: StreamDiT, options: PerfOptions) -> dict[str, str]:
     and dtype. Returns (and stores in ``model.perf_status``) what is actually active."""
     device = model.patch_embedding.weight.device
     status: dict[str, str] = {"requested": options.describe()}
-    _set_fp8(model, options.fp8, status)
+    _set_fp8(model, options, status)
     if options.window_gather:
         status["window_gather"] = "on"
     _set_compile(model, options.compile, status)

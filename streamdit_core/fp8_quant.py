@@ -1,0 +1,238 @@
+"""Float8 e4m3 quantisation of activations: the reference maths and single-pass fused operators.
+
+:func:`quantize_fp8` is the quantisation every fp8 linear uses (``x ≈ x8·scale``, one scale per row or per
+tensor). The fused operators below quantise per row *in the kernel that produces the activation*, so the
+activation is read once and written once as fp8 (``perf.PerfOptions.fp8_fused`` / ``fp8_rows``):
+
+=====================================  ===========================================================================
+operator (``torch.ops.streamdit.*``)    computes, then quantises per row
+=====================================  ===========================================================================
+``gelu_quant(h)``                      ``GELU_tanh(h)`` rounded to h's dtype (the FFN hidden ``[M, ffn]``)
+``norm_modulate_quant(x, sh, sc, e)``  ``LayerNorm(x)·(1 + sc) + sh`` with per-frame ``sh``/``sc`` ``[b, F, D]`` over
+                                       ``x`` ``[b, L, D]`` (fp32 statistics, no affine; rounded to x's dtype twice,
+                                       like ``model.LayerNorm`` + ``model.modulate``)
+``rows_quant(x)``                      nothing: ``x`` ``[M, K]`` as it is
+=====================================  ===========================================================================
+
+Each returns ``(x8 [M, K] float8_e4m3fn, scale [M, 1] float32)``. On CUDA with Triton they run one Triton
+program per row with the whole row in registers (``fp8_triton.py``); elsewhere (CPU, no Triton) the reference
+implementations run, which are the unfused path's exact maths (so the fused model is bit-identical to the unfused
+one there). They are registered with ``torch.library.triton_op`` so ``torch.compile`` sees the kernels without a
+graph break and CUDA graph capture works; without Triton they are opaque ``custom_op`` s with a fake
+implementation. Triton is imported lazily, on the first :func:`ensure_ops` call.
+
+Tolerance of the Triton kernels against the reference (``tests/test_fused_quant.py``): the pre-quantisation values
+agree to float32 rounding before their rounding to bf16 (``exp``/``rsqrt`` approximations, fused multiply-adds), so
+a value can land on the neighbouring bf16 number; scales agree within 2⁻⁷ relative and each dequantised value
+within one e4m3 step (2⁻³ relative, or one subnormal step ``scale·2⁻⁹``) of the reference.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+from .log import get_logger
+
+__all__ = [
+    "FP8_MAX",
+    "QuantizedActivation",
+    "dequantize_fp8",
+    "ensure_ops",
+    "gelu_quant_reference",
+    "gelu_quantize",
+    "norm_modulate_quant_reference",
+    "norm_modulate_quantize",
+    "quantize_fp8",
+    "quantize_rows",
+    "rows_quant_reference",
+    "triton_problem",
+]
+
+log = get_logger("fp8")
+
+FP8_MAX = 448.0  # largest finite float8 e4m3fn
+
+
+# ----------------------------------------------------------------------------------------------------------
+# reference maths
+# ----------------------------------------------------------------------------------------------------------
+
+
+def quantize_fp8(x: torch.Tensor, rowwise: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale ``x`` ``[M, K]`` into float8 e4m3 range. Returns ``(x8 [M, K] float8_e4m3fn, scale)`` with
+    ``x ≈ x8·scale``; ``scale`` is ``[M, 1]`` (rowwise) or ``[]`` float32. Zero rows get scale ``1e-12/448``."""
+    xf = x.float()
+    amax = xf.abs().amax(dim=-1, keepdim=True) if rowwise else xf.abs().amax()
+    scale = amax.clamp(min=1e-12) / FP8_MAX
+    return (xf / scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn), scale
+
+
+def dequantize_fp8(x8: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return x8.float() * scale.float()
+
+
+def gelu_quant_reference(h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``quantize_fp8(GELU_tanh(h), rowwise=True)`` for ``h`` ``[M, N]``; GELU in h's dtype like ``nn.GELU``."""
+    return quantize_fp8(F.gelu(h, approximate="tanh"), True)
+
+
+def norm_modulate_quant_reference(
+    x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """adaLN input, quantised per row: the maths of ``modulate(LayerNorm(x).float(), shift, scale).type_as(x)``.
+
+    Args:
+        x: ``[b, L, D]`` tokens, ``L = F·(tokens per frame)``.
+        shift, scale: ``[b, F, D]`` float32 per-frame modulation.
+        eps: the LayerNorm's epsilon (no affine parameters; statistics in float32).
+    Returns:
+        ``(x8 [b·L, D] float8_e4m3fn, scale [b·L, 1] float32)``.
+    """
+    frames, dim = shift.shape[1], x.shape[-1]
+    normed = F.layer_norm(x.float(), (dim,), None, None, eps).type_as(x).float()  # [b, L, D]
+    out = normed.unflatten(1, (frames, -1)) * (1 + scale[:, :, None]) + shift[:, :, None]  # [b, F, L/F, D]
+    return quantize_fp8(out.flatten(1, 2).type_as(x).reshape(-1, dim), True)
+
+
+def rows_quant_reference(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``quantize_fp8(x, rowwise=True)`` for ``x`` ``[M, K]``."""
+    return quantize_fp8(x, True)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# operators
+# ----------------------------------------------------------------------------------------------------------
+
+
+class QuantizedActivation(NamedTuple):
+    """An activation already quantised per row: ``value ≈ data·scale``. :class:`~streamdit_core.perf.Fp8Linear`
+    takes it in place of a tensor and skips its own quantisation."""
+
+    data: torch.Tensor
+    """``[..., K]`` float8_e4m3fn."""
+    scale: torch.Tensor
+    """``[..., 1]`` float32."""
+    dtype: torch.dtype
+    """The dtype of the activation it stands for (the matmul's output dtype)."""
+
+
+_state: dict[str, Any] = {"defined": False, "triton": None}
+
+# Prologue codes of the Triton kernel (``fp8_triton.quantize_rows_triton``).
+_NONE, _GELU, _NORM_MODULATE = 0, 1, 2
+
+
+def _no_kernels(x: torch.Tensor, prologue: int, *args: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    raise RuntimeError("the Triton kernels are not loaded")
+
+
+# The Triton launcher (``fp8_triton.quantize_rows_triton`` once loaded). A module-level name on purpose:
+# ``triton_op`` finds the kernels an operator launches by following the names its body calls.
+_launch: Callable[..., tuple[torch.Tensor, torch.Tensor]] = _no_kernels
+
+
+def triton_problem() -> str | None:
+    """Why the fused operators run their reference implementation on CUDA (no Triton, no ``triton_op``), or
+    ``None`` when the Triton kernels are used. Defines the operators first."""
+    ensure_ops()
+    return _state["triton"]
+
+
+def ensure_ops() -> None:
+    """Define the ``streamdit::*`` operators once (importing Triton if it is there). Call outside ``torch.compile``
+    (``perf`` does when it installs fused quantisation); later calls only read a flag."""
+    if _state["defined"]:
+        return
+    launch: Callable[..., tuple[torch.Tensor, torch.Tensor]] | None = None
+    try:
+        from .fp8_triton import quantize_rows_triton
+
+        if not hasattr(torch.library, "triton_op"):
+            raise RuntimeError(f"torch {torch.__version__} has no torch.library.triton_op")
+        launch = quantize_rows_triton
+    except (ImportError, OSError, RuntimeError) as exc:
+        _state["triton"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
+        log.info("fused fp8 quantisation without Triton (%s): the reference implementations run", _state["triton"])
+    _define(launch)
+    _state["defined"] = True
+
+
+def _define(launch: Callable[..., tuple[torch.Tensor, torch.Tensor]] | None) -> None:
+    """Register the three operators: Triton-backed (``triton_op``, reference off CUDA) if ``launch`` is given,
+    else opaque ``custom_op`` s running the reference, with fake (shape-only) implementations."""
+    if launch is not None:
+        global _launch
+        _launch = launch  # a module-level name: triton_op finds the kernel through it
+
+        def gelu_quant(h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            if h.device.type != "cuda":
+                return gelu_quant_reference(h)
+            return _launch(h.contiguous(), _GELU)
+
+        def norm_modulate_quant(
+            x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float
+        ) -> tuple[torch.Tensor, torch.Tensor]:
+            if x.device.type != "cuda":
+                return norm_modulate_quant_reference(x, shift, scale, eps)
+            return _launch(x.reshape(-1, x.shape[-1]).contiguous(), _NORM_MODULATE, shift.float().contiguous(),
+                           scale.float().contiguous(), eps, x.shape[1], x.shape[1] // shift.shape[1], shift.shape[1])
+
+        def rows_quant(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            if x.device.type != "cuda":
+                return rows_quant_reference(x)
+            return _launch(x.contiguous(), _NONE)
+
+        for name, fn in (("gelu_quant", gelu_quant), ("norm_modulate_quant", norm_modulate_quant),
+                         ("rows_quant", rows_quant)):
+            torch.library.triton_op(f"streamdit::{name}", fn, mutates_args=())
+        return
+
+    def fake(rows: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return (x.new_empty((rows, x.shape[-1]), dtype=torch.float8_e4m3fn),
+                x.new_empty((rows, 1), dtype=torch.float32))
+
+    ops = (
+        ("gelu_quant", gelu_quant_reference, lambda h: fake(h.shape[0], h)),
+        ("norm_modulate_quant", norm_modulate_quant_reference,
+         lambda x, shift, scale, eps: fake(x.shape[0] * x.shape[1], x)),
+        ("rows_quant", rows_quant_reference, lambda x: fake(x.shape[0], x)),
+    )
+    for name, reference, shapes in ops:
+        op = torch.library.custom_op(f"streamdit::{name}", reference, mutates_args=())
+        op.register_fake(shapes)
+
+
+def gelu_quantize(h: torch.Tensor) -> QuantizedActivation:
+    """``GELU_tanh(h)`` quantised per row in one pass. h ``[..., N]`` → data ``[..., N]``, scale ``[..., 1]``."""
+    ensure_ops()
+    x8, scale = torch.ops.streamdit.gelu_quant(h.reshape(-1, h.shape[-1]))
+    return QuantizedActivation(x8.view(h.shape), scale.view(*h.shape[:-1], 1), h.dtype)
+
+
+def norm_modulate_quantize(
+    x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float
+) -> QuantizedActivation:
+    """``modulate(LayerNorm(x), shift, scale)`` quantised per row in one pass.
+
+    Args:
+        x: ``[b, L, D]``; shift, scale: ``[b, F, D]`` float32 with ``L`` a multiple of ``F``; eps: LayerNorm's.
+    Returns:
+        data ``[b, L, D]`` float8_e4m3fn, scale ``[b, L, 1]`` float32, dtype x's.
+    """
+    if x.dim() != 3 or shift.shape != scale.shape or shift.shape[::2] != x.shape[::2] or x.shape[1] % shift.shape[1]:
+        raise ValueError(f"norm_modulate_quantize needs x [b, L, D] and shift/scale [b, F, D] with F dividing L, "
+                         f"got {list(x.shape)}, {list(shift.shape)}, {list(scale.shape)}")
+    ensure_ops()
+    x8, s = torch.ops.streamdit.norm_modulate_quant(x, shift, scale, eps)
+    return QuantizedActivation(x8.view(x.shape), s.view(*x.shape[:-1], 1), x.dtype)
+
+
+def quantize_rows(x: torch.Tensor) -> QuantizedActivation:
+    """``quantize_fp8(x, rowwise=True)`` in one pass. x ``[..., K]`` → data ``[..., K]``, scale ``[..., 1]``."""
+    ensure_ops()
+    x8, scale = torch.ops.streamdit.rows_quant(x.reshape(-1, x.shape[-1]))
+    return QuantizedActivation(x8.view(x.shape), scale.view(*x.shape[:-1], 1), x.dtype)
