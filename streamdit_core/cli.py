@@ -254,7 +254,8 @@ def build_parser() -> argparse.ArgumentParser:
         default="safe",
         help="inference speed-ups: plain, safe (default: cached text keys/values, RoPE, time embedding; "
         "roll-free windows), fast (+ torch.compile, CUDA graphs), fastest (+ fp8 linears on H100/Ada), or items "
-        "like 'kv,layout,gather,compile,graphs,fp8' (docs/BENCHMARKS.md)",
+        "like 'kv,layout,gather,compile,graphs,fp8' or 'fastest,fp8fuse' (fused fp8 quantisation kernels; "
+        "docs/BENCHMARKS.md)",
     )
     g.add_argument("--chunk-size", type=int, default=None, help="frames per chunk c (default: the model's)")
     g.add_argument("--micro-steps", type=int, default=None, help="micro-steps s per chunk position")

@@ -18,10 +18,18 @@ option             what it does                                                 
 ``window_gather``  shifted and unshifted window partitioning as one ``index_select`` with a   bit-identical
                    precomputed token order per grid/window/shift (no ``torch.roll`` copies);
                    inference only (under autograd the roll path runs)
+``fp8_fused``      with ``fp8=row``: LayerNorm + adaLN modulation + per-row fp8 quantisation  vs ``fp8=row``: an
+                   of the self-attention and FFN inputs in one Triton kernel (quantised once  fp8 value may move
+                   for q, k and v), and the FFN's GELU + quantisation in another             one e4m3 step (a
+                   (``fp8_quant``; item ``fp8fuse``)                                         bf16 step before
+``fp8_rows``       with ``fp8=row``: the other fp8 linears' inputs quantised by a single-     it); CPU: bit-
+                   pass row kernel instead of the compiler's (item ``fp8rows``)              identical
 =================  ========================================================================  ==================
 
 Levels (:data:`PERF_LEVELS`): ``plain`` (all off, the eager reference), ``safe`` (the default: both caches
 and ``window_gather``), ``fast`` (+ ``compile`` and ``cuda_graphs``), ``fastest`` (+ ``fp8=row``).
+``fp8_fused`` and ``fp8_rows`` are in no level yet (not measured on a GPU): ``fastest,fp8fuse`` switches one on
+(in ``bench --modes``: ``fastest+fp8fuse``).
 ``window_gather`` is in every level but ``plain`` since the H100 run in ``docs/bench/h100_qkv_gather/``
 (eager: −8.8 % per call at paper scale, −5.9 % for Wan 1.3B with 4-frame windows; compiled: within ±2 %);
 the item ``gather`` switches it on in an option list (``"kv,layout,gather"``), and ``kv,layout`` is ``safe``
