@@ -7,7 +7,8 @@ activation is read once and written once as fp8 (``perf.PerfOptions.fp8_fused`` 
 =====================================  ===========================================================================
 operator (``torch.ops.streamdit.*``)    computes, then quantises per row
 =====================================  ===========================================================================
-``gelu_quant(h)``                      ``GELU_tanh(h)`` rounded to h's dtype (the FFN hidden ``[M, ffn]``)
+``gelu_quant(h, b)``                   ``GELU_tanh(h + b)`` rounded to h's dtype (the FFN hidden ``[M, ffn]`` before
+                                       the first linear's bias ``b`` ``[ffn]`` or ``None``)
 ``norm_modulate_quant(x, sh, sc, e)``  ``LayerNorm(x)·(1 + sc) + sh`` with per-frame ``sh``/``sc`` ``[b, F, D]`` over
                                        ``x`` ``[b, L, D]`` (fp32 statistics, no affine; rounded to x's dtype twice,
                                        like ``model.LayerNorm`` + ``model.modulate``)
@@ -42,6 +43,7 @@ from .log import get_logger
 
 __all__ = [
     "FP8_MAX",
+    "BiasPending",
     "QuantizedActivation",
     "dequantize_fp8",
     "ensure_ops",
@@ -78,8 +80,11 @@ def dequantize_fp8(x8: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return x8.float() * scale.float()
 
 
-def gelu_quant_reference(h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``quantize_fp8(GELU_tanh(h), rowwise=True)`` for ``h`` ``[M, N]``; GELU in h's dtype like ``nn.GELU``."""
+def gelu_quant_reference(h: torch.Tensor, bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``quantize_fp8(GELU_tanh(h + bias), rowwise=True)`` for ``h`` ``[M, N]`` and ``bias`` ``[N]`` (or ``None``);
+    the sum and GELU in h's dtype, like the first FFN linear's output and ``nn.GELU``."""
+    if bias is not None:
+        h = h + bias.to(h.dtype)
     return quantize_fp8(F.gelu(h, approximate="tanh"), True)
 
 
@@ -109,6 +114,16 @@ def rows_quant_reference(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 # ----------------------------------------------------------------------------------------------------------
 # operators
 # ----------------------------------------------------------------------------------------------------------
+
+
+class BiasPending(NamedTuple):
+    """A linear layer's output without its bias, which the consumer adds inside its fused kernel (the FFN's
+    first linear → GELU + quantisation of the second, ``fp8_fused``): ``value + bias`` is the activation."""
+
+    value: torch.Tensor
+    """``[..., N]`` the matmul's output."""
+    bias: torch.Tensor | None
+    """``[N]`` or ``None``."""
 
 
 class QuantizedActivation(NamedTuple):
@@ -171,10 +186,10 @@ def _define(launch: Callable[..., tuple[torch.Tensor, torch.Tensor]] | None) -> 
         global _launch
         _launch = launch  # a module-level name: triton_op finds the kernel through it
 
-        def gelu_quant(h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        def gelu_quant(h: torch.Tensor, bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
             if h.device.type != "cuda":
-                return gelu_quant_reference(h)
-            return _launch(h.contiguous(), _GELU)
+                return gelu_quant_reference(h, bias)
+            return _launch(h.contiguous(), _GELU, bias=None if bias is None else bias.to(h.dtype).contiguous())
 
         def norm_modulate_quant(
             x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float
@@ -199,7 +214,7 @@ def _define(launch: Callable[..., tuple[torch.Tensor, torch.Tensor]] | None) -> 
                 x.new_empty((rows, 1), dtype=torch.float32))
 
     ops = (
-        ("gelu_quant", gelu_quant_reference, lambda h: fake(h.shape[0], h)),
+        ("gelu_quant", gelu_quant_reference, lambda h, bias: fake(h.shape[0], h)),
         ("norm_modulate_quant", norm_modulate_quant_reference,
          lambda x, shift, scale, eps: fake(x.shape[0] * x.shape[1], x)),
         ("rows_quant", rows_quant_reference, lambda x: fake(x.shape[0], x)),
@@ -209,10 +224,11 @@ def _define(launch: Callable[..., tuple[torch.Tensor, torch.Tensor]] | None) -> 
         op.register_fake(shapes)
 
 
-def gelu_quantize(h: torch.Tensor) -> QuantizedActivation:
-    """``GELU_tanh(h)`` quantised per row in one pass. h ``[..., N]`` → data ``[..., N]``, scale ``[..., 1]``."""
+def gelu_quantize(h: torch.Tensor, bias: torch.Tensor | None = None) -> QuantizedActivation:
+    """``GELU_tanh(h + bias)`` quantised per row in one pass. h ``[..., N]``, bias ``[N]`` or ``None`` → data
+    ``[..., N]``, scale ``[..., 1]``."""
     ensure_ops()
-    x8, scale = torch.ops.streamdit.gelu_quant(h.reshape(-1, h.shape[-1]))
+    x8, scale = torch.ops.streamdit.gelu_quant(h.reshape(-1, h.shape[-1]), bias)
     return QuantizedActivation(x8.view(h.shape), scale.view(*h.shape[:-1], 1), h.dtype)
 
 

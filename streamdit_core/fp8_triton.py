@@ -20,6 +20,7 @@ def _quant_rows_kernel(
     x_ptr,  # [rows, n_cols], row-major
     shift_ptr,  # [batch, frames, n_cols] float32 (PROLOGUE 2 only)
     scale_ptr,  # [batch, frames, n_cols] float32 (PROLOGUE 2 only)
+    bias_ptr,  # [n_cols] in x's dtype (PROLOGUE 1 with HAS_BIAS only)
     out_ptr,  # [rows, n_cols] float8_e4m3fn
     out_scale_ptr,  # [rows] float32
     n_cols,
@@ -28,6 +29,7 @@ def _quant_rows_kernel(
     frames,
     eps,
     PROLOGUE: tl.constexpr,  # 0: none, 1: GELU(tanh), 2: LayerNorm + per-frame modulation
+    HAS_BIAS: tl.constexpr,  # PROLOGUE 1: add the producing linear's bias first (rounded to x's dtype)
     BLOCK: tl.constexpr,  # next power of two ≥ n_cols
 ):
     row = tl.program_id(0).to(tl.int64)
@@ -35,6 +37,9 @@ def _quant_rows_kernel(
     mask = cols < n_cols
     x = tl.load(x_ptr + row * n_cols + cols, mask=mask, other=0.0).to(tl.float32)
     if PROLOGUE == 1:
+        if HAS_BIAS:  # the producing matmul's `out + bias` in x's dtype
+            x = (x + tl.load(bias_ptr + cols, mask=mask, other=0.0).to(tl.float32)).to(x_ptr.dtype.element_ty)
+            x = x.to(tl.float32)
         # ½x(1 + tanh u) = x·sigmoid(2u), u = √(2/π)(x + 0.044715x³); rounded to x's dtype like nn.GELU's output
         u = 0.7978845608028654 * (x + 0.044715 * x * x * x)
         y = x / (1.0 + tl.exp(-2.0 * u))
@@ -68,12 +73,14 @@ def quantize_rows_triton(
     tokens_per_frame: int = 1,
     frames: int = 1,
     out_dtype: torch.dtype = torch.float8_e4m3fn,
+    bias: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Launch the kernel on ``x`` ``[rows, n_cols]`` (contiguous). ``prologue``: 0 none, 1 GELU(tanh),
-    2 LayerNorm + modulation with ``shift``/``scale`` ``[batch, frames, n_cols]`` float32 contiguous, where
-    ``rows = batch·tokens`` and ``tokens = frames·tokens_per_frame``. ``out_dtype=torch.float32`` stores the
-    scaled values before their cast to fp8 (a test of the maths where the fp8 cast is not trusted: Triton's
-    interpreter rounds values just below a power of two to the lower one, e.g. 124.3 → 64).
+    """Launch the kernel on ``x`` ``[rows, n_cols]`` (contiguous). ``prologue``: 0 none, 1 GELU(tanh) of
+    ``x + bias`` (``bias`` ``[n_cols]`` in x's dtype or ``None``), 2 LayerNorm + modulation with
+    ``shift``/``scale`` ``[batch, frames, n_cols]`` float32 contiguous, where ``rows = batch·tokens`` and
+    ``tokens = frames·tokens_per_frame``. ``out_dtype=torch.float32`` stores the scaled values before their
+    cast to fp8 (a test of the maths where the fp8 cast is not trusted: Triton's interpreter rounds values just
+    below a power of two to the lower one, e.g. 124.3 → 64).
 
     Returns:
         ``(x8 [rows, n_cols] out_dtype, scale [rows, 1] float32)``.
@@ -87,8 +94,9 @@ def quantize_rows_triton(
     # compiler's mutation analysis sees no aliasing of what the kernel writes
     shift_arg = x if shift is None else shift
     scale_arg = x if scale is None else scale
+    bias_arg = x if bias is None else bias
     wrap_triton(_quant_rows_kernel)[(rows,)](
-        x, shift_arg, scale_arg, out, out_scale, n_cols, tokens, tokens_per_frame, frames, eps,
-        PROLOGUE=prologue, BLOCK=block, num_warps=warps,
+        x, shift_arg, scale_arg, bias_arg, out, out_scale, n_cols, tokens, tokens_per_frame, frames, eps,
+        PROLOGUE=prologue, HAS_BIAS=bias is not None, BLOCK=block, num_warps=warps,
     )
     return out, out_scale

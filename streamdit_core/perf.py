@@ -54,6 +54,7 @@ from torch import nn
 
 from .fp8_quant import (
     FP8_MAX,
+    BiasPending,
     QuantizedActivation,
     dequantize_fp8,
     gelu_quantize,
@@ -272,10 +273,9 @@ def fp8_matmul(
     sw = weight_scale.float()
     if use_scaled_mm:
         return _scaled_mm(x8, w8, scale_x, sw, bias, out_dtype)
-    return F.linear(
-        dequantize_fp8(x8, scale_x), dequantize_fp8(w8, sw.reshape(-1, 1) if rowwise else sw),
-        None if bias is None else bias.float(),
-    ).to(out_dtype)
+    out = F.linear(dequantize_fp8(x8, scale_x), dequantize_fp8(w8, sw.reshape(-1, 1) if rowwise else sw))
+    # the bias added in out_dtype after the matmul's rounding, like _scaled_mm above
+    return out.to(out_dtype) if bias is None else out.to(out_dtype) + bias.to(out_dtype)
 
 
 class Fp8Linear(nn.Module):
@@ -286,8 +286,10 @@ class Fp8Linear(nn.Module):
 
     The input is a tensor, quantised here, or a :class:`~streamdit_core.fp8_quant.QuantizedActivation` that its
     producer quantised already (``fp8_fused``). ``prologue="gelu"``: the input is the pre-GELU FFN hidden and
-    GELU(tanh) is applied in the quantisation kernel (the FFN's ``nn.GELU`` is then a :class:`GeluInNextLinear`).
-    ``single_pass``: tensor inputs are quantised by the single-pass row kernel (``fp8_rows``)."""
+    GELU(tanh) is applied in the quantisation kernel (the FFN's ``nn.GELU`` is then a :class:`GeluInNextLinear`);
+    ``defer_bias``: the output is a :class:`~streamdit_core.fp8_quant.BiasPending` whose bias that kernel adds
+    (the FFN's first linear, so its bias costs no pass over the hidden of its own). ``single_pass``: tensor
+    inputs are quantised by the single-pass row kernel (``fp8_rows``)."""
 
     weight: nn.Parameter
     bias: nn.Parameter | None
@@ -303,6 +305,7 @@ class Fp8Linear(nn.Module):
         self.use_scaled_mm = use_scaled_mm
         self.single_pass = single_pass and rowwise
         self.prologue: Literal["none", "gelu"] = "none"
+        self.defer_bias = False
         with torch.no_grad():
             w8, scale = quantize_fp8(linear.weight.detach(), rowwise)
         self.register_buffer("weight_fp8", w8.view(torch.uint8), persistent=False)
@@ -313,25 +316,31 @@ class Fp8Linear(nn.Module):
         """fp8 tensor cores need both matrix sizes to be multiples of 16."""
         return isinstance(linear, nn.Linear) and linear.in_features % 16 == 0 and linear.out_features % 16 == 0
 
-    def forward(self, x: torch.Tensor | QuantizedActivation) -> torch.Tensor:
-        """x ``[..., in]`` (or its quantised form) → ``[..., out]`` in x's dtype."""
+    def forward(self, x: torch.Tensor | QuantizedActivation | BiasPending) -> torch.Tensor | BiasPending:
+        """x ``[..., in]`` (or its quantised form; with the GELU prologue also the pre-GELU hidden without its
+        bias) → ``[..., out]`` in x's dtype (without the bias, as :class:`BiasPending`, when ``defer_bias``)."""
         if self.prologue == "gelu":
             if isinstance(x, QuantizedActivation):
                 raise TypeError("an Fp8Linear with a GELU prologue takes the pre-GELU tensor")
-            x = gelu_quantize(x)
+            x = gelu_quantize(*x) if isinstance(x, BiasPending) else gelu_quantize(x)
+        elif isinstance(x, BiasPending):
+            raise TypeError("only an Fp8Linear with a GELU prologue takes an output whose bias is pending")
         elif self.single_pass and not isinstance(x, QuantizedActivation):
             x = quantize_rows(x)
+        bias = None if self.defer_bias else self.bias
         if not isinstance(x, QuantizedActivation):
-            return fp8_linear(x, self.weight_fp8, self.weight_scale, self.bias, self.rowwise, self.use_scaled_mm)
-        if not self.rowwise:
+            out = fp8_linear(x, self.weight_fp8, self.weight_scale, bias, self.rowwise, self.use_scaled_mm)
+        elif not self.rowwise:
             raise TypeError("a quantised activation has per-row scales; this Fp8Linear uses per-tensor scales")
-        lead = x.data.shape[:-1]
-        out = fp8_matmul(x.data.reshape(-1, self.in_features), x.scale.reshape(-1, 1), self.weight_fp8,
-                         self.weight_scale, self.bias, True, self.use_scaled_mm, x.dtype)  # [M, out]
-        return out.reshape(*lead, self.out_features)
+        else:
+            out = fp8_matmul(x.data.reshape(-1, self.in_features), x.scale.reshape(-1, 1), self.weight_fp8,
+                             self.weight_scale, bias, True, self.use_scaled_mm, x.dtype)  # [M, out]
+            out = out.reshape(*x.data.shape[:-1], self.out_features)
+        return BiasPending(out, self.bias) if self.defer_bias else out
 
     def extra_repr(self) -> str:
-        extra = (", single_pass" if self.single_pass else "") + (", prologue=gelu" if self.prologue == "gelu" else "")
+        extra = ((", single_pass" if self.single_pass else "") + (", prologue=gelu" if self.prologue == "gelu" else "")
+                 + (", defer_bias" if self.defer_bias else ""))
         return (f"{self.in_features}, {self.out_features}, rowwise={self.rowwise}, scaled_mm={self.use_scaled_mm}"
                 + extra)
 
@@ -394,6 +403,8 @@ def _fuse_fp8(model: StreamDiT, status: dict[str, str]) -> None:
                 and ffn[1].approximate == "tanh"):
             ffn[1] = GeluInNextLinear(ffn[1].approximate)
             ffn[2].prologue = "gelu"
+            if isinstance(ffn[0], Fp8Linear):  # its bias is added in the GELU kernel
+                ffn[0].defer_bias = True
             gelu += 1
     kernels = "Triton kernels" if problem is None else f"reference implementation ({problem})"
     status["fp8_fused"] = f"{adaln} adaLN inputs, {gelu} GELUs; {kernels}"

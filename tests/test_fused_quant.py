@@ -113,6 +113,11 @@ def test_gelu_and_rows_references_equal_unfused_quantisation(dtype):
     assert torch.equal(s[:2].flatten(), ZERO_SCALE.expand(2)) and not x8[:2].float().any()
     y8, ys = rows_quant_reference(h)
     assert _within_e4m3(y8, ys, h.double()) and torch.equal(ys, quantize_fp8(h, True)[1])
+    # with the first FFN linear's bias, added in h's dtype as that linear's output would have it
+    bias = torch.linspace(-1, 1, 72, dtype=torch.float32)
+    b8, bs = gelu_quant_reference(h, bias)
+    u8, us = quantize_fp8(nn.GELU(approximate="tanh")(h + bias.to(dtype)), True)
+    assert torch.equal(b8.view(torch.uint8), u8.view(torch.uint8)) and torch.equal(bs, us)
 
 
 def test_operators_and_wrappers_return_shaped_quantised_activations():
@@ -211,6 +216,7 @@ def test_fusion_switches_off_and_back_restoring_modules_and_state_dict():
     model.set_perf(fused)
     block = model.blocks[0]
     assert block.fused_fp8_input and isinstance(block.ffn[1], GeluInNextLinear) and block.ffn[2].prologue == "gelu"
+    assert block.ffn[0].defer_bias  # its bias is added in the GELU kernel
     assert block.self_attn.o.single_pass and set(model.state_dict()) == keys
     assert "2 adaLN inputs, 2 GELUs" in model.perf_status["fp8_fused"]
     for options in (ROW, PerfOptions.plain(), fused, PerfOptions(fp8="tensor")):
@@ -219,7 +225,7 @@ def test_fusion_switches_off_and_back_restoring_modules_and_state_dict():
         assert isinstance(block.ffn[1], GeluInNextLinear if options is fused else nn.GELU)
         assert set(model.state_dict()) == keys and all(p is params[n] for n, p in model.named_parameters())
     assert block.ffn[1].approximate == "tanh" and isinstance(block.ffn[2], Fp8Linear)
-    assert block.ffn[2].prologue == "none" and not block.ffn[2].single_pass
+    assert block.ffn[2].prologue == "none" and not block.ffn[2].single_pass and not block.ffn[0].defer_bias
     assert torch.equal(_run(model, PerfOptions.plain(), *args), plain)
     assert type(block.ffn[2]) is nn.Linear and type(block.self_attn.q) is nn.Linear
 
@@ -267,16 +273,19 @@ def _check_kernel_widths(widths, rows, device, dtype, cast_in_torch=False, min_e
     reference's (GELU and LayerNorm + modulation; the plain row quantisation is held to the same)."""
     from streamdit_core.fp8_triton import quantize_rows_triton
 
-    def kernel(*args):
+    def kernel(*args, **kwargs):
         if not cast_in_torch:
-            return quantize_rows_triton(*args)
-        q, s = quantize_rows_triton(*args, out_dtype=torch.float32)
+            return quantize_rows_triton(*args, **kwargs)
+        q, s = quantize_rows_triton(*args, out_dtype=torch.float32, **kwargs)
         return q.to(torch.float8_e4m3fn), s
 
     for width in widths:
         h = _rows(rows, width, dtype, seed=width, device=device)
         _assert_kernel_matches(kernel(h, 0), rows_quant_reference(h), exact_scale=True)
         _assert_kernel_matches(kernel(h, 1), gelu_quant_reference(h), min_equal=min_equal, scale_rtol=scale_rtol)
+        bias = (torch.linspace(-2, 2, width, device=device) ** 3).to(dtype)  # the FFN's first bias, fused
+        _assert_kernel_matches(kernel(h, 1, bias=bias), gelu_quant_reference(h, bias), min_equal=min_equal,
+                               scale_rtol=scale_rtol)
         b, frames = 2, 4
         x = (_rows(b * rows, width, dtype, seed=width + 1, device=device) * 5 + 0.3).reshape(b, rows, width)
         x[0, :2] = 0  # zero rows before the norm (the rows themselves have a +0.3 offset elsewhere)
