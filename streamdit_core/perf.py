@@ -27,9 +27,11 @@ option             what it does                                                 
 =================  ========================================================================  ==================
 
 Levels (:data:`PERF_LEVELS`): ``plain`` (all off, the eager reference), ``safe`` (the default: both caches
-and ``window_gather``), ``fast`` (+ ``compile`` and ``cuda_graphs``), ``fastest`` (+ ``fp8=row``).
-``fp8_fused`` and ``fp8_rows`` are in no level yet (not measured on a GPU): ``fastest,fp8fuse`` switches one on
-(in ``bench --modes``: ``fastest+fp8fuse``).
+and ``window_gather``), ``fast`` (+ ``compile`` and ``cuda_graphs``), ``fastest`` (+ ``fp8=row`` and
+``fp8_fused``). ``fp8_fused`` is in ``fastest`` since the H100 run in ``docs/bench/h100_fp8fuse/`` (−4.7 % per
+call at paper scale, −6.7 % for Wan 1.3B with 4-frame windows, same error against ``plain``); on CUDA without
+Triton it stays off (the status says why). ``fp8_rows`` gained nothing in that run and is in no level
+(``fastest,fp8rows``; in ``bench --modes``: ``fastest+fp8rows``).
 ``window_gather`` is in every level but ``plain`` since the H100 run in ``docs/bench/h100_qkv_gather/``
 (eager: −8.8 % per call at paper scale, −5.9 % for Wan 1.3B with 4-frame windows; compiled: within ±2 %);
 the item ``gather`` switches it on in an option list (``"kv,layout,gather"``), and ``kv,layout`` is ``safe``
@@ -139,22 +141,27 @@ class PerfOptions:
         (``kv``/``layout``/``graphs``/``gather``/``fp8fuse``/``fp8rows`` switch on; ``compile`` alone means
         ``compile=default``; ``fp8`` alone means ``fp8=row``; a level name as an item, e.g. ``"safe,compile"``, sets
         every option to that level's at that point of the list; a list starts from everything off, like
-        ``plain``)."""
+        ``plain``). ``fp8=tensor`` after a level turns off that level's per-row items (``"fastest,fp8=tensor"``);
+        listed together with ``fp8fuse`` or ``fp8rows`` it is an error."""
         if name in PERF_LEVELS:
             return PERF_LEVELS[name]
         opts: dict[str, Any] = {f.name: getattr(PERF_LEVELS["plain"], f.name) for f in fields(PERF_LEVELS["plain"])}
         switches = {"kv": "text_kv_cache", "layout": "layout_cache", "graphs": "cuda_graphs", "gather": "window_gather",
                     "fp8fuse": "fp8_fused", "fp8rows": "fp8_rows"}
+        listed: set[str] = set()  # the per-row items named in the list (not inherited from a level)
         for raw in filter(None, (p.strip() for p in name.split(","))):
             key, _, value = raw.partition("=")
             if key in PERF_LEVELS and not value:
                 opts = {f.name: getattr(PERF_LEVELS[key], f.name) for f in fields(PERF_LEVELS[key])}
             elif key in switches and not value:
                 opts[switches[key]] = True
+                listed.add(switches[key])
             elif key == "compile":
                 opts["compile"] = value or "default"
             elif key == "fp8":
                 opts["fp8"] = value or "row"
+                if opts["fp8"] != "row":
+                    opts.update({k: False for k in ("fp8_fused", "fp8_rows") if k not in listed})
             else:
                 raise ValueError(
                     f"unknown optimisation {raw!r} in {name!r}; use a level {sorted(PERF_LEVELS)} or items "
@@ -182,8 +189,9 @@ PERF_LEVELS: dict[str, PerfOptions] = {
     "safe": PerfOptions(),
     # + fused kernels and CUDA graphs: first call compiles (tens of seconds), same results to bf16 rounding
     "fast": PerfOptions(compile="default", cuda_graphs=True),
-    # + float8 linears (H100/Ada): a few % relative change of the model output, measured by `bench`
-    "fastest": PerfOptions(compile="default", cuda_graphs=True, fp8="row"),
+    # + float8 linears (H100/Ada) with fused quantisation kernels: a few % relative change of the model output,
+    # measured by `bench`
+    "fastest": PerfOptions(compile="default", cuda_graphs=True, fp8="row", fp8_fused=True),
 }
 
 
@@ -390,6 +398,11 @@ def _fuse_fp8(model: StreamDiT, status: dict[str, str]) -> None:
     """Quantise per row inside the producers' kernels (``fp8_fused``): each block's adaLN inputs of q/k/v and of
     the FFN (all ``Fp8Linear`` with per-row scales) once, and the FFN's GELU output in the second linear."""
     problem = triton_problem()
+    if problem is not None and model.patch_embedding.weight.device.type == "cuda":
+        # the reference implementations would run as opaque operators, slower than the compiler's fusion
+        status["fp8_fused"] = f"off: no Triton kernels ({problem})"
+        log.warning("fused fp8 quantisation is off on CUDA without Triton (%s)", problem)
+        return
     adaln = gelu = 0
     block: Any
     for block in model.blocks:
@@ -408,9 +421,6 @@ def _fuse_fp8(model: StreamDiT, status: dict[str, str]) -> None:
             gelu += 1
     kernels = "Triton kernels" if problem is None else f"reference implementation ({problem})"
     status["fp8_fused"] = f"{adaln} adaLN inputs, {gelu} GELUs; {kernels}"
-    if problem is not None and model.patch_embedding.weight.device.type == "cuda":
-        log.warning("fused fp8 quantisation runs its reference implementation on CUDA (%s); install triton "
-                    "for the single-pass kernels", problem)
 
 
 def _set_fp8(model: StreamDiT, options: PerfOptions, status: dict[str, str]) -> None:
