@@ -13,9 +13,16 @@ operator (``torch.ops.streamdit.*``)    computes, then quantises per row
                                        ``x`` ``[b, L, D]`` (fp32 statistics, no affine; rounded to x's dtype twice,
                                        like ``model.LayerNorm`` + ``model.modulate``)
 ``rows_quant(x)``                      nothing: ``x`` ``[M, K]`` as it is
+``residual_norm_quant(x, y, g, w, b,   the residual sum ``s = x + g·y`` (per-frame gate ``g`` ``[b, F, D]``) or
+sh, sc, eps)``                         ``x + y`` (``g`` ``None``) over ``x``, ``y`` ``[b, L, D]``, rounded to x's dtype
+                                       and *returned too*; then ``LayerNorm(s)`` with affine ``w``/``b`` ``[D]`` or
+                                       none, and modulated with ``sh``/``sc`` ``[b, F, D]`` or not (rounded like
+                                       ``model.gate``, ``model.LayerNorm`` and ``model.modulate``)
 =====================================  ===========================================================================
 
-Each returns ``(x8 [M, K] float8_e4m3fn, scale [M, 1] float32)``. On CUDA with Triton they run one Triton
+Each returns ``(x8 [M, K] float8_e4m3fn, scale [M, 1] float32)``; ``residual_norm_quant`` returns
+``(sum [M, D] x's dtype, x8, scale)`` with ``M = b·L`` (the cross-attention and FFN inputs of a block with the
+residual add in the same pass, ``perf.PerfOptions.fp8_residual``). On CUDA with Triton they run one Triton
 program per row with the whole row in registers (``fp8_triton.py``); elsewhere (CPU, no Triton) the reference
 implementations run, which are the unfused path's exact maths (so the fused model is bit-identical to the unfused
 one there). They are registered with ``torch.library.triton_op`` so ``torch.compile`` sees the kernels without a
@@ -53,6 +60,8 @@ __all__ = [
     "norm_modulate_quantize",
     "quantize_fp8",
     "quantize_rows",
+    "residual_norm_quant_reference",
+    "residual_norm_quantize",
     "rows_quant_reference",
     "triton_problem",
 ]
@@ -88,6 +97,27 @@ def gelu_quant_reference(h: torch.Tensor, bias: torch.Tensor | None = None) -> t
     return quantize_fp8(F.gelu(h, approximate="tanh"), True)
 
 
+def _norm_modulate(
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    shift: torch.Tensor | None,
+    scale: torch.Tensor | None,
+    eps: float,
+) -> torch.Tensor:
+    """``LayerNorm(x)`` (fp32 statistics, affine ``weight``/``bias`` ``[D]`` read as float32, or none) rounded to
+    x's dtype, then ``·(1 + scale) + shift`` per frame (``[b, F, D]`` float32, or ``None``) rounded again: the
+    maths of ``model.LayerNorm`` and ``modulate(….float(), shift, scale).type_as(x)``. x ``[b, L, D]`` →
+    ``[b, L, D]``."""
+    w = None if weight is None else weight.float()
+    b = None if bias is None else bias.float()
+    normed = F.layer_norm(x.float(), (x.shape[-1],), w, b, eps).type_as(x)  # [b, L, D]
+    if shift is None or scale is None:
+        return normed
+    out = normed.float().unflatten(1, (shift.shape[1], -1)) * (1 + scale[:, :, None]) + shift[:, :, None]
+    return out.flatten(1, 2).type_as(x)  # [b, L, D]
+
+
 def norm_modulate_quant_reference(
     x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -100,10 +130,40 @@ def norm_modulate_quant_reference(
     Returns:
         ``(x8 [b·L, D] float8_e4m3fn, scale [b·L, 1] float32)``.
     """
-    frames, dim = shift.shape[1], x.shape[-1]
-    normed = F.layer_norm(x.float(), (dim,), None, None, eps).type_as(x).float()  # [b, L, D]
-    out = normed.unflatten(1, (frames, -1)) * (1 + scale[:, :, None]) + shift[:, :, None]  # [b, F, L/F, D]
-    return quantize_fp8(out.flatten(1, 2).type_as(x).reshape(-1, dim), True)
+    return quantize_fp8(_norm_modulate(x, None, None, shift, scale, eps).reshape(-1, x.shape[-1]), True)
+
+
+def residual_norm_quant_reference(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    gate: torch.Tensor | None,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    shift: torch.Tensor | None,
+    scale: torch.Tensor | None,
+    eps: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Residual add, then the next layer's normalised input quantised per row: the maths of
+    ``s = x + gate(y.float(), g).type_as(x)`` (or ``x + y``) and ``modulate(LayerNorm(s).float(), …).type_as(x)``
+    (or ``LayerNorm(s)``).
+
+    Args:
+        x: ``[b, L, D]`` the residual stream, ``L = F·(tokens per frame)``.
+        y: ``[b, L, D]`` in x's dtype: the branch output (attention output).
+        gate: ``[b, F, D]`` float32 per-frame gate, or ``None`` (``x + y``).
+        weight, bias: ``[D]`` LayerNorm affine parameters (both or neither), read as float32.
+        shift, scale: ``[b, F, D]`` float32 per-frame modulation, or ``None`` (both or neither).
+        eps: the LayerNorm's epsilon (statistics in float32).
+    Returns:
+        ``(sum [b·L, D] x's dtype, x8 [b·L, D] float8_e4m3fn, scale [b·L, 1] float32)``.
+    """
+    if gate is None:
+        total = x + y  # [b, L, D]
+    else:
+        total = x + (y.float().unflatten(1, (gate.shape[1], -1)) * gate[:, :, None]).flatten(1, 2).type_as(x)
+    dim = x.shape[-1]
+    x8, s = quantize_fp8(_norm_modulate(total, weight, bias, shift, scale, eps).reshape(-1, dim), True)
+    return total.reshape(-1, dim), x8, s
 
 
 def rows_quant_reference(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -140,17 +200,18 @@ class QuantizedActivation(NamedTuple):
 
 _state: dict[str, Any] = {"defined": False, "triton": None}
 
-# Prologue codes of the Triton kernel (``fp8_triton.quantize_rows_triton``).
-_NONE, _GELU, _NORM_MODULATE = 0, 1, 2
+# Prologue codes of the Triton row kernel (``fp8_triton.quantize_rows_triton``).
+_NONE, _GELU = 0, 1
 
 
-def _no_kernels(x: torch.Tensor, prologue: int, *args: Any) -> tuple[torch.Tensor, torch.Tensor]:
+def _no_kernels(*args: Any, **kwargs: Any) -> Any:
     raise RuntimeError("the Triton kernels are not loaded")
 
 
-# The Triton launcher (``fp8_triton.quantize_rows_triton`` once loaded). A module-level name on purpose:
-# ``triton_op`` finds the kernels an operator launches by following the names its body calls.
+# The Triton launchers (``fp8_triton.quantize_rows_triton`` and ``norm_quant_triton`` once loaded). Module-level
+# names on purpose: ``triton_op`` finds the kernels an operator launches by following the names its body calls.
 _launch: Callable[..., tuple[torch.Tensor, torch.Tensor]] = _no_kernels
+_launch_norm: Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]] = _no_kernels
 
 
 def triton_problem() -> str | None:
@@ -165,13 +226,13 @@ def ensure_ops() -> None:
     (``perf`` does when it installs fused quantisation); later calls only read a flag."""
     if _state["defined"]:
         return
-    launch: Callable[..., tuple[torch.Tensor, torch.Tensor]] | None = None
+    launch: tuple[Callable[..., Any], Callable[..., Any]] | None = None
     try:
-        from .fp8_triton import quantize_rows_triton
+        from .fp8_triton import norm_quant_triton, quantize_rows_triton
 
         if not hasattr(torch.library, "triton_op"):
             raise RuntimeError(f"torch {torch.__version__} has no torch.library.triton_op")
-        launch = quantize_rows_triton
+        launch = (quantize_rows_triton, norm_quant_triton)
     except (ImportError, OSError, RuntimeError) as exc:
         _state["triton"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
         log.info("fused fp8 quantisation without Triton (%s): the reference implementations run", _state["triton"])
@@ -179,12 +240,13 @@ def ensure_ops() -> None:
     _state["defined"] = True
 
 
-def _define(launch: Callable[..., tuple[torch.Tensor, torch.Tensor]] | None) -> None:
-    """Register the three operators: Triton-backed (``triton_op``, reference off CUDA) if ``launch`` is given,
-    else opaque ``custom_op`` s running the reference, with fake (shape-only) implementations."""
+def _define(launch: tuple[Callable[..., Any], Callable[..., Any]] | None) -> None:
+    """Register the operators: Triton-backed (``triton_op``, reference off CUDA) if the launchers
+    ``(quantize_rows_triton, norm_quant_triton)`` are given, else opaque ``custom_op`` s running the reference,
+    with fake (shape-only) implementations."""
     if launch is not None:
-        global _launch
-        _launch = launch  # a module-level name: triton_op finds the kernel through it
+        global _launch, _launch_norm
+        _launch, _launch_norm = launch  # module-level names: triton_op finds the kernels through them
 
         def gelu_quant(h: torch.Tensor, bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
             if h.device.type != "cuda":
@@ -196,16 +258,32 @@ def _define(launch: Callable[..., tuple[torch.Tensor, torch.Tensor]] | None) -> 
         ) -> tuple[torch.Tensor, torch.Tensor]:
             if x.device.type != "cuda":
                 return norm_modulate_quant_reference(x, shift, scale, eps)
-            return _launch(x.reshape(-1, x.shape[-1]).contiguous(), _NORM_MODULATE, shift.float().contiguous(),
-                           scale.float().contiguous(), eps, x.shape[1], x.shape[1] // shift.shape[1], shift.shape[1])
+            x8, s, _ = _launch_norm(x.reshape(-1, x.shape[-1]).contiguous(), eps, x.shape[1], shift.shape[1],
+                                    shift=shift.float().contiguous(), scale=scale.float().contiguous())
+            return x8, s
 
         def rows_quant(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             if x.device.type != "cuda":
                 return rows_quant_reference(x)
             return _launch(x.contiguous(), _NONE)
 
+        def residual_norm_quant(
+            x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor | None, weight: torch.Tensor | None,
+            bias: torch.Tensor | None, shift: torch.Tensor | None, scale: torch.Tensor | None, eps: float,
+        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+            if x.device.type != "cuda":
+                return residual_norm_quant_reference(x, y, gate, weight, bias, shift, scale, eps)
+            per_frame = gate if gate is not None else shift
+            frames = 1 if per_frame is None else per_frame.shape[1]
+            x8, s, total = _launch_norm(
+                x.reshape(-1, x.shape[-1]).contiguous(), eps, x.shape[1], frames,
+                residual=y.reshape(-1, y.shape[-1]).contiguous(), gate=_f32(gate), weight=_contiguous(weight),
+                bias=_contiguous(bias), shift=_f32(shift), scale=_f32(scale))
+            assert total is not None
+            return total, x8, s
+
         for name, fn in (("gelu_quant", gelu_quant), ("norm_modulate_quant", norm_modulate_quant),
-                         ("rows_quant", rows_quant)):
+                         ("rows_quant", rows_quant), ("residual_norm_quant", residual_norm_quant)):
             torch.library.triton_op(f"streamdit::{name}", fn, mutates_args=())
         return
 
@@ -213,15 +291,29 @@ def _define(launch: Callable[..., tuple[torch.Tensor, torch.Tensor]] | None) -> 
         return (x.new_empty((rows, x.shape[-1]), dtype=torch.float8_e4m3fn),
                 x.new_empty((rows, 1), dtype=torch.float32))
 
+    def fake_residual(x: torch.Tensor, *args: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        rows = x.shape[0] * x.shape[1]
+        return (x.new_empty((rows, x.shape[-1])), *fake(rows, x))
+
     ops = (
         ("gelu_quant", gelu_quant_reference, lambda h, bias: fake(h.shape[0], h)),
         ("norm_modulate_quant", norm_modulate_quant_reference,
          lambda x, shift, scale, eps: fake(x.shape[0] * x.shape[1], x)),
         ("rows_quant", rows_quant_reference, lambda x: fake(x.shape[0], x)),
+        ("residual_norm_quant", residual_norm_quant_reference, fake_residual),
     )
     for name, reference, shapes in ops:
         op = torch.library.custom_op(f"streamdit::{name}", reference, mutates_args=())
         op.register_fake(shapes)
+
+
+def _contiguous(t: torch.Tensor | None) -> torch.Tensor | None:
+    return None if t is None else t.contiguous()
+
+
+def _f32(t: torch.Tensor | None) -> torch.Tensor | None:
+    """A per-frame ``[b, F, D]`` gate or modulation as the kernel reads it: float32, contiguous."""
+    return None if t is None else t.float().contiguous()
 
 
 def gelu_quantize(h: torch.Tensor, bias: torch.Tensor | None = None) -> QuantizedActivation:
@@ -255,3 +347,39 @@ def quantize_rows(x: torch.Tensor) -> QuantizedActivation:
     ensure_ops()
     x8, scale = torch.ops.streamdit.rows_quant(x.reshape(-1, x.shape[-1]))
     return QuantizedActivation(x8.view(x.shape), scale.view(*x.shape[:-1], 1), x.dtype)
+
+
+def residual_norm_quantize(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    eps: float,
+    gate: torch.Tensor | None = None,
+    weight: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    shift: torch.Tensor | None = None,
+    scale: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, QuantizedActivation]:
+    """The residual sum ``s = x + gate(y, g)`` (``x + y`` without ``gate``) and ``LayerNorm(s)`` (affine with
+    ``weight``/``bias``, modulated with ``shift``/``scale`` when given) quantised per row, in one pass.
+
+    Args:
+        x, y: ``[b, L, D]`` in one dtype; gate, shift, scale: ``[b, F, D]`` float32 or ``None`` with ``F``
+            dividing ``L`` (shift and scale together); weight, bias: ``[D]`` or ``None`` (together); eps: the
+            LayerNorm's.
+    Returns:
+        ``s`` ``[b, L, D]`` in x's dtype, and data ``[b, L, D]`` float8_e4m3fn, scale ``[b, L, 1]`` float32.
+    """
+    per_frame = [t for t in (gate, shift, scale) if t is not None]
+    if (x.dim() != 3 or y.shape != x.shape or y.dtype != x.dtype
+            or any(t.shape != per_frame[0].shape or t.shape[::2] != x.shape[::2] or x.shape[1] % t.shape[1]
+                   for t in per_frame)):
+        raise ValueError(f"residual_norm_quantize needs x and y [b, L, D] of one dtype and gate/shift/scale "
+                         f"[b, F, D] with F dividing L, got {list(x.shape)} {x.dtype}, {list(y.shape)} {y.dtype}, "
+                         f"{[list(t.shape) for t in per_frame]}")
+    if (shift is None) != (scale is None) or (weight is None) != (bias is None):
+        raise ValueError("residual_norm_quantize takes shift with scale and weight with bias (both or neither)")
+    if weight is not None and weight.shape != x.shape[-1:] or bias is not None and bias.shape != x.shape[-1:]:
+        raise ValueError(f"LayerNorm weight and bias must be [{x.shape[-1]}]")
+    ensure_ops()
+    total, x8, s = torch.ops.streamdit.residual_norm_quant(x, y, gate, weight, bias, shift, scale, eps)
+    return total.view(x.shape), QuantizedActivation(x8.view(x.shape), s.view(*x.shape[:-1], 1), x.dtype)

@@ -1,5 +1,9 @@
-"""Triton kernel of the fused per-row fp8 quantisation (``fp8_quant``): one program per row, the whole row in
+"""Triton kernels of the fused per-row fp8 quantisation (``fp8_quant``): one program per row, the whole row in
 registers, so each activation is read once and written once as float8 e4m3 (plus one float32 scale per row).
+
+* ``_quant_rows_kernel``: an element-wise prologue (none, or bias + GELU) and the quantisation.
+* ``_norm_quant_kernel``: an optional residual prologue (``x + y`` or ``x + gate·y``, the sum stored in x's dtype),
+  LayerNorm (optionally with affine weight and bias), optional per-frame modulation, and the quantisation.
 
 Imported only by :func:`streamdit_core.fp8_quant.ensure_ops`, inside ``try``: importing this module raises
 ``ImportError`` where Triton is not installed (the CPU wheel of torch, CI).
@@ -12,23 +16,28 @@ import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
-__all__ = ["quantize_rows_triton"]
+__all__ = ["norm_quant_triton", "quantize_rows_triton"]
+
+
+@triton.jit
+def _quantise_store(y, cols, mask, out_ptr, out_scale_ptr, row, n_cols):
+    """Per-row amax of ``y`` ``[BLOCK]`` float32 (``cols``/``mask`` as in the kernels), scale = amax/448; store
+    ``y/scale`` (clamped to ±448, cast to the output's dtype) and the scale."""
+    amax = tl.max(tl.where(mask, tl.abs(y), 0.0), axis=0)
+    s = tl.maximum(amax, 1e-12) / 448.0
+    q = tl.minimum(tl.maximum(y / s, -448.0), 448.0)
+    tl.store(out_ptr + row * n_cols + cols, q.to(out_ptr.dtype.element_ty), mask=mask)
+    tl.store(out_scale_ptr + row, s)
 
 
 @triton.jit
 def _quant_rows_kernel(
     x_ptr,  # [rows, n_cols], row-major
-    shift_ptr,  # [batch, frames, n_cols] float32 (PROLOGUE 2 only)
-    scale_ptr,  # [batch, frames, n_cols] float32 (PROLOGUE 2 only)
     bias_ptr,  # [n_cols] in x's dtype (PROLOGUE 1 with HAS_BIAS only)
     out_ptr,  # [rows, n_cols] float8_e4m3fn
     out_scale_ptr,  # [rows] float32
     n_cols,
-    tokens,  # tokens per batch element (PROLOGUE 2)
-    tokens_per_frame,
-    frames,
-    eps,
-    PROLOGUE: tl.constexpr,  # 0: none, 1: GELU(tanh), 2: LayerNorm + per-frame modulation
+    PROLOGUE: tl.constexpr,  # 0: none, 1: GELU(tanh)
     HAS_BIAS: tl.constexpr,  # PROLOGUE 1: add the producing linear's bias first (rounded to x's dtype)
     BLOCK: tl.constexpr,  # next power of two ≥ n_cols
 ):
@@ -44,43 +53,77 @@ def _quant_rows_kernel(
         u = 0.7978845608028654 * (x + 0.044715 * x * x * x)
         y = x / (1.0 + tl.exp(-2.0 * u))
         y = y.to(x_ptr.dtype.element_ty).to(tl.float32)
-    elif PROLOGUE == 2:
-        mean = tl.sum(x, axis=0) / n_cols
-        centred = tl.where(mask, x - mean, 0.0)
-        var = tl.sum(centred * centred, axis=0) / n_cols  # biased, like F.layer_norm
-        y = (centred * tl.rsqrt(var + eps)).to(x_ptr.dtype.element_ty).to(tl.float32)  # LayerNorm(x).type_as(x)
-        frame = (row % tokens) // tokens_per_frame
-        mod = ((row // tokens) * frames + frame) * n_cols
-        shift = tl.load(shift_ptr + mod + cols, mask=mask, other=0.0)
-        scale = tl.load(scale_ptr + mod + cols, mask=mask, other=0.0)
-        y = (y * (1.0 + scale) + shift).to(x_ptr.dtype.element_ty).to(tl.float32)  # modulate(...).type_as(x)
     else:
         y = x
-    amax = tl.max(tl.where(mask, tl.abs(y), 0.0), axis=0)
-    s = tl.maximum(amax, 1e-12) / 448.0
-    q = tl.minimum(tl.maximum(y / s, -448.0), 448.0)
-    tl.store(out_ptr + row * n_cols + cols, q.to(out_ptr.dtype.element_ty), mask=mask)
-    tl.store(out_scale_ptr + row, s)
+    _quantise_store(y, cols, mask, out_ptr, out_scale_ptr, row, n_cols)
+
+
+@triton.jit
+def _norm_quant_kernel(
+    x_ptr,  # [rows, n_cols], row-major: the residual stream (RESIDUAL ≥ 1) or the LayerNorm's input
+    y_ptr,  # [rows, n_cols] in x's dtype: the branch output added to x (RESIDUAL ≥ 1)
+    gate_ptr,  # [batch, frames, n_cols] float32 (RESIDUAL 2)
+    weight_ptr,  # [n_cols] LayerNorm weight, any float dtype (HAS_AFFINE)
+    norm_bias_ptr,  # [n_cols] LayerNorm bias, any float dtype (HAS_AFFINE)
+    shift_ptr,  # [batch, frames, n_cols] float32 (HAS_MODULATION)
+    scale_ptr,  # [batch, frames, n_cols] float32 (HAS_MODULATION)
+    sum_ptr,  # [rows, n_cols] in x's dtype: the residual sum (RESIDUAL ≥ 1)
+    out_ptr,  # [rows, n_cols] float8_e4m3fn
+    out_scale_ptr,  # [rows] float32
+    n_cols,
+    tokens,  # tokens per batch element (per-frame gate and modulation)
+    tokens_per_frame,
+    frames,
+    eps,
+    RESIDUAL: tl.constexpr,  # 0: LayerNorm(x); 1: of x + y; 2: of x + gate·y (the sum is stored)
+    HAS_AFFINE: tl.constexpr,  # LayerNorm with weight and bias
+    HAS_MODULATION: tl.constexpr,  # then ·(1 + scale) + shift per frame
+    BLOCK: tl.constexpr,  # next power of two ≥ n_cols
+):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    mask = cols < n_cols
+    dtype = x_ptr.dtype.element_ty
+    per_frame = ((row // tokens) * frames + (row % tokens) // tokens_per_frame) * n_cols  # [b, F, D] row offset
+    x = tl.load(x_ptr + row * n_cols + cols, mask=mask, other=0.0).to(tl.float32)
+    if RESIDUAL > 0:
+        y = tl.load(y_ptr + row * n_cols + cols, mask=mask, other=0.0).to(tl.float32)
+        if RESIDUAL == 2:  # gate(y.float(), g).type_as(x)
+            y = (y * tl.load(gate_ptr + per_frame + cols, mask=mask, other=0.0)).to(dtype).to(tl.float32)
+        x = (x + y).to(dtype)  # the residual stream, rounded like `x + ...` in x's dtype
+        tl.store(sum_ptr + row * n_cols + cols, x, mask=mask)
+        x = x.to(tl.float32)
+    mean = tl.sum(x, axis=0) / n_cols
+    centred = tl.where(mask, x - mean, 0.0)
+    var = tl.sum(centred * centred, axis=0) / n_cols  # biased, like F.layer_norm
+    y = centred * tl.rsqrt(var + eps)
+    if HAS_AFFINE:
+        weight = tl.load(weight_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+        y = y * weight + tl.load(norm_bias_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    y = y.to(dtype).to(tl.float32)  # LayerNorm(x).type_as(x)
+    if HAS_MODULATION:
+        shift = tl.load(shift_ptr + per_frame + cols, mask=mask, other=0.0)
+        scale = tl.load(scale_ptr + per_frame + cols, mask=mask, other=0.0)
+        y = (y * (1.0 + scale) + shift).to(dtype).to(tl.float32)  # modulate(...).type_as(x)
+    _quantise_store(y, cols, mask, out_ptr, out_scale_ptr, row, n_cols)
+
+
+def _launch_config(n_cols: int) -> tuple[int, int]:
+    """``(BLOCK, num_warps)`` of a row of ``n_cols``: 16-32 fp32 values per thread at the model's widths."""
+    block = triton.next_power_of_2(n_cols)
+    return block, min(16, max(4, block // 512))
 
 
 def quantize_rows_triton(
     x: torch.Tensor,
     prologue: int,
-    shift: torch.Tensor | None = None,
-    scale: torch.Tensor | None = None,
-    eps: float = 0.0,
-    tokens: int = 1,
-    tokens_per_frame: int = 1,
-    frames: int = 1,
     out_dtype: torch.dtype = torch.float8_e4m3fn,
     bias: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Launch the kernel on ``x`` ``[rows, n_cols]`` (contiguous). ``prologue``: 0 none, 1 GELU(tanh) of
-    ``x + bias`` (``bias`` ``[n_cols]`` in x's dtype or ``None``), 2 LayerNorm + modulation with
-    ``shift``/``scale`` ``[batch, frames, n_cols]`` float32 contiguous, where ``rows = batch·tokens`` and
-    ``tokens = frames·tokens_per_frame``. ``out_dtype=torch.float32`` stores the scaled values before their
-    cast to fp8 (a test of the maths where the fp8 cast is not trusted: Triton's interpreter rounds values just
-    below a power of two to the lower one, e.g. 124.3 → 64).
+    """Launch ``_quant_rows_kernel`` on ``x`` ``[rows, n_cols]`` (contiguous). ``prologue``: 0 none, 1 GELU(tanh)
+    of ``x + bias`` (``bias`` ``[n_cols]`` in x's dtype or ``None``). ``out_dtype=torch.float32`` stores the
+    scaled values before their cast to fp8 (a test of the maths where the fp8 cast is not trusted: Triton's
+    interpreter rounds values just below a power of two to the lower one, e.g. 124.3 → 64).
 
     Returns:
         ``(x8 [rows, n_cols] out_dtype, scale [rows, 1] float32)``.
@@ -88,15 +131,53 @@ def quantize_rows_triton(
     rows, n_cols = x.shape
     out = torch.empty((rows, n_cols), dtype=out_dtype, device=x.device)
     out_scale = torch.empty((rows, 1), dtype=torch.float32, device=x.device)
-    block = triton.next_power_of_2(n_cols)
-    warps = min(16, max(4, block // 512))  # 16-32 fp32 values per thread at the model's widths
-    # unread placeholders when there is no modulation: the input (read-only), never an output, so that the
-    # compiler's mutation analysis sees no aliasing of what the kernel writes
-    shift_arg = x if shift is None else shift
-    scale_arg = x if scale is None else scale
-    bias_arg = x if bias is None else bias
+    block, warps = _launch_config(n_cols)
+    # an unread placeholder without a bias: the input (read-only), never an output, so that the compiler's
+    # mutation analysis sees no aliasing of what the kernel writes
     wrap_triton(_quant_rows_kernel)[(rows,)](
-        x, shift_arg, scale_arg, bias_arg, out, out_scale, n_cols, tokens, tokens_per_frame, frames, eps,
+        x, x if bias is None else bias, out, out_scale, n_cols,
         PROLOGUE=prologue, HAS_BIAS=bias is not None, BLOCK=block, num_warps=warps,
     )
     return out, out_scale
+
+
+def norm_quant_triton(
+    x: torch.Tensor,
+    eps: float,
+    tokens: int = 1,
+    frames: int = 1,
+    residual: torch.Tensor | None = None,
+    gate: torch.Tensor | None = None,
+    weight: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    shift: torch.Tensor | None = None,
+    scale: torch.Tensor | None = None,
+    out_dtype: torch.dtype = torch.float8_e4m3fn,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Launch ``_norm_quant_kernel`` on ``x`` ``[rows, n_cols]`` (contiguous), ``rows = batch·tokens`` with
+    ``tokens = frames·(tokens per frame)``.
+
+    Args:
+        residual: ``[rows, n_cols]`` contiguous in x's dtype, added to x first (the sum is returned), or ``None``.
+        gate: ``[batch, frames, n_cols]`` float32 contiguous: the residual is ``x + gate·residual``; needs
+            ``residual``.
+        weight, bias: ``[n_cols]`` LayerNorm affine parameters (both or neither).
+        shift, scale: ``[batch, frames, n_cols]`` float32 contiguous modulation (both or neither).
+        out_dtype: as in :func:`quantize_rows_triton`.
+    Returns:
+        ``(x8 [rows, n_cols] out_dtype, scale [rows, 1] float32, sum [rows, n_cols] x's dtype or None)``.
+    """
+    rows, n_cols = x.shape
+    out = torch.empty((rows, n_cols), dtype=out_dtype, device=x.device)
+    out_scale = torch.empty((rows, 1), dtype=torch.float32, device=x.device)
+    total = None if residual is None else torch.empty_like(x)
+    block, warps = _launch_config(n_cols)
+    # unread placeholders: the input for what is read (never an output, so that the compiler's mutation analysis
+    # sees no aliasing of what the kernel writes), the fp8 output for the sum without a residual (never written)
+    wrap_triton(_norm_quant_kernel)[(rows,)](
+        x, *(x if t is None else t for t in (residual, gate, weight, bias, shift, scale)),
+        out if total is None else total, out, out_scale, n_cols, tokens, tokens // frames, frames, eps,
+        RESIDUAL=0 if residual is None else (1 if gate is None else 2), HAS_AFFINE=weight is not None,
+        HAS_MODULATION=shift is not None, BLOCK=block, num_warps=warps,
+    )
+    return out, out_scale, total

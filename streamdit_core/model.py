@@ -36,7 +36,7 @@ from .attention import (
     window_reverse_indexed,
 )
 from .config import ModelConfig
-from .fp8_quant import QuantizedActivation, norm_modulate_quantize
+from .fp8_quant import QuantizedActivation, norm_modulate_quantize, residual_norm_quantize
 from .perf import GraphRunner, PerfOptions, apply_perf, disable_compile
 
 # Cross-attention keys/values of one context, per block: runs ``(first_frame, end_frame, k, v)`` of token-grid
@@ -140,6 +140,16 @@ def gate(x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     return (_per_frame(x, g.shape[1]) * g[:, :, None]).flatten(1, 2)
 
 
+def _token_view(
+    x: torch.Tensor | QuantizedActivation, fn: Callable[[torch.Tensor], torch.Tensor]
+) -> torch.Tensor | QuantizedActivation:
+    """``fn`` (a reshape of the leading token dimensions of ``[b, L, …]``) applied to a tensor, or to both the
+    data ``[b, L, dim]`` and the per-row scales ``[b, L, 1]`` of a quantised activation."""
+    if isinstance(x, QuantizedActivation):
+        return x._replace(data=fn(x.data), scale=fn(x.scale))
+    return fn(x)
+
+
 class _Projections(nn.Module):
     """Wan's attention parameters: q, k, v, o projections and RMS norms of queries and keys."""
 
@@ -191,12 +201,13 @@ class CrossAttention(_Projections):
     runs: CrossKV | None = None
     cached: bool = False
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor, backend: str) -> torch.Tensor:
-        """x: ``[b, L, dim]``; context: ``[b, Lt, dim]`` (shared) or ``[b, F, Lt, dim]`` (per frame)."""
-        b = x.shape[0]
+    def forward(self, x: torch.Tensor | QuantizedActivation, context: torch.Tensor, backend: str) -> torch.Tensor:
+        """x: ``[b, L, dim]`` (or quantised for an fp8 q projection, ``fp8_residual``); context: ``[b, Lt, dim]``
+        (shared) or ``[b, F, Lt, dim]`` (per frame)."""
+        b = (x.data if isinstance(x, QuantizedActivation) else x).shape[0]
         if context.dim() == 4:  # each frame's tokens attend to that frame's prompt
             frames = context.shape[1]
-            xq = _per_frame(x, frames).flatten(0, 1)  # [b·F, hw, dim]
+            xq = _token_view(x, lambda t: _per_frame(t, frames).flatten(0, 1))  # [b·F, hw, dim]
             ctx = context.flatten(0, 1)  # [b·F, Lt, dim]
         else:
             xq, ctx = x, context
@@ -210,9 +221,10 @@ class CrossAttention(_Projections):
         k = self.norm_k(self.k(ctx)).unflatten(-1, (self.num_heads, -1))
         return k, self.v(ctx).unflatten(-1, (self.num_heads, -1))
 
-    def forward_cached(self, x: torch.Tensor, frames: int, backend: str) -> torch.Tensor:
+    def forward_cached(self, x: torch.Tensor | QuantizedActivation, frames: int, backend: str) -> torch.Tensor:
         """Cross-attention with the precomputed keys/values in ``self.runs``: the tokens of each run of frames
-        (contiguous in ``x`` ``[b, L, dim]``, ``frames`` token-grid frames) attend to that run's keys/values.
+        (contiguous in ``x`` ``[b, L, dim]``, ``frames`` token-grid frames; quantised for an fp8 q projection with
+        ``fp8_residual``) attend to that run's keys/values.
 
         Only the attention over the runs is hidden from ``torch.compile`` (:meth:`attend_runs`); the query and
         output projections (fp8 quantisation included) and the query norm compile with the rest of the block."""
@@ -248,6 +260,9 @@ class Block(nn.Module):
         # set by perf (fp8_fused): the self-attention's q/k/v and the FFN's first linear are per-row fp8 linears
         # that take their adaLN input quantised by one fused kernel
         self.fused_fp8_input = False
+        # set by perf (fp8_residual): the cross-attention's q and the FFN's first linear are per-row fp8 linears
+        # that take their input quantised by the kernel that also adds the residual before their norm
+        self.fused_fp8_residual = False
 
     def adaln_input(
         self, norm: nn.Module, x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor
@@ -263,6 +278,32 @@ class Block(nn.Module):
         if self.fused_fp8_input:
             return norm_modulate_quantize(x, shift, scale, cast(LayerNorm, norm).eps)  # data [b, L, dim] fp8
         return modulate(norm(x).float(), shift, scale).type_as(x)  # [b, L, dim]
+
+    def residual_input(
+        self,
+        norm: nn.Module,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        g: torch.Tensor | None,
+        shift: torch.Tensor | None = None,
+        scale: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | QuantizedActivation]:
+        """The residual stream ``x + gate(y, g)`` (``x + y`` without ``g``) and the next layer's input from it:
+        ``norm(·)`` or, with ``shift``/``scale``, its adaLN input (:meth:`adaln_input`). With
+        ``fused_fp8_residual`` the sum and the input quantised to fp8 per row come from one kernel.
+
+        Args:
+            norm: ``norm3`` (LayerNorm with affine parameters) or ``norm2``.
+            x, y: ``[b, L, dim]`` the stream and the branch output (an attention output) in x's dtype.
+            g, shift, scale: ``[b, F, dim]`` float32 per-frame gate and modulation, or ``None``.
+        Returns:
+            the new stream ``[b, L, dim]`` and the input ``[b, L, dim]`` (or its quantised form).
+        """
+        if self.fused_fp8_residual:
+            ln = cast(LayerNorm, norm)
+            return residual_norm_quantize(x, y, ln.eps, g, ln.weight, ln.bias, shift, scale)
+        x = x + (y if g is None else gate(y.float(), g).type_as(x))  # [b, L, dim]
+        return x, norm(x) if shift is None or scale is None else self.adaln_input(norm, x, shift, scale)
 
     def forward(
         self,
@@ -281,12 +322,13 @@ class Block(nn.Module):
         :meth:`SelfAttention.forward`."""
         mod = (self.modulation.float()[:, None] + e).unbind(dim=2)  # 6 × [b, F, dim]
         y = self.self_attn(self.adaln_input(self.norm1, x, mod[0], mod[1]), rope, grid, window, shift, backend, order)
-        x = x + gate(y.float(), mod[2]).type_as(x)
+        x, h = self.residual_input(self.norm3, x, y, mod[2])  # x + gate(y), norm3 of it: [b, L, dim]
         if self.cross_attn.cached:
-            x = x + self.cross_attn.forward_cached(self.norm3(x), e.shape[1], backend)
+            y = self.cross_attn.forward_cached(h, e.shape[1], backend)
         else:
-            x = x + self.cross_attn(self.norm3(x), context, backend)
-        y = self.ffn(self.adaln_input(self.norm2, x, mod[3], mod[4]))
+            y = self.cross_attn(h, context, backend)
+        x, h = self.residual_input(self.norm2, x, y, None, mod[3], mod[4])  # x + y, its adaLN input
+        y = self.ffn(h)
         return x + gate(y.float(), mod[5]).type_as(x)
 
 

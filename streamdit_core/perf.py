@@ -24,6 +24,10 @@ option             what it does                                                 
                    (``fp8_quant``; item ``fp8fuse``)                                         bf16 step before
 ``fp8_rows``       with ``fp8=row``: the other fp8 linears' inputs quantised by a single-     it); CPU: bit-
                    pass row kernel instead of the compiler's (item ``fp8rows``)              identical
+``fp8_residual``   with ``fp8_fused``: the residual adds before the cross-attention (gated    as ``fp8_fused``;
+                   self-attention output + ``norm3``) and before the FFN (cross-attention    the residual stream
+                   output + ``norm2`` + modulation) in the kernel that normalises and        itself bit-
+                   quantises the next input (item ``fp8resid``)                              identical
 =================  ========================================================================  ==================
 
 Levels (:data:`PERF_LEVELS`): ``plain`` (all off, the eager reference), ``safe`` (the default: both caches
@@ -31,7 +35,8 @@ and ``window_gather``), ``fast`` (+ ``compile`` and ``cuda_graphs``), ``fastest`
 ``fp8_fused``). ``fp8_fused`` is in ``fastest`` since the H100 run in ``docs/bench/h100_fp8fuse/`` (−4.7 % per
 call at paper scale, −6.7 % for Wan 1.3B with 4-frame windows, same error against ``plain``); on CUDA without
 Triton it stays off (the status says why). ``fp8_rows`` gained nothing in that run and is in no level
-(``fastest,fp8rows``; in ``bench --modes``: ``fastest+fp8rows``).
+(``fastest,fp8rows``; in ``bench --modes``: ``fastest+fp8rows``). ``fp8_residual`` is unmeasured and in no
+level (``fastest,fp8resid``; ``bench --modes fastest,fastest+fp8resid``).
 ``window_gather`` is in every level but ``plain`` since the H100 run in ``docs/bench/h100_qkv_gather/``
 (eager: −8.8 % per call at paper scale, −5.9 % for Wan 1.3B with 4-frame windows; compiled: within ±2 %);
 the item ``gather`` switches it on in an option list (``"kv,layout,gather"``), and ``kv,layout`` is ``safe``
@@ -108,6 +113,8 @@ class PerfOptions:
             FFN's GELU output in single-pass fused kernels (``fp8_quant``); needs ``fp8="row"``.
         fp8_rows: quantise the other fp8 linears' inputs (self-attention output, cross-attention query and
             output) with a single-pass kernel instead of the compiler's; needs ``fp8="row"``.
+        fp8_residual: also fuse the residual adds before the cross-attention and the FFN into the kernels that
+            normalise and quantise their inputs (the cross-attention query's input too); needs ``fp8_fused``.
     """
 
     text_kv_cache: bool = True
@@ -118,15 +125,19 @@ class PerfOptions:
     window_gather: bool = True
     fp8_fused: bool = False
     fp8_rows: bool = False
+    fp8_residual: bool = False
 
     def __post_init__(self) -> None:
         if self.compile not in COMPILE_MODES:
             raise ValueError(f"compile must be one of {list(COMPILE_MODES)}, got {self.compile!r}")
         if self.fp8 not in FP8_MODES:
             raise ValueError(f"fp8 must be one of {list(FP8_MODES)}, got {self.fp8!r}")
-        if (self.fp8_fused or self.fp8_rows) and self.fp8 != "row":
-            raise ValueError(f"fp8_fused and fp8_rows quantise per row: they need fp8='row' (the items fp8 or "
-                             f"fp8=row), got fp8={self.fp8!r}")
+        if (self.fp8_fused or self.fp8_rows or self.fp8_residual) and self.fp8 != "row":
+            raise ValueError(f"fp8_fused, fp8_rows and fp8_residual quantise per row: they need fp8='row' (the items "
+                             f"fp8 or fp8=row), got fp8={self.fp8!r}")
+        if self.fp8_residual and not self.fp8_fused:
+            raise ValueError("fp8_residual extends the fused kernels of fp8_fused: it needs fp8_fused (the item "
+                             "fp8fuse, part of the level 'fastest')")
         if self.cuda_graphs and not (self.text_kv_cache and self.layout_cache):
             raise ValueError("cuda_graphs needs text_kv_cache and layout_cache (graph inputs must keep their address)")
 
@@ -138,16 +149,16 @@ class PerfOptions:
     @classmethod
     def level(cls, name: str) -> PerfOptions:
         """A named level (:data:`PERF_LEVELS`) or a comma list such as ``"kv,layout,compile=default,graphs,fp8=row"``
-        (``kv``/``layout``/``graphs``/``gather``/``fp8fuse``/``fp8rows`` switch on; ``compile`` alone means
+        (``kv``/``layout``/``graphs``/``gather``/``fp8fuse``/``fp8rows``/``fp8resid`` switch on; ``compile`` alone means
         ``compile=default``; ``fp8`` alone means ``fp8=row``; a level name as an item, e.g. ``"safe,compile"``, sets
         every option to that level's at that point of the list; a list starts from everything off, like
         ``plain``). ``fp8=tensor`` after a level turns off that level's per-row items (``"fastest,fp8=tensor"``);
-        listed together with ``fp8fuse`` or ``fp8rows`` it is an error."""
+        listed together with ``fp8fuse``, ``fp8rows`` or ``fp8resid`` it is an error."""
         if name in PERF_LEVELS:
             return PERF_LEVELS[name]
         opts: dict[str, Any] = {f.name: getattr(PERF_LEVELS["plain"], f.name) for f in fields(PERF_LEVELS["plain"])}
         switches = {"kv": "text_kv_cache", "layout": "layout_cache", "graphs": "cuda_graphs", "gather": "window_gather",
-                    "fp8fuse": "fp8_fused", "fp8rows": "fp8_rows"}
+                    "fp8fuse": "fp8_fused", "fp8rows": "fp8_rows", "fp8resid": "fp8_residual"}
         listed: set[str] = set()  # the per-row items named in the list (not inherited from a level)
         for raw in filter(None, (p.strip() for p in name.split(","))):
             key, _, value = raw.partition("=")
@@ -161,12 +172,12 @@ class PerfOptions:
             elif key == "fp8":
                 opts["fp8"] = value or "row"
                 if opts["fp8"] != "row":
-                    opts.update({k: False for k in ("fp8_fused", "fp8_rows") if k not in listed})
+                    opts.update({k: False for k in ("fp8_fused", "fp8_rows", "fp8_residual") if k not in listed})
             else:
                 raise ValueError(
                     f"unknown optimisation {raw!r} in {name!r}; use a level {sorted(PERF_LEVELS)} or items "
-                    "kv, layout, compile[=MODE], graphs, fp8[=row|tensor], gather, fp8fuse, fp8rows (a level name "
-                    "may start the list)"
+                    "kv, layout, compile[=MODE], graphs, fp8[=row|tensor], gather, fp8fuse, fp8rows, fp8resid (a "
+                    "level name may start the list)"
                 )
         return cls(**opts)
 
@@ -174,7 +185,7 @@ class PerfOptions:
         """Drop what cannot help on ``device``: CUDA graphs and fp8 need CUDA (fp8 would only be emulated)."""
         if device.type == "cuda":
             return self
-        return replace(self, cuda_graphs=False, fp8="off", fp8_fused=False, fp8_rows=False)
+        return replace(self, cuda_graphs=False, fp8="off", fp8_fused=False, fp8_rows=False, fp8_residual=False)
 
     def describe(self) -> str:
         on = [f.name if isinstance(getattr(self, f.name), bool) else f"{f.name}={getattr(self, f.name)}"
@@ -389,21 +400,25 @@ def _undo_fp8(model: StreamDiT) -> None:
             setattr(parent, name, restored)
     block: Any
     for block in model.blocks:
-        block.fused_fp8_input = False
+        block.fused_fp8_input = block.fused_fp8_residual = False
         if isinstance(block.ffn[1], GeluInNextLinear):
             block.ffn[1] = nn.GELU(approximate=block.ffn[1].approximate)
 
 
-def _fuse_fp8(model: StreamDiT, status: dict[str, str]) -> None:
+def _fuse_fp8(model: StreamDiT, status: dict[str, str], residual: bool = False) -> None:
     """Quantise per row inside the producers' kernels (``fp8_fused``): each block's adaLN inputs of q/k/v and of
-    the FFN (all ``Fp8Linear`` with per-row scales) once, and the FFN's GELU output in the second linear."""
+    the FFN (all ``Fp8Linear`` with per-row scales) once, and the FFN's GELU output in the second linear. With
+    ``residual`` (``fp8_residual``) the cross-attention's q input and the FFN input come from the kernels that
+    also add the residual before their norm."""
     problem = triton_problem()
     if problem is not None and model.patch_embedding.weight.device.type == "cuda":
         # the reference implementations would run as opaque operators, slower than the compiler's fusion
         status["fp8_fused"] = f"off: no Triton kernels ({problem})"
         log.warning("fused fp8 quantisation is off on CUDA without Triton (%s)", problem)
+        if residual:
+            status["fp8_residual"] = "off: no Triton kernels"
         return
-    adaln = gelu = 0
+    adaln = gelu = resid = 0
     block: Any
     for block in model.blocks:
         sa, ffn = block.self_attn, block.ffn
@@ -419,8 +434,16 @@ def _fuse_fp8(model: StreamDiT, status: dict[str, str]) -> None:
             if isinstance(ffn[0], Fp8Linear):  # its bias is added in the GELU kernel
                 ffn[0].defer_bias = True
             gelu += 1
+        # the residual kernel normalises with or without affine parameters, but does normalise (norm3 is an
+        # nn.Identity in models without cross_attn_norm)
+        if residual and all(isinstance(m, Fp8Linear) and m.rowwise for m in (block.cross_attn.q, ffn[0])) and all(
+                isinstance(n, nn.LayerNorm) for n in (block.norm2, block.norm3)):
+            block.fused_fp8_residual = True
+            resid += 1
     kernels = "Triton kernels" if problem is None else f"reference implementation ({problem})"
     status["fp8_fused"] = f"{adaln} adaLN inputs, {gelu} GELUs; {kernels}"
+    if residual:
+        status["fp8_residual"] = f"{resid} blocks (cross-attention and FFN inputs with their residual add)"
 
 
 def _set_fp8(model: StreamDiT, options: PerfOptions, status: dict[str, str]) -> None:
@@ -455,7 +478,7 @@ def _set_fp8(model: StreamDiT, options: PerfOptions, status: dict[str, str]) -> 
     if single_pass:
         status["fp8_rows"] = "on" if triton_problem() is None else f"reference implementation ({triton_problem()})"
     if options.fp8_fused:
-        _fuse_fp8(model, status)
+        _fuse_fp8(model, status, options.fp8_residual)
 
 
 # ----------------------------------------------------------------------------------------------------------
