@@ -1,7 +1,8 @@
-"""Fused per-row fp8 quantisation (streamdit_core.fp8_quant, perf options fp8_fused / fp8_rows).
+"""Fused per-row fp8 quantisation (streamdit_core.fp8_quant, perf options fp8_fused / fp8_rows / fp8_residual).
 
 On the CPU: the reference implementations equal the unfused path's quantisation of the model's own LayerNorm +
-modulate and GELU, and are within e4m3 rounding of a float64 computation; a model with fp8 emulated gives the
+modulate, GELU and residual add + LayerNorm (affine or not) + modulation (or not), and are within e4m3 rounding of a
+float64 computation; a model with fp8 emulated gives the
 same output with and without fusion, quantises q/k/v's input once, and switching back restores the modules.
 
 The Triton kernel is compared with the reference implementations on random rows (zero rows included) where it can
@@ -11,6 +12,7 @@ a small model with fusion under torch.compile and CUDA graphs), or on the CPU un
 """
 
 import importlib.util
+import itertools
 import os
 from dataclasses import replace
 
@@ -27,10 +29,12 @@ from streamdit_core.fp8_quant import (
     norm_modulate_quant_reference,
     norm_modulate_quantize,
     quantize_rows,
+    residual_norm_quant_reference,
+    residual_norm_quantize,
     rows_quant_reference,
     triton_problem,
 )
-from streamdit_core.model import LayerNorm, StreamDiT, modulate
+from streamdit_core.model import LayerNorm, StreamDiT, gate, modulate
 from streamdit_core.perf import (
     FP8_MAX,
     PERF_LEVELS,
@@ -120,6 +124,80 @@ def test_gelu_and_rows_references_equal_unfused_quantisation(dtype):
     assert torch.equal(b8.view(torch.uint8), u8.view(torch.uint8)) and torch.equal(bs, us)
 
 
+# every combination of (gate, affine LayerNorm, modulation) of the residual kernel
+RESIDUAL_CASES = list(itertools.product((False, True), repeat=3))
+
+
+def _residual_args(b, frames, per, width, dtype, has_gate, affine, modulated, seed=2, device="cpu"):
+    """``(x, y, gate, weight, bias, shift, scale)`` of a residual case: x ``[b, L, D]`` with an offset and zero
+    rows of x + y, y of the same dtype, per-frame float32 gate/modulation as slices of one ``[b, F, k, D]``
+    tensor (non-contiguous, like ``Block.forward``'s ``mod``), affine parameters near 1 and 0 in x's dtype."""
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.randn(b, frames * per, width, generator=g) * 3 + 0.3).to(dtype)
+    y = torch.randn(b, frames * per, width, generator=g).to(dtype)
+    y[0, :2] = -x[0, :2]  # the sum's first rows are zero (no gate) or small
+    mod = (0.5 * torch.randn(b, frames, 3, width, generator=g)).unbind(dim=2)  # 3 × [b, F, D], strided
+    weight = (1 + 0.2 * torch.randn(width, generator=g)).to(dtype) if affine else None
+    bias = (0.2 * torch.randn(width, generator=g)).to(dtype) if affine else None
+    return (x.to(device), y.to(device), mod[0].to(device) if has_gate else None,
+            None if weight is None else weight.to(device), None if bias is None else bias.to(device),
+            mod[1].to(device) if modulated else None, mod[2].to(device) if modulated else None)
+
+
+def _residual_unfused(x, y, g, weight, bias, shift, scale, eps=1e-6):
+    """Block's unfused path: the residual add, ``norm3``/``norm2`` (model.LayerNorm), the modulation, and the
+    consuming Fp8Linear's quantisation. Returns ``(sum [b, L, D], x8 [b·L, D], scale [b·L, 1])``."""
+    total = x + (y if g is None else gate(y.float(), g).type_as(x))
+    norm = LayerNorm(x.shape[-1], eps, elementwise_affine=weight is not None).to(x.device, x.dtype)
+    if weight is not None:
+        norm.weight.data.copy_(weight)
+        norm.bias.data.copy_(bias)
+    h = norm(total) if shift is None else modulate(norm(total).float(), shift, scale).type_as(x)
+    return (total, *quantize_fp8(h.reshape(-1, x.shape[-1]), True))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("has_gate,affine,modulated", RESIDUAL_CASES)
+def test_residual_norm_reference_equals_unfused_residual_norm_quantisation(dtype, has_gate, affine, modulated):
+    b, frames, per, width = 2, 3, 4, 40
+    args = _residual_args(b, frames, per, width, dtype, has_gate, affine, modulated)
+    total, x8, s = residual_norm_quant_reference(*args, 1e-6)
+    ref_total, r8, rs = _residual_unfused(*args)
+    assert total.shape == x8.shape == (b * frames * per, width) and s.shape == (b * frames * per, 1)
+    assert total.dtype == dtype and torch.equal(total, ref_total.reshape(-1, width))
+    assert torch.equal(x8.view(torch.uint8), r8.view(torch.uint8)) and torch.equal(s, rs)
+    # through the registered operator and the wrapper: the sum [b, L, D] and the quantised input [b, L, D]
+    got_total, qa = residual_norm_quantize(args[0], args[1], 1e-6, *args[2:])
+    assert torch.equal(got_total, ref_total) and qa.dtype == dtype and qa.scale.shape == (b, frames * per, 1)
+    assert torch.equal(qa.data.reshape(-1, width).view(torch.uint8), r8.view(torch.uint8))
+    assert torch.equal(qa.scale.reshape(-1, 1), rs)
+    if dtype == torch.float32 and not has_gate:  # independently, in float64 (one rounding: the sum's)
+        td = total.double().reshape(b, -1, width)
+        exact = (td - td.mean(-1, keepdim=True)) / (td.var(-1, unbiased=False, keepdim=True) + 1e-6).sqrt()
+        if affine:
+            exact = exact * args[3].double() + args[4].double()
+        if modulated:
+            exact = exact.unflatten(1, (frames, per)) * (1 + args[6][:, :, None].double()) + args[5][:, :, None]
+        assert _within_e4m3(x8, s, exact.reshape(-1, width))
+
+
+def test_residual_norm_quantize_checks_its_arguments():
+    x, y, g, w, bias, shift, scale = _residual_args(2, 3, 4, 16, torch.float32, True, True, True)
+    bad = (
+        ((x, y[:, :6]), {}, "F dividing L"),  # y of another shape
+        ((x, y.double()), {}, "one dtype"),
+        ((x, y), {"gate": g[..., :8]}, "F dividing L"),  # a gate of another width
+        ((x, y), {"gate": torch.zeros(2, 5, 16)}, "F dividing L"),  # 5 frames do not divide 12 tokens
+        ((x, y), {"gate": g, "shift": shift[:, :1], "scale": scale[:, :1]}, "F dividing L"),  # gate ≠ modulation
+        ((x, y), {"shift": shift}, "both or neither"),
+        ((x, y), {"weight": w}, "both or neither"),
+        ((x, y), {"weight": w[:8], "bias": bias[:8]}, r"must be \[16\]"),
+    )
+    for (a, kwargs, match) in bad:
+        with pytest.raises(ValueError, match=match):
+            residual_norm_quantize(*a, 1e-6, **kwargs)
+
+
 def test_operators_and_wrappers_return_shaped_quantised_activations():
     """The registered operators (Triton-backed or not: on the CPU they run the reference) through the public
     wrappers: data [..., K] fp8 and scale [..., 1] with the leading shape of the input."""
@@ -144,10 +222,14 @@ def test_operators_and_wrappers_return_shaped_quantised_activations():
 # -- the model with fusion (fp8 emulated on the CPU) ----------------------------------------------------------
 
 
-def _model(dtype=torch.float32):
+def _model(dtype=torch.float32, **config):
     torch.manual_seed(0)
-    model = StreamDiT(preset("test-tiny").with_(window=(2, 2, 2))).eval()
+    model = StreamDiT(preset("test-tiny").with_(window=(2, 2, 2), **config)).eval()
     nn.init.normal_(model.head.head.weight, std=0.1)  # the zero head would make every output 0
+    for block in model.blocks:  # the cross-attention norm's affine parameters away from 1 and 0
+        if isinstance(block.norm3, LayerNorm):
+            nn.init.normal_(block.norm3.weight, 1.0, 0.2)
+            nn.init.normal_(block.norm3.bias, 0.0, 0.2)
     return model.to(dtype)
 
 
@@ -165,12 +247,15 @@ def _run(model, options, *args):
 
 
 ROW = PerfOptions(fp8="row")
+FUSED = replace(ROW, fp8_fused=True)
+RESID = replace(FUSED, fp8_residual=True)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_fused_model_equals_unfused_fp8_and_quantises_qkv_input_once(dtype, monkeypatch):
     """On the CPU the fused operators run the unfused maths, so the output is bit-identical; q, k and v share one
-    quantisation of their adaLN input and the FFN's GELU is applied inside the second linear's quantisation."""
+    quantisation of their adaLN input and the FFN's GELU is applied inside the second linear's quantisation; with
+    fp8_residual the cross-attention's q input is quantised by the residual kernel too."""
     import streamdit_core.fp8_quant as fq
     import streamdit_core.perf as perf
 
@@ -189,6 +274,8 @@ def test_fused_model_equals_unfused_fp8_and_quantises_qkv_input_once(dtype, monk
         replace(ROW, fp8_fused=True): (3, 3),  # o, cross q, cross o | adaLN of attention, adaLN of FFN, GELU
         replace(ROW, fp8_fused=True, fp8_rows=True): (0, 6),
         replace(ROW, fp8_rows=True): (0, 8),
+        RESID: (2, 4),  # o, cross o | adaLN of attention, residual + norm3, residual + adaLN of FFN, GELU
+        replace(RESID, fp8_rows=True): (0, 6),
     }
     outs = {}
     for options, (linear, fused) in expected.items():
@@ -230,6 +317,43 @@ def test_fusion_switches_off_and_back_restoring_modules_and_state_dict():
     assert type(block.ffn[2]) is nn.Linear and type(block.self_attn.q) is nn.Linear
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_residual_fusion_with_uncached_per_frame_context_equals_unfused(dtype):
+    """Without the text key/value cache the cross-attention takes its quantised input through
+    ``CrossAttention.forward``, per frame for a per-frame context (data and scales reshaped alike)."""
+    model = _model(dtype)
+    x, sigma, ctx = _inputs(model.config, dtype)
+    per_frame = torch.stack([ctx[:, 0], ctx[:, 0], -ctx[:, 0], ctx[:, 0]], dim=1)  # [1, F=4, Lt, text_dim]
+    for context in (ctx, per_frame):
+        outs = [_run(model, replace(o, text_kv_cache=False), x, sigma, context) for o in (ROW, RESID)]
+        assert model.blocks[0].fused_fp8_residual and not model.blocks[0].cross_attn.cached
+        assert torch.equal(outs[0], outs[1])
+
+
+def test_residual_fusion_switches_off_and_back_and_needs_the_cross_attention_norm():
+    model = _model()
+    args = _inputs(model.config)
+    keys, params = set(model.state_dict()), {n: p for n, p in model.named_parameters()}
+    unfused = _run(model, FUSED, *args)
+    fused = _run(model, RESID, *args)
+    assert torch.equal(fused, unfused)
+    assert model.perf_status["fp8_residual"].startswith("2 blocks")
+    blocks = list(model.blocks)
+    assert all(b.fused_fp8_residual and b.fused_fp8_input for b in blocks)
+    for options in (FUSED, ROW, PerfOptions.plain(), RESID, PerfOptions(fp8="tensor")):
+        model.set_perf(options)
+        assert all(b.fused_fp8_residual is (options is RESID) for b in blocks), options.describe()
+        assert ("fp8_residual" in model.perf_status) is (options is RESID)
+        assert set(model.state_dict()) == keys and all(p is params[n] for n, p in model.named_parameters())
+    model.set_perf(PerfOptions.plain())
+    assert type(blocks[0].cross_attn.q) is nn.Linear and type(blocks[0].ffn[0]) is nn.Linear
+    # without cross_attn_norm (norm3 an nn.Identity) the residual kernel, which normalises, is not used
+    bare = _model(cross_attn_norm=False)
+    expected = _run(bare, FUSED, *args)
+    assert torch.equal(_run(bare, RESID, *args), expected)
+    assert not bare.blocks[0].fused_fp8_residual and bare.perf_status["fp8_residual"].startswith("0 blocks")
+
+
 def test_options_parse_fp8fuse_and_fp8rows():
     fastest = PERF_LEVELS["fastest"]
     assert fastest.fp8_fused and not fastest.fp8_rows  # what the H100 run measured to help (docs/bench/h100_fp8fuse)
@@ -247,6 +371,24 @@ def test_options_parse_fp8fuse_and_fp8rows():
         PerfOptions.level("fastest,fp8fuse=1")
     with pytest.raises(ValueError, match="need fp8='row'"):
         PerfOptions(fp8_fused=True)
+
+
+def test_options_parse_fp8resid():
+    fastest = PERF_LEVELS["fastest"]
+    assert not any(level.fp8_residual for level in PERF_LEVELS.values())  # unmeasured: in no level
+    assert PerfOptions.level("fastest,fp8resid") == replace(fastest, fp8_residual=True)
+    assert mode_options("fastest+fp8resid", "default") == replace(fastest, fp8_residual=True)
+    assert PerfOptions.level("fp8,fp8fuse,fp8resid").describe() == "fp8=row,fp8_fused,fp8_residual"
+    assert PerfOptions.level("fastest,fp8resid").for_device(torch.device("cpu")) == PerfOptions(compile="default")
+    assert PerfOptions.level("fastest,fp8resid,fp8=row") == replace(fastest, fp8_residual=True)
+    for bad in ("safe,fp8resid", "fastest,fp8resid,fp8=tensor"):
+        with pytest.raises(ValueError, match="need fp8='row'"):
+            PerfOptions.level(bad)
+    for bad in ("fp8,fp8resid", "fast,fp8=row,fp8resid"):
+        with pytest.raises(ValueError, match="needs fp8_fused"):
+            PerfOptions.level(bad)
+    with pytest.raises(ValueError, match="needs fp8_fused"):
+        PerfOptions(fp8="row", fp8_residual=True)
 
 
 # -- the Triton kernel ----------------------------------------------------------------------------------------
