@@ -412,18 +412,41 @@ def _assert_kernel_matches(got, ref, exact_scale=False, min_equal=0.99, scale_rt
     assert not x8[zero].float().any()
 
 
-def _check_kernel_widths(widths, rows, device, dtype, cast_in_torch=False, min_equal=0.99, scale_rtol=2.0**-7):
-    """``cast_in_torch``: the kernel stores float32 values and torch casts them to fp8 (the interpreter's fp8
-    cast is wrong for values just below a power of two). ``min_equal``: the share of fp8 codes equal to the
-    reference's (GELU and LayerNorm + modulation; the plain row quantisation is held to the same)."""
-    from streamdit_core.fp8_triton import quantize_rows_triton
+def _kernels(cast_in_torch):
+    """The two launchers; with ``cast_in_torch`` they store float32 values that torch casts to fp8 (the
+    interpreter's fp8 cast is wrong for values just below a power of two)."""
+    from streamdit_core.fp8_triton import norm_quant_triton, quantize_rows_triton
 
-    def kernel(*args, **kwargs):
+    def rows_kernel(*args, **kwargs):
         if not cast_in_torch:
             return quantize_rows_triton(*args, **kwargs)
         q, s = quantize_rows_triton(*args, out_dtype=torch.float32, **kwargs)
         return q.to(torch.float8_e4m3fn), s
 
+    def norm_kernel(*args, **kwargs):
+        if not cast_in_torch:
+            return norm_quant_triton(*args, **kwargs)
+        q, s, total = norm_quant_triton(*args, out_dtype=torch.float32, **kwargs)
+        return q.to(torch.float8_e4m3fn), s, total
+
+    return rows_kernel, norm_kernel
+
+
+def _assert_norm_matches(got, ref, shift, tokens, min_equal, scale_rtol):
+    """LayerNorm (+ modulation) kernel vs reference: two roundings to x's dtype; the first, of the norm before
+    the shift is added, is relative to ``|value - shift| ≤ |value| + |shift|``, which cancellation can make much
+    larger than ``|value|``. shift ``[b, F, D]`` or ``None``; ``tokens`` per batch element."""
+    shifts = 0.0
+    if shift is not None:
+        shifts = shift.repeat_interleave(tokens // shift.shape[1], dim=1).reshape(-1, shift.shape[-1]).abs().double()
+    _assert_kernel_matches(got, ref, min_equal=min_equal - 0.02, scale_rtol=2 * scale_rtol,
+                           absolute=scale_rtol * (dequantize_fp8(*ref).abs().double() + shifts))
+
+
+def _check_kernel_widths(widths, rows, device, dtype, cast_in_torch=False, min_equal=0.99, scale_rtol=2.0**-7):
+    """``cast_in_torch``: see :func:`_kernels`. ``min_equal``: the share of fp8 codes equal to the reference's
+    (GELU and LayerNorm + modulation; the plain row quantisation is held to the same)."""
+    kernel, norm_kernel = _kernels(cast_in_torch)
     for width in widths:
         h = _rows(rows, width, dtype, seed=width, device=device)
         _assert_kernel_matches(kernel(h, 0), rows_quant_reference(h), exact_scale=True)
@@ -435,14 +458,37 @@ def _check_kernel_widths(widths, rows, device, dtype, cast_in_torch=False, min_e
         x = (_rows(b * rows, width, dtype, seed=width + 1, device=device) * 5 + 0.3).reshape(b, rows, width)
         x[0, :2] = 0  # zero rows before the norm (the rows themselves have a +0.3 offset elsewhere)
         shift, scale = _modulation(b, frames, width, device=device)
-        got = kernel(x.reshape(-1, width).contiguous(), 2, shift.contiguous(), scale.contiguous(), 1e-6, rows,
-                     rows // frames, frames)
-        ref = norm_modulate_quant_reference(x, shift, scale, 1e-6)
-        # two roundings to x's dtype; the first, of the norm before the shift is added, is relative to
-        # |value - shift| ≤ |value| + |shift|, which cancellation can make much larger than |value|
-        shifts = shift[:, :, None].expand(b, frames, rows // frames, width).reshape(-1, width).abs().double()
-        _assert_kernel_matches(got, ref, min_equal=min_equal - 0.02, scale_rtol=2 * scale_rtol,
-                               absolute=scale_rtol * (dequantize_fp8(*ref).abs().double() + shifts))
+        x8, s, total = norm_kernel(x.reshape(-1, width).contiguous(), 1e-6, rows, frames, shift=shift.contiguous(),
+                                   scale=scale.contiguous())
+        assert total is None
+        _assert_norm_matches((x8, s), norm_modulate_quant_reference(x, shift, scale, 1e-6), shift, rows,
+                             min_equal, scale_rtol)
+
+
+def _check_residual_kernel(widths, tokens, device, dtype, cases=RESIDUAL_CASES, cast_in_torch=False,
+                           min_equal=0.99, scale_rtol=2.0**-7):
+    """The residual kernel (``norm_quant_triton`` with ``residual``) in each (gate, affine, modulation) case of
+    ``cases``, on ``[2, tokens, width]`` in 4 frames: the stored sum within two steps of x's dtype of
+    ``|x| + |gate·y|`` (the GPU may fuse the float32 multiply-add; the interpreter truncates ``gate·y`` and the
+    sum to bf16 where the GPU rounds both like torch), and the quantised norm against the reference applied to
+    the kernel's own sum (as for LayerNorm + modulation)."""
+    _, norm_kernel = _kernels(cast_in_torch)
+    step = 2.0**-6 if dtype == torch.bfloat16 else 2.0**-22
+    for width, (has_gate, affine, modulated) in itertools.product(widths, cases):
+        b, frames = 2, 4
+        x, y, g, weight, bias, shift, scale = _residual_args(b, frames, tokens // frames, width, dtype, has_gate,
+                                                             affine, modulated, seed=width, device=device)
+        x8, s, total = norm_kernel(
+            x.reshape(-1, width).contiguous(), 1e-6, tokens, frames, residual=y.reshape(-1, width).contiguous(),
+            gate=None if g is None else g.contiguous(), weight=weight, bias=bias,
+            shift=None if shift is None else shift.contiguous(), scale=None if scale is None else scale.contiguous())
+        ref_total, _, _ = residual_norm_quant_reference(x, y, g, weight, bias, shift, scale, 1e-6)
+        gy = y.double() if g is None else gate(y.double(), g.double())
+        bound = (x.double().abs() + gy.abs()).reshape(-1, width) * step
+        assert total.dtype == dtype and ((total.double() - ref_total.double()).abs() <= bound).all()
+        own = total.view(b, tokens, width)
+        ref = residual_norm_quant_reference(own, torch.zeros_like(own), None, weight, bias, shift, scale, 1e-6)
+        _assert_norm_matches((x8, s), ref[1:], shift, tokens, min_equal, scale_rtol)
 
 
 @pytest.mark.skipif(not INTERPRET, reason="needs triton and TRITON_INTERPRET=1 on a machine without CUDA")
@@ -453,6 +499,16 @@ def test_triton_kernel_in_interpreter_matches_reference(dtype):
     bf16 = dtype == torch.bfloat16
     _check_kernel_widths((96, 200), 8, "cpu", dtype, cast_in_torch=True, min_equal=0.9 if bf16 else 0.99,
                          scale_rtol=2.0**-6 if bf16 else 2.0**-7)
+
+
+@pytest.mark.skipif(not INTERPRET, reason="needs triton and TRITON_INTERPRET=1 on a machine without CUDA")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_residual_kernel_in_interpreter_matches_reference(dtype):
+    bf16 = dtype == torch.bfloat16
+    _check_residual_kernel((200,), 8, "cpu", dtype, cast_in_torch=True, min_equal=0.9 if bf16 else 0.99,
+                           scale_rtol=2.0**-6 if bf16 else 2.0**-7)
+    _check_residual_kernel((96,), 8, "cpu", dtype, cases=[(True, True, False), (False, False, True)],
+                           cast_in_torch=True, min_equal=0.9 if bf16 else 0.99, scale_rtol=2.0**-6 if bf16 else 2.0**-7)
 
 
 @pytest.mark.skipif(not CUDA, reason="needs CUDA and triton")
@@ -467,6 +523,26 @@ def test_triton_kernel_on_cuda_matches_reference(dtype):
     _assert_kernel_matches(torch.ops.streamdit.gelu_quant(h, bias), gelu_quant_reference(h, bias))
     qa = quantize_rows(h.reshape(2, 32, -1))
     _assert_kernel_matches((qa.data.reshape(64, -1), qa.scale.reshape(64, 1)), rows_quant_reference(h), True)
+
+
+@pytest.mark.skipif(not CUDA, reason="needs CUDA and triton")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_residual_kernel_on_cuda_matches_reference(dtype):
+    assert triton_problem() is None
+    _check_residual_kernel((3072, 1536, 5120), 256, "cuda", dtype)
+    # through the registered operator (the CUDA branch of the triton_op: strided per-frame tensors made
+    # contiguous, the affine parameters in x's dtype) and the wrapper; the cross-attention and FFN cases
+    for has_gate, affine, modulated in ((True, True, False), (False, False, True)):
+        args = _residual_args(2, 4, 64, 3072, dtype, has_gate, affine, modulated, device="cuda")
+        total, qa = residual_norm_quantize(args[0], args[1], 1e-6, *args[2:])
+        ref_total, r8, rs = residual_norm_quant_reference(*args, 1e-6)
+        gy = args[1].double() if args[2] is None else gate(args[1].double(), args[2].double())
+        step = 2.0**-6 if dtype == torch.bfloat16 else 2.0**-22
+        assert ((total.double() - ref_total.view(total.shape).double()).abs()
+                <= (args[0].double().abs() + gy.abs()) * step).all()
+        own = residual_norm_quant_reference(total, torch.zeros_like(total), None, *args[3:], 1e-6)
+        _assert_norm_matches((qa.data.reshape(-1, 3072), qa.scale.reshape(-1, 1)), own[1:], args[5], 256, 0.99,
+                             2.0**-7)
 
 
 def _wan_like_cuda():
@@ -484,23 +560,28 @@ def _wan_like_cuda():
 
 
 @pytest.mark.skipif(not CUDA, reason="needs CUDA and triton")
-def test_fused_model_compiled_and_graphed_on_cuda_equals_eager():
-    """fastest + fp8fuse + fp8rows: compiled blocks (no graph break but the intended one around the cached
-    cross-attention) and the CUDA graph replay give the eager fused output to bf16 rounding, and the fused output
-    is close to the unfused fp8 output."""
+@pytest.mark.parametrize("residual", [False, True], ids=["fp8fuse", "fp8resid"])
+def test_fused_model_compiled_and_graphed_on_cuda_equals_eager(residual):
+    """fastest + fp8fuse + fp8rows (+ fp8resid): compiled blocks (no graph break but the intended one around the
+    cached cross-attention) and the CUDA graph replay give the eager fused output to bf16 rounding, and the fused
+    output is close to the unfused fp8 output. The model has Wan's cross-attention norm (affine)."""
     from torch._dynamo.utils import counters
 
     model, args = _wan_like_cuda()
-    fused = PerfOptions(fp8="row", fp8_fused=True, fp8_rows=True)
+    assert isinstance(model.blocks[0].norm3, LayerNorm)
+    fused = PerfOptions(fp8="row", fp8_fused=True, fp8_rows=True, fp8_residual=residual)
     eager = _run(model, fused, *args).float()
     assert model.perf_status["fp8"].startswith("row scales") and "Triton kernels" in model.perf_status["fp8_fused"]
+    assert all(block.fused_fp8_residual is residual for block in model.blocks)
     unfused = _run(model, PerfOptions(fp8="row"), *args).float()
     assert ((eager - unfused).norm() / unfused.norm()).item() < 0.03
-    options = replace(PERF_LEVELS["fastest"], fp8_fused=True, fp8_rows=True)
+    options = replace(PERF_LEVELS["fastest"], fp8_fused=True, fp8_rows=True, fp8_residual=residual)
+    counters.clear()
     outs = [_run(model, options, *args).float()]
     with torch.inference_mode():
         outs += [model(*args).float() for _ in range(2)]  # the second call captures, the third replays
     assert model.perf_status["compile"] == "default"
+    assert model.perf_status.get("fp8_residual", "").startswith("2 blocks" if residual else "")
     assert all("attend_runs" in reason for reason in counters["graph_break"]), list(counters["graph_break"])
     assert model._graphs.error is None and model._graphs.captures == 1
     for out in outs:
