@@ -31,12 +31,12 @@ option             what it does                                                 
 =================  ========================================================================  ==================
 
 Levels (:data:`PERF_LEVELS`): ``plain`` (all off, the eager reference), ``safe`` (the default: both caches
-and ``window_gather``), ``fast`` (+ ``compile`` and ``cuda_graphs``), ``fastest`` (+ ``fp8=row`` and
-``fp8_fused``). ``fp8_fused`` is in ``fastest`` since the H100 run in ``docs/bench/h100_fp8fuse/`` (−4.7 % per
-call at paper scale, −6.7 % for Wan 1.3B with 4-frame windows, same error against ``plain``); on CUDA without
-Triton it stays off (the status says why). ``fp8_rows`` gained nothing in that run and is in no level
-(``fastest,fp8rows``; in ``bench --modes``: ``fastest+fp8rows``). ``fp8_residual`` is unmeasured and in no
-level (``fastest,fp8resid``; ``bench --modes fastest,fastest+fp8resid``).
+and ``window_gather``), ``fast`` (+ ``compile`` and ``cuda_graphs``), ``fastest`` (+ ``fp8=row``,
+``fp8_fused`` and ``fp8_residual``). ``fp8_fused`` is in ``fastest`` since the H100 run in
+``docs/bench/h100_fp8fuse/`` (−4.7 % per call at paper scale, −6.7 % for Wan 1.3B with 4-frame windows, same
+error against ``plain``), ``fp8_residual`` since the one in ``docs/bench/h100_fp8resid/`` (a further −9.6 % and
+−7.6 %); on CUDA without Triton both stay off (the status says why). ``fp8_rows`` gained nothing and is in no
+level (``fastest,fp8rows``; in ``bench --modes``: ``fastest+fp8rows``).
 ``window_gather`` is in every level but ``plain`` since the H100 run in ``docs/bench/h100_qkv_gather/``
 (eager: −8.8 % per call at paper scale, −5.9 % for Wan 1.3B with 4-frame windows; compiled: within ±2 %);
 the item ``gather`` switches it on in an option list (``"kv,layout,gather"``), and ``kv,layout`` is ``safe``
@@ -202,7 +202,7 @@ PERF_LEVELS: dict[str, PerfOptions] = {
     "fast": PerfOptions(compile="default", cuda_graphs=True),
     # + float8 linears (H100/Ada) with fused quantisation kernels: a few % relative change of the model output,
     # measured by `bench`
-    "fastest": PerfOptions(compile="default", cuda_graphs=True, fp8="row", fp8_fused=True),
+    "fastest": PerfOptions(compile="default", cuda_graphs=True, fp8="row", fp8_fused=True, fp8_residual=True),
 }
 
 
