@@ -46,6 +46,8 @@ from typing import Any, NamedTuple
 import torch
 import torch.nn.functional as F
 
+from .adaln import gate as apply_gate
+from .adaln import modulate
 from .log import get_logger
 
 __all__ = [
@@ -114,8 +116,7 @@ def _norm_modulate(
     normed = F.layer_norm(x.float(), (x.shape[-1],), w, b, eps).type_as(x)  # [b, L, D]
     if shift is None or scale is None:
         return normed
-    out = normed.float().unflatten(1, (shift.shape[1], -1)) * (1 + scale[:, :, None]) + shift[:, :, None]
-    return out.flatten(1, 2).type_as(x)  # [b, L, D]
+    return modulate(normed.float(), shift, scale).type_as(x)  # [b, L, D]
 
 
 def norm_modulate_quant_reference(
@@ -160,7 +161,7 @@ def residual_norm_quant_reference(
     if gate is None:
         total = x + y  # [b, L, D]
     else:
-        total = x + (y.float().unflatten(1, (gate.shape[1], -1)) * gate[:, :, None]).flatten(1, 2).type_as(x)
+        total = x + apply_gate(y.float(), gate).type_as(x)
     dim = x.shape[-1]
     x8, s = quantize_fp8(_norm_modulate(total, weight, bias, shift, scale, eps).reshape(-1, dim), True)
     return total.reshape(-1, dim), x8, s

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .adaln import gate, modulate, per_frame
 from .attention import (
     attention,
     effective_window,
@@ -123,23 +124,6 @@ class LayerNorm(nn.LayerNorm):
         return F.layer_norm(x.float(), self.normalized_shape, w, b, self.eps).type_as(x)
 
 
-def _per_frame(x: torch.Tensor, frames: int) -> torch.Tensor:
-    """``[b, L, D]`` → ``[b, frames, L/frames, D]`` (a view)."""
-    return x.unflatten(1, (frames, -1))
-
-
-def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """adaLN: ``x·(1 + scale) + shift`` with per-frame ``shift``/``scale`` ``[b, F, D]`` over ``x`` ``[b, L, D]``."""
-    frames = shift.shape[1]
-    out = _per_frame(x, frames) * (1 + scale[:, :, None]) + shift[:, :, None]
-    return out.flatten(1, 2)
-
-
-def gate(x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-    """``x·g`` with per-frame gate ``g`` ``[b, F, D]`` over ``x`` ``[b, L, D]``."""
-    return (_per_frame(x, g.shape[1]) * g[:, :, None]).flatten(1, 2)
-
-
 def _token_view(
     x: torch.Tensor | QuantizedActivation, fn: Callable[[torch.Tensor], torch.Tensor]
 ) -> torch.Tensor | QuantizedActivation:
@@ -207,7 +191,7 @@ class CrossAttention(_Projections):
         b = (x.data if isinstance(x, QuantizedActivation) else x).shape[0]
         if context.dim() == 4:  # each frame's tokens attend to that frame's prompt
             frames = context.shape[1]
-            xq = _token_view(x, lambda t: _per_frame(t, frames).flatten(0, 1))  # [b·F, hw, dim]
+            xq = _token_view(x, lambda t: per_frame(t, frames).flatten(0, 1))  # [b·F, hw, dim]
             ctx = context.flatten(0, 1)  # [b·F, Lt, dim]
         else:
             xq, ctx = x, context
