@@ -1,4 +1,4 @@
-"""Float8 e4m3 quantisation of activations: the reference maths and single-pass fused operators.
+"""Float8 e4m3 quantisation of activations, and single-pass fused row operators with and without it.
 
 :func:`quantize_fp8` is the quantisation every fp8 linear uses (``x ≈ x8·scale``, one scale per row or per
 tensor). The fused operators below quantise per row *in the kernel that produces the activation*, so the
@@ -22,20 +22,28 @@ sh, sc, eps)``                         ``x + y`` (``g`` ``None``) over ``x``, ``
 
 Each returns ``(x8 [M, K] float8_e4m3fn, scale [M, 1] float32)``; ``residual_norm_quant`` returns
 ``(sum [M, D] x's dtype, x8, scale)`` with ``M = b·L`` (the cross-attention and FFN inputs of a block with the
-residual add in the same pass, ``perf.PerfOptions.fp8_residual``). On CUDA with Triton they run one Triton
-program per row with the whole row in registers (``fp8_triton.py``); elsewhere (CPU, no Triton) the reference
-implementations run, which are the unfused path's exact maths (so the fused model is bit-identical to the unfused
-one there). They are registered with ``torch.library.triton_op`` so ``torch.compile`` sees the kernels without a
-graph break and CUDA graph capture works; without Triton they are opaque ``custom_op`` s with a fake
-implementation. Triton is imported lazily, on the first :func:`ensure_ops` call.
+residual add in the same pass, ``perf.PerfOptions.fp8_residual``).
 
-Tolerance of the Triton kernels against the reference (``tests/test_fused_quant.py``): the values before each
-rounding to bf16 agree to float32 rounding (``exp``/``rsqrt`` approximations, fused multiply-adds), so a value can
-land on the neighbouring bf16 number. Asserted: scales within 2⁻⁷ relative (2⁻⁶ for LayerNorm + modulation, which
-rounds twice); each dequantised value within one e4m3 step (2⁻³ relative) plus 2⁻⁶ relative and a subnormal step
-of the reference's, and for LayerNorm + modulation also one bf16 step of ``|value| + |shift|`` (the norm is
-rounded before the shift is added, so cancellation can make that step large next to the value); ≥ 97-99 % of the
-fp8 codes identical; zero rows give zeros. The plain row quantisation has identical scales.
+The same LayerNorm kernel without the quantisation serves the bf16 linears (``perf.PerfOptions.norm_fused``):
+``norm_modulate(x, sh, sc, eps)`` and ``residual_norm(x, y, g, w, b, sh, sc, eps)`` compute what their ``_quant``
+namesakes compute before the quantisation and return it in x's dtype, ``[b, L, D]`` (``residual_norm``:
+``(sum, normalised)``, both ``[b, L, D]``).
+
+On CUDA with Triton they run one Triton program per row with the whole row in registers (``fp8_triton.py``);
+elsewhere (CPU, no Triton) the reference implementations run, which are the unfused path's exact maths (so the
+fused model is bit-identical to the unfused one there). They are registered with ``torch.library.triton_op`` so
+``torch.compile`` sees the kernels without a graph break and CUDA graph capture works; without Triton they are
+opaque ``custom_op`` s with a fake implementation. Triton is imported lazily, on the first :func:`ensure_ops` call.
+
+Tolerance of the Triton kernels against the reference (``tests/test_fused_quant.py``, ``tests/test_fused_norm.py``):
+the values before each rounding to bf16 agree to float32 rounding (``exp``/``rsqrt`` approximations, fused
+multiply-adds), so a value can land on the neighbouring bf16 number. Asserted: scales within 2⁻⁷ relative (2⁻⁶ for
+LayerNorm + modulation, which rounds twice); each dequantised value within one e4m3 step (2⁻³ relative) plus 2⁻⁶
+relative and a subnormal step of the reference's, and for LayerNorm + modulation also one bf16 step of
+``|value| + |shift|`` (the norm is rounded before the shift is added, so cancellation can make that step large next
+to the value); ≥ 97-99 % of the fp8 codes identical; zero rows give zeros. The plain row quantisation has identical
+scales. Without quantisation: each value within one step of x's dtype of ``|value|`` plus one of the unmodulated
+norm times ``|1 + scale|``, and in bf16 on CUDA ≥ 98 % of the values identical.
 """
 
 from __future__ import annotations
@@ -46,8 +54,7 @@ from typing import Any, NamedTuple
 import torch
 import torch.nn.functional as F
 
-from .adaln import gate as apply_gate
-from .adaln import modulate
+from .adaln import add_residual, modulate
 from .log import get_logger
 
 __all__ = [
@@ -58,12 +65,16 @@ __all__ = [
     "ensure_ops",
     "gelu_quant_reference",
     "gelu_quantize",
+    "norm_modulate",
     "norm_modulate_quant_reference",
     "norm_modulate_quantize",
+    "norm_modulate_reference",
     "quantize_fp8",
     "quantize_rows",
+    "residual_norm",
     "residual_norm_quant_reference",
     "residual_norm_quantize",
+    "residual_norm_reference",
     "rows_quant_reference",
     "triton_problem",
 ]
@@ -119,19 +130,56 @@ def _norm_modulate(
     return modulate(normed.float(), shift, scale).type_as(x)  # [b, L, D]
 
 
-def norm_modulate_quant_reference(
-    x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """adaLN input, quantised per row: the maths of ``modulate(LayerNorm(x).float(), shift, scale).type_as(x)``.
+def norm_modulate_reference(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float) -> torch.Tensor:
+    """adaLN input: ``modulate(LayerNorm(x).float(), shift, scale).type_as(x)``, ``Block.adaln_input``'s maths.
 
     Args:
         x: ``[b, L, D]`` tokens, ``L = F·(tokens per frame)``.
         shift, scale: ``[b, F, D]`` float32 per-frame modulation.
         eps: the LayerNorm's epsilon (no affine parameters; statistics in float32).
     Returns:
+        ``[b, L, D]`` in x's dtype, contiguous (like the kernel's output, whatever x's strides).
+    """
+    return _norm_modulate(x, None, None, shift, scale, eps).contiguous()
+
+
+def norm_modulate_quant_reference(
+    x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`norm_modulate_reference` quantised per row (``x`` ``[b, L, D]``, ``shift``/``scale`` ``[b, F, D]``).
+
+    Returns:
         ``(x8 [b·L, D] float8_e4m3fn, scale [b·L, 1] float32)``.
     """
-    return quantize_fp8(_norm_modulate(x, None, None, shift, scale, eps).reshape(-1, x.shape[-1]), True)
+    return quantize_fp8(norm_modulate_reference(x, shift, scale, eps).reshape(-1, x.shape[-1]), True)
+
+
+def residual_norm_reference(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    gate: torch.Tensor | None,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    shift: torch.Tensor | None,
+    scale: torch.Tensor | None,
+    eps: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Residual add, then the next layer's normalised input: the maths of ``s = x + gate(y.float(), g).type_as(x)``
+    (or ``x + y``) and ``modulate(LayerNorm(s).float(), …).type_as(x)`` (or ``LayerNorm(s)``).
+
+    Args:
+        x: ``[b, L, D]`` the residual stream, ``L = F·(tokens per frame)``.
+        y: ``[b, L, D]`` in x's dtype: the branch output (attention or FFN output).
+        gate: ``[b, F, D]`` float32 per-frame gate, or ``None`` (``x + y``).
+        weight, bias: ``[D]`` LayerNorm affine parameters (both or neither), read as float32.
+        shift, scale: ``[b, F, D]`` float32 per-frame modulation, or ``None`` (both or neither).
+        eps: the LayerNorm's epsilon (statistics in float32).
+    Returns:
+        ``(sum [b, L, D], normalised [b, L, D])`` in x's dtype, contiguous (like the kernel's outputs, whatever the
+        inputs' strides: the first block's input is a transposed view).
+    """
+    total = add_residual(x, y, gate).contiguous()  # [b, L, D]
+    return total, _norm_modulate(total, weight, bias, shift, scale, eps).contiguous()
 
 
 def residual_norm_quant_reference(
@@ -144,26 +192,14 @@ def residual_norm_quant_reference(
     scale: torch.Tensor | None,
     eps: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Residual add, then the next layer's normalised input quantised per row: the maths of
-    ``s = x + gate(y.float(), g).type_as(x)`` (or ``x + y``) and ``modulate(LayerNorm(s).float(), …).type_as(x)``
-    (or ``LayerNorm(s)``).
+    """:func:`residual_norm_reference` with the normalised input quantised per row (arguments as there).
 
-    Args:
-        x: ``[b, L, D]`` the residual stream, ``L = F·(tokens per frame)``.
-        y: ``[b, L, D]`` in x's dtype: the branch output (attention output).
-        gate: ``[b, F, D]`` float32 per-frame gate, or ``None`` (``x + y``).
-        weight, bias: ``[D]`` LayerNorm affine parameters (both or neither), read as float32.
-        shift, scale: ``[b, F, D]`` float32 per-frame modulation, or ``None`` (both or neither).
-        eps: the LayerNorm's epsilon (statistics in float32).
     Returns:
         ``(sum [b·L, D] x's dtype, x8 [b·L, D] float8_e4m3fn, scale [b·L, 1] float32)``.
     """
-    if gate is None:
-        total = x + y  # [b, L, D]
-    else:
-        total = x + apply_gate(y.float(), gate).type_as(x)
+    total, normed = residual_norm_reference(x, y, gate, weight, bias, shift, scale, eps)
     dim = x.shape[-1]
-    x8, s = quantize_fp8(_norm_modulate(total, weight, bias, shift, scale, eps).reshape(-1, dim), True)
+    x8, s = quantize_fp8(normed.reshape(-1, dim), True)
     return total.reshape(-1, dim), x8, s
 
 
@@ -212,7 +248,7 @@ def _no_kernels(*args: Any, **kwargs: Any) -> Any:
 # The Triton launchers (``fp8_triton.quantize_rows_triton`` and ``norm_quant_triton`` once loaded). Module-level
 # names on purpose: ``triton_op`` finds the kernels an operator launches by following the names its body calls.
 _launch: Callable[..., tuple[torch.Tensor, torch.Tensor]] = _no_kernels
-_launch_norm: Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]] = _no_kernels
+_launch_norm: Callable[..., tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]] = _no_kernels
 
 
 def triton_problem() -> str | None:
@@ -224,7 +260,7 @@ def triton_problem() -> str | None:
 
 def ensure_ops() -> None:
     """Define the ``streamdit::*`` operators once (importing Triton if it is there). Call outside ``torch.compile``
-    (``perf`` does when it installs fused quantisation); later calls only read a flag."""
+    (``perf`` does when it installs fused kernels); later calls only read a flag."""
     if _state["defined"]:
         return
     launch: tuple[Callable[..., Any], Callable[..., Any]] | None = None
@@ -236,7 +272,7 @@ def ensure_ops() -> None:
         launch = (quantize_rows_triton, norm_quant_triton)
     except (ImportError, OSError, RuntimeError) as exc:
         _state["triton"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
-        log.info("fused fp8 quantisation without Triton (%s): the reference implementations run", _state["triton"])
+        log.info("fused row operators without Triton (%s): the reference implementations run", _state["triton"])
     _define(launch)
     _state["defined"] = True
 
@@ -259,9 +295,14 @@ def _define(launch: tuple[Callable[..., Any], Callable[..., Any]] | None) -> Non
         ) -> tuple[torch.Tensor, torch.Tensor]:
             if x.device.type != "cuda":
                 return norm_modulate_quant_reference(x, shift, scale, eps)
-            x8, s, _ = _launch_norm(x.reshape(-1, x.shape[-1]).contiguous(), eps, x.shape[1], shift.shape[1],
-                                    shift=shift.float().contiguous(), scale=scale.float().contiguous())
+            x8, s, _ = _norm_rows(x, None, None, None, None, shift, scale, eps, True)
+            assert s is not None
             return x8, s
+
+        def norm_modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float) -> torch.Tensor:
+            if x.device.type != "cuda":
+                return norm_modulate_reference(x, shift, scale, eps)
+            return _norm_rows(x, None, None, None, None, shift, scale, eps, False)[0].view(x.shape)
 
         def rows_quant(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             if x.device.type != "cuda":
@@ -274,17 +315,23 @@ def _define(launch: tuple[Callable[..., Any], Callable[..., Any]] | None) -> Non
         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
             if x.device.type != "cuda":
                 return residual_norm_quant_reference(x, y, gate, weight, bias, shift, scale, eps)
-            per_frame = gate if gate is not None else shift
-            frames = 1 if per_frame is None else per_frame.shape[1]
-            x8, s, total = _launch_norm(
-                x.reshape(-1, x.shape[-1]).contiguous(), eps, x.shape[1], frames,
-                residual=y.reshape(-1, y.shape[-1]).contiguous(), gate=_f32(gate), weight=_contiguous(weight),
-                bias=_contiguous(bias), shift=_f32(shift), scale=_f32(scale))
-            assert total is not None
+            x8, s, total = _norm_rows(x, y, gate, weight, bias, shift, scale, eps, True)
+            assert s is not None and total is not None
             return total, x8, s
 
+        def residual_norm(
+            x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor | None, weight: torch.Tensor | None,
+            bias: torch.Tensor | None, shift: torch.Tensor | None, scale: torch.Tensor | None, eps: float,
+        ) -> tuple[torch.Tensor, torch.Tensor]:
+            if x.device.type != "cuda":
+                return residual_norm_reference(x, y, gate, weight, bias, shift, scale, eps)
+            normed, _, total = _norm_rows(x, y, gate, weight, bias, shift, scale, eps, False)
+            assert total is not None
+            return total.view(x.shape), normed.view(x.shape)
+
         for name, fn in (("gelu_quant", gelu_quant), ("norm_modulate_quant", norm_modulate_quant),
-                         ("rows_quant", rows_quant), ("residual_norm_quant", residual_norm_quant)):
+                         ("rows_quant", rows_quant), ("residual_norm_quant", residual_norm_quant),
+                         ("norm_modulate", norm_modulate), ("residual_norm", residual_norm)):
             torch.library.triton_op(f"streamdit::{name}", fn, mutates_args=())
         return
 
@@ -302,10 +349,34 @@ def _define(launch: tuple[Callable[..., Any], Callable[..., Any]] | None) -> Non
          lambda x, shift, scale, eps: fake(x.shape[0] * x.shape[1], x)),
         ("rows_quant", rows_quant_reference, lambda x: fake(x.shape[0], x)),
         ("residual_norm_quant", residual_norm_quant_reference, fake_residual),
+        ("norm_modulate", norm_modulate_reference, lambda x, *args: x.new_empty(x.shape)),
+        ("residual_norm", residual_norm_reference, lambda x, *args: (x.new_empty(x.shape), x.new_empty(x.shape))),
     )
     for name, reference, shapes in ops:
         op = torch.library.custom_op(f"streamdit::{name}", reference, mutates_args=())
         op.register_fake(shapes)
+
+
+def _norm_rows(
+    x: torch.Tensor,
+    y: torch.Tensor | None,
+    gate: torch.Tensor | None,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    shift: torch.Tensor | None,
+    scale: torch.Tensor | None,
+    eps: float,
+    quantize: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """The LayerNorm row kernel on CUDA tensors (``fp8_triton.norm_quant_triton``): x, y ``[b, L, D]`` (y, the
+    residual branch, or ``None``), the per-frame ``[b, F, D]`` and affine ``[D]`` arguments or ``None``, as the
+    kernel reads them (rows contiguous, per-frame tensors float32). Returns ``(out [b·L, D] float8_e4m3fn or x's
+    dtype, scale [b·L, 1] float32 or None, sum [b·L, D] or None)``."""
+    per_frame = next((t for t in (gate, shift) if t is not None), None)
+    return _launch_norm(
+        x.reshape(-1, x.shape[-1]).contiguous(), eps, x.shape[1], 1 if per_frame is None else per_frame.shape[1],
+        residual=None if y is None else y.reshape(-1, y.shape[-1]).contiguous(), gate=_f32(gate),
+        weight=_contiguous(weight), bias=_contiguous(bias), shift=_f32(shift), scale=_f32(scale), quantize=quantize)
 
 
 def _contiguous(t: torch.Tensor | None) -> torch.Tensor | None:
@@ -315,6 +386,38 @@ def _contiguous(t: torch.Tensor | None) -> torch.Tensor | None:
 def _f32(t: torch.Tensor | None) -> torch.Tensor | None:
     """A per-frame ``[b, F, D]`` gate or modulation as the kernel reads it: float32, contiguous."""
     return None if t is None else t.float().contiguous()
+
+
+def _check_norm_args(name: str, x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> None:
+    """x ``[b, L, D]`` and shift/scale ``[b, F, D]`` with ``F`` dividing ``L``, else ``ValueError``."""
+    if x.dim() != 3 or shift.shape != scale.shape or shift.shape[::2] != x.shape[::2] or x.shape[1] % shift.shape[1]:
+        raise ValueError(f"{name} needs x [b, L, D] and shift/scale [b, F, D] with F dividing L, "
+                         f"got {list(x.shape)}, {list(shift.shape)}, {list(scale.shape)}")
+
+
+def _check_residual_args(
+    name: str,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    gate: torch.Tensor | None,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    shift: torch.Tensor | None,
+    scale: torch.Tensor | None,
+) -> None:
+    """x, y ``[b, L, D]`` of one dtype; gate/shift/scale ``[b, F, D]`` (one ``F`` dividing ``L``) or ``None``;
+    shift with scale and weight with bias, ``[D]``; else ``ValueError``."""
+    per_frame = [t for t in (gate, shift, scale) if t is not None]
+    if (x.dim() != 3 or y.shape != x.shape or y.dtype != x.dtype
+            or any(t.shape != per_frame[0].shape or t.shape[::2] != x.shape[::2] or x.shape[1] % t.shape[1]
+                   for t in per_frame)):
+        raise ValueError(f"{name} needs x and y [b, L, D] of one dtype and gate/shift/scale "
+                         f"[b, F, D] with F dividing L, got {list(x.shape)} {x.dtype}, {list(y.shape)} {y.dtype}, "
+                         f"{[list(t.shape) for t in per_frame]}")
+    if (shift is None) != (scale is None) or (weight is None) != (bias is None):
+        raise ValueError(f"{name} takes shift with scale and weight with bias (both or neither)")
+    if weight is not None and weight.shape != x.shape[-1:] or bias is not None and bias.shape != x.shape[-1:]:
+        raise ValueError(f"LayerNorm weight and bias must be [{x.shape[-1]}]")
 
 
 def gelu_quantize(h: torch.Tensor, bias: torch.Tensor | None = None) -> QuantizedActivation:
@@ -335,9 +438,7 @@ def norm_modulate_quantize(
     Returns:
         data ``[b, L, D]`` float8_e4m3fn, scale ``[b, L, 1]`` float32, dtype x's.
     """
-    if x.dim() != 3 or shift.shape != scale.shape or shift.shape[::2] != x.shape[::2] or x.shape[1] % shift.shape[1]:
-        raise ValueError(f"norm_modulate_quantize needs x [b, L, D] and shift/scale [b, F, D] with F dividing L, "
-                         f"got {list(x.shape)}, {list(shift.shape)}, {list(scale.shape)}")
+    _check_norm_args("norm_modulate_quantize", x, shift, scale)
     ensure_ops()
     x8, s = torch.ops.streamdit.norm_modulate_quant(x, shift, scale, eps)
     return QuantizedActivation(x8.view(x.shape), s.view(*x.shape[:-1], 1), x.dtype)
@@ -370,17 +471,43 @@ def residual_norm_quantize(
     Returns:
         ``s`` ``[b, L, D]`` in x's dtype, and data ``[b, L, D]`` float8_e4m3fn, scale ``[b, L, 1]`` float32.
     """
-    per_frame = [t for t in (gate, shift, scale) if t is not None]
-    if (x.dim() != 3 or y.shape != x.shape or y.dtype != x.dtype
-            or any(t.shape != per_frame[0].shape or t.shape[::2] != x.shape[::2] or x.shape[1] % t.shape[1]
-                   for t in per_frame)):
-        raise ValueError(f"residual_norm_quantize needs x and y [b, L, D] of one dtype and gate/shift/scale "
-                         f"[b, F, D] with F dividing L, got {list(x.shape)} {x.dtype}, {list(y.shape)} {y.dtype}, "
-                         f"{[list(t.shape) for t in per_frame]}")
-    if (shift is None) != (scale is None) or (weight is None) != (bias is None):
-        raise ValueError("residual_norm_quantize takes shift with scale and weight with bias (both or neither)")
-    if weight is not None and weight.shape != x.shape[-1:] or bias is not None and bias.shape != x.shape[-1:]:
-        raise ValueError(f"LayerNorm weight and bias must be [{x.shape[-1]}]")
+    _check_residual_args("residual_norm_quantize", x, y, gate, weight, bias, shift, scale)
     ensure_ops()
     total, x8, s = torch.ops.streamdit.residual_norm_quant(x, y, gate, weight, bias, shift, scale, eps)
     return total.view(x.shape), QuantizedActivation(x8.view(x.shape), s.view(*x.shape[:-1], 1), x.dtype)
+
+
+def norm_modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float) -> torch.Tensor:
+    """``modulate(LayerNorm(x), shift, scale)`` in x's dtype in one pass (no quantisation: the bf16 path).
+
+    Args:
+        x: ``[b, L, D]``; shift, scale: ``[b, F, D]`` float32 with ``L`` a multiple of ``F``; eps: LayerNorm's.
+    Returns:
+        ``[b, L, D]`` in x's dtype, equal to :func:`norm_modulate_reference` (bit-identical off CUDA).
+    """
+    _check_norm_args("norm_modulate", x, shift, scale)
+    ensure_ops()
+    return torch.ops.streamdit.norm_modulate(x, shift, scale, eps)
+
+
+def residual_norm(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    eps: float,
+    gate: torch.Tensor | None = None,
+    weight: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    shift: torch.Tensor | None = None,
+    scale: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The residual sum ``s = x + gate(y, g)`` (``x + y`` without ``gate``) and ``LayerNorm(s)`` (affine with
+    ``weight``/``bias``, modulated with ``shift``/``scale`` when given) in x's dtype, in one pass (no
+    quantisation: the bf16 path). Arguments as in :func:`residual_norm_quantize`.
+
+    Returns:
+        ``(s [b, L, D], normalised [b, L, D])`` in x's dtype, equal to :func:`residual_norm_reference`.
+    """
+    _check_residual_args("residual_norm", x, y, gate, weight, bias, shift, scale)
+    ensure_ops()
+    total, normed = torch.ops.streamdit.residual_norm(x, y, gate, weight, bias, shift, scale, eps)
+    return total, normed

@@ -1,9 +1,11 @@
-"""Triton kernels of the fused per-row fp8 quantisation (``fp8_quant``): one program per row, the whole row in
-registers, so each activation is read once and written once as float8 e4m3 (plus one float32 scale per row).
+"""Triton row kernels of the fused operators in ``fp8_quant``: one program per row, the whole row in registers,
+so each activation is read once and written once (as float8 e4m3 plus one float32 scale per row, or in its own
+dtype).
 
 * ``_quant_rows_kernel``: an element-wise prologue (none, or bias + GELU) and the quantisation.
 * ``_norm_quant_kernel``: an optional residual prologue (``x + y`` or ``x + gate·y``, the sum stored in x's dtype),
-  LayerNorm (optionally with affine weight and bias), optional per-frame modulation, and the quantisation.
+  LayerNorm (optionally with affine weight and bias), optional per-frame modulation, and then either the
+  quantisation (``QUANT``, the fp8 linears' inputs) or a store in x's dtype (the bf16 path, ``norm_fused``).
 
 Imported only by :func:`streamdit_core.fp8_quant.ensure_ops`, inside ``try``: importing this module raises
 ``ImportError`` where Triton is not installed (the CPU wheel of torch, CI).
@@ -68,8 +70,8 @@ def _norm_quant_kernel(
     shift_ptr,  # [batch, frames, n_cols] float32 (HAS_MODULATION)
     scale_ptr,  # [batch, frames, n_cols] float32 (HAS_MODULATION)
     sum_ptr,  # [rows, n_cols] in x's dtype: the residual sum (RESIDUAL ≥ 1)
-    out_ptr,  # [rows, n_cols] float8_e4m3fn
-    out_scale_ptr,  # [rows] float32
+    out_ptr,  # [rows, n_cols] float8_e4m3fn (QUANT) or x's dtype
+    out_scale_ptr,  # [rows] float32 (QUANT)
     n_cols,
     tokens,  # tokens per batch element (per-frame gate and modulation)
     tokens_per_frame,
@@ -78,6 +80,7 @@ def _norm_quant_kernel(
     RESIDUAL: tl.constexpr,  # 0: LayerNorm(x); 1: of x + y; 2: of x + gate·y (the sum is stored)
     HAS_AFFINE: tl.constexpr,  # LayerNorm with weight and bias
     HAS_MODULATION: tl.constexpr,  # then ·(1 + scale) + shift per frame
+    QUANT: tl.constexpr,  # quantise per row to out_ptr's dtype (and store the scale); else store in x's dtype
     BLOCK: tl.constexpr,  # next power of two ≥ n_cols
 ):
     row = tl.program_id(0).to(tl.int64)
@@ -105,7 +108,10 @@ def _norm_quant_kernel(
         shift = tl.load(shift_ptr + per_frame + cols, mask=mask, other=0.0)
         scale = tl.load(scale_ptr + per_frame + cols, mask=mask, other=0.0)
         y = (y * (1.0 + scale) + shift).to(dtype).to(tl.float32)  # modulate(...).type_as(x)
-    _quantise_store(y, cols, mask, out_ptr, out_scale_ptr, row, n_cols)
+    if QUANT:
+        _quantise_store(y, cols, mask, out_ptr, out_scale_ptr, row, n_cols)
+    else:  # already rounded to x's dtype: stored as it is
+        tl.store(out_ptr + row * n_cols + cols, y.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 def _launch_config(n_cols: int) -> tuple[int, int]:
@@ -153,7 +159,8 @@ def norm_quant_triton(
     shift: torch.Tensor | None = None,
     scale: torch.Tensor | None = None,
     out_dtype: torch.dtype = torch.float8_e4m3fn,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    quantize: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """Launch ``_norm_quant_kernel`` on ``x`` ``[rows, n_cols]`` (contiguous), ``rows = batch·tokens`` with
     ``tokens = frames·(tokens per frame)``.
 
@@ -163,21 +170,25 @@ def norm_quant_triton(
             ``residual``.
         weight, bias: ``[n_cols]`` LayerNorm affine parameters (both or neither).
         shift, scale: ``[batch, frames, n_cols]`` float32 contiguous modulation (both or neither).
-        out_dtype: as in :func:`quantize_rows_triton`.
+        out_dtype: as in :func:`quantize_rows_triton` (with ``quantize`` only).
+        quantize: quantise the normalised rows per row; ``False`` stores them in x's dtype (no scales).
     Returns:
-        ``(x8 [rows, n_cols] out_dtype, scale [rows, 1] float32, sum [rows, n_cols] x's dtype or None)``.
+        ``(out [rows, n_cols], scale [rows, 1] float32 or None, sum [rows, n_cols] x's dtype or None)``: ``out``
+        in ``out_dtype`` and ``scale`` with ``quantize``, else ``out`` in x's dtype and no scale.
     """
     rows, n_cols = x.shape
-    out = torch.empty((rows, n_cols), dtype=out_dtype, device=x.device)
-    out_scale = torch.empty((rows, 1), dtype=torch.float32, device=x.device)
+    out = torch.empty((rows, n_cols), dtype=out_dtype if quantize else x.dtype, device=x.device)
+    out_scale = torch.empty((rows, 1), dtype=torch.float32, device=x.device) if quantize else None
     total = None if residual is None else torch.empty_like(x)
     block, warps = _launch_config(n_cols)
     # unread placeholders: the input for what is read (never an output, so that the compiler's mutation analysis
-    # sees no aliasing of what the kernel writes), the fp8 output for the sum without a residual (never written)
+    # sees no aliasing of what the kernel writes), the normalised output for the sum without a residual and for
+    # the scales without quantisation (never written)
     wrap_triton(_norm_quant_kernel)[(rows,)](
         x, *(x if t is None else t for t in (residual, gate, weight, bias, shift, scale)),
-        out if total is None else total, out, out_scale, n_cols, tokens, tokens // frames, frames, eps,
-        RESIDUAL=0 if residual is None else (1 if gate is None else 2), HAS_AFFINE=weight is not None,
-        HAS_MODULATION=shift is not None, BLOCK=block, num_warps=warps,
+        out if total is None else total, out, out if out_scale is None else out_scale, n_cols, tokens,
+        tokens // frames, frames, eps, RESIDUAL=0 if residual is None else (1 if gate is None else 2),
+        HAS_AFFINE=weight is not None, HAS_MODULATION=shift is not None, QUANT=quantize, BLOCK=block,
+        num_warps=warps,
     )
     return out, out_scale, total

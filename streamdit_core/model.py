@@ -19,13 +19,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from typing import Any, cast
+from typing import Any, NamedTuple, cast
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .adaln import gate, modulate, per_frame
+from .adaln import add_residual, modulate, per_frame
 from .attention import (
     attention,
     effective_window,
@@ -37,7 +37,13 @@ from .attention import (
     window_reverse_indexed,
 )
 from .config import ModelConfig
-from .fp8_quant import QuantizedActivation, norm_modulate_quantize, residual_norm_quantize
+from .fp8_quant import (
+    QuantizedActivation,
+    norm_modulate,
+    norm_modulate_quantize,
+    residual_norm,
+    residual_norm_quantize,
+)
 from .perf import GraphRunner, PerfOptions, apply_perf, disable_compile
 
 # Cross-attention keys/values of one context, per block: runs ``(first_frame, end_frame, k, v)`` of token-grid
@@ -46,7 +52,7 @@ CrossKV = tuple[tuple[int, int, torch.Tensor, torch.Tensor], ...]
 # Window token orders of one grid and window (``window_index``): ``(index, inverse)`` for unshifted and shifted.
 WindowIndex = tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
-__all__ = ["StreamDiT", "sinusoidal_embedding", "rope_frequencies", "apply_rope"]
+__all__ = ["PendingResidual", "StreamDiT", "sinusoidal_embedding", "rope_frequencies", "apply_rope"]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -226,6 +232,23 @@ class CrossAttention(_Projections):
         return outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
 
 
+class PendingResidual(NamedTuple):
+    """A residual stream whose last add is not done yet: ``stream + gate(branch, gate)``
+    (:func:`~streamdit_core.adaln.add_residual`). A block returns its FFN residual this way when the next block adds
+    it inside the kernel of its first norm (``perf.PerfOptions.cross_residual``)."""
+
+    stream: torch.Tensor
+    """``[b, L, dim]`` the stream before the add."""
+    branch: torch.Tensor
+    """``[b, L, dim]`` in the stream's dtype: the FFN output."""
+    gate: torch.Tensor
+    """``[b, F, dim]`` float32 per-frame gate."""
+
+    def resolve(self) -> torch.Tensor:
+        """The stream after the add, ``[b, L, dim]``."""
+        return add_residual(self.stream, self.branch, self.gate)
+
+
 class Block(nn.Module):
     """One Wan attention block: adaLN → window self-attention → gate; cross-attention; adaLN → FFN → gate."""
 
@@ -247,13 +270,17 @@ class Block(nn.Module):
         # set by perf (fp8_residual): the cross-attention's q and the FFN's first linear are per-row fp8 linears
         # that take their input quantised by the kernel that also adds the residual before their norm
         self.fused_fp8_residual = False
+        # set by perf (norm_fused): the LayerNorms (+ modulation, + the residual add before them) of the bf16 path in
+        # single-pass row kernels (``fp8_quant.norm_modulate`` / ``residual_norm``); the fp8 flags above win
+        self.fused_norm = False
 
     def adaln_input(
         self, norm: nn.Module, x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor
     ) -> torch.Tensor | QuantizedActivation:
         """``modulate(norm(x), shift, scale)`` in x's dtype: the input of the self-attention or the FFN. With
         ``fused_fp8_input`` the same values quantised to fp8 per row in one kernel (norm, modulation and
-        quantisation fused), which the consuming fp8 linears take as they are.
+        quantisation fused), which the consuming fp8 linears take as they are; else with ``fused_norm`` the same
+        values from one kernel in x's dtype.
 
         Args:
             norm: ``norm1`` or ``norm2`` (LayerNorm without affine parameters).
@@ -261,6 +288,8 @@ class Block(nn.Module):
         """
         if self.fused_fp8_input:
             return norm_modulate_quantize(x, shift, scale, cast(LayerNorm, norm).eps)  # data [b, L, dim] fp8
+        if self.fused_norm:
+            return norm_modulate(x, shift, scale, cast(LayerNorm, norm).eps)  # [b, L, dim]
         return modulate(norm(x).float(), shift, scale).type_as(x)  # [b, L, dim]
 
     def residual_input(
@@ -271,27 +300,36 @@ class Block(nn.Module):
         g: torch.Tensor | None,
         shift: torch.Tensor | None = None,
         scale: torch.Tensor | None = None,
+        quantize: bool | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | QuantizedActivation]:
         """The residual stream ``x + gate(y, g)`` (``x + y`` without ``g``) and the next layer's input from it:
-        ``norm(·)`` or, with ``shift``/``scale``, its adaLN input (:meth:`adaln_input`). With
-        ``fused_fp8_residual`` the sum and the input quantised to fp8 per row come from one kernel.
+        ``norm(·)`` or, with ``shift``/``scale``, its adaLN input (:meth:`adaln_input`). With ``quantize`` (by
+        default ``fused_fp8_residual``) the sum and the input quantised to fp8 per row come from one kernel; else
+        with ``fused_norm`` (and a LayerNorm ``norm``) the sum and the input in x's dtype, unless the input is an
+        adaLN input that ``fused_fp8_input`` quantises in its own kernel (the fp8 fusion wins).
 
         Args:
-            norm: ``norm3`` (LayerNorm with affine parameters) or ``norm2``.
-            x, y: ``[b, L, dim]`` the stream and the branch output (an attention output) in x's dtype.
+            norm: ``norm3`` (LayerNorm with affine parameters, or ``nn.Identity``), ``norm2`` or ``norm1``.
+            x, y: ``[b, L, dim]`` the stream and the branch output (an attention or FFN output) in x's dtype.
             g, shift, scale: ``[b, F, dim]`` float32 per-frame gate and modulation, or ``None``.
+            quantize: whether the consumers are per-row fp8 linears that take their input from the fused kernel
+                (``fused_fp8_input`` for ``norm1``'s, see :meth:`forward`).
         Returns:
             the new stream ``[b, L, dim]`` and the input ``[b, L, dim]`` (or its quantised form).
         """
-        if self.fused_fp8_residual:
+        if self.fused_fp8_residual if quantize is None else quantize:
             ln = cast(LayerNorm, norm)
             return residual_norm_quantize(x, y, ln.eps, g, ln.weight, ln.bias, shift, scale)
-        x = x + (y if g is None else gate(y.float(), g).type_as(x))  # [b, L, dim]
+        adaln = shift is not None and scale is not None
+        # norm3 may be an nn.Identity (no cross_attn_norm)
+        if self.fused_norm and isinstance(norm, LayerNorm) and not (adaln and self.fused_fp8_input):
+            return residual_norm(x, y, norm.eps, g, norm.weight, norm.bias, shift, scale)
+        x = add_residual(x, y, g)  # [b, L, dim]
         return x, norm(x) if shift is None or scale is None else self.adaln_input(norm, x, shift, scale)
 
     def forward(
         self,
-        x: torch.Tensor,
+        x: torch.Tensor | PendingResidual,
         e: torch.Tensor,
         context: torch.Tensor,
         rope: tuple[torch.Tensor, torch.Tensor],
@@ -300,12 +338,19 @@ class Block(nn.Module):
         shift: bool,
         backend: str,
         order: tuple[torch.Tensor, torch.Tensor] | None = None,
-    ) -> torch.Tensor:
-        """x ``[b, L, dim]``; e ``[b, F, 6, dim]`` float32 per-frame modulation; context as in CrossAttention
-        (ignored when ``cross_attn.cached``: the context's keys/values were precomputed); ``order`` as in
-        :meth:`SelfAttention.forward`."""
+        defer_residual: bool = False,
+    ) -> torch.Tensor | PendingResidual:
+        """x ``[b, L, dim]`` (or the previous block's stream with its FFN residual still to add, which this block
+        adds in the kernel of ``norm1``); e ``[b, F, 6, dim]`` float32 per-frame modulation; context as in
+        CrossAttention (ignored when ``cross_attn.cached``: the context's keys/values were precomputed); ``order``
+        as in :meth:`SelfAttention.forward`. Returns the stream ``[b, L, dim]``, or with ``defer_residual`` the
+        stream before the FFN's gated residual add (``perf.PerfOptions.cross_residual``)."""
         mod = (self.modulation.float()[:, None] + e).unbind(dim=2)  # 6 × [b, F, dim]
-        y = self.self_attn(self.adaln_input(self.norm1, x, mod[0], mod[1]), rope, grid, window, shift, backend, order)
+        if isinstance(x, PendingResidual):  # the add and norm1 + modulation in one kernel
+            x, h = self.residual_input(self.norm1, *x, mod[0], mod[1], quantize=self.fused_fp8_input)
+        else:
+            h = self.adaln_input(self.norm1, x, mod[0], mod[1])
+        y = self.self_attn(h, rope, grid, window, shift, backend, order)
         x, h = self.residual_input(self.norm3, x, y, mod[2])  # x + gate(y), norm3 of it: [b, L, dim]
         if self.cross_attn.cached:
             y = self.cross_attn.forward_cached(h, e.shape[1], backend)
@@ -313,7 +358,9 @@ class Block(nn.Module):
             y = self.cross_attn(h, context, backend)
         x, h = self.residual_input(self.norm2, x, y, None, mod[3], mod[4])  # x + y, its adaLN input
         y = self.ffn(h)
-        return x + gate(y.float(), mod[5]).type_as(x)
+        if defer_residual:
+            return PendingResidual(x, y, mod[5])
+        return add_residual(x, y, mod[5])
 
 
 class Head(nn.Module):
@@ -547,19 +594,26 @@ class StreamDiT(nn.Module):
                 context = context[:, :: self.config.patch_size[0]]
             ctx = self.text_embedding(context.to(x.dtype))  # [b, (Fg,) Lt, dim]
 
+        # each block's FFN residual added in the next block's first norm kernel: inference only, like the caches
+        # (training checkpoints and shards blocks one by one)
+        defer = self.perf.cross_residual and not torch.is_grad_enabled()
+
         def core(x: torch.Tensor, e: torch.Tensor, e0: torch.Tensor) -> torch.Tensor:
-            tokens = self.patch_embedding(x).flatten(2).transpose(1, 2)  # [b, L, dim]
+            tokens: torch.Tensor | PendingResidual = self.patch_embedding(x).flatten(2).transpose(1, 2)  # [b, L, dim]
             try:
                 for i, block in enumerate(self.blocks):
                     attn = cast(Block, block).cross_attn
                     attn.runs, attn.cached = (None, False) if cross is None else (cross[i], True)
                     shift = i % 2 == 1
                     order = None if orders is None else orders[shift]
-                    tokens = block(tokens, e0, ctx, rope, grid, win, shift=shift, backend=backend, order=order)
+                    tokens = block(tokens, e0, ctx, rope, grid, win, shift=shift, backend=backend, order=order,
+                                   defer_residual=defer)
             finally:
                 for block in self.blocks:
                     cast(Block, block).cross_attn.runs = None  # hold no references between calls
                     cast(Block, block).cross_attn.cached = False
+            if isinstance(tokens, PendingResidual):  # the last block's FFN residual
+                tokens = tokens.resolve()
             out = self.head(tokens, e)  # [b, L, C_out·pf·ph·pw]
             return self.unpatchify(out, grid)
 

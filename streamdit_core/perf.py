@@ -28,6 +28,15 @@ option             what it does                                                 
                    self-attention output + ``norm3``) and before the FFN (cross-attention    the residual stream
                    output + ``norm2`` + modulation) in the kernel that normalises and        itself bit-
                    quantises the next input (item ``fp8resid``)                              identical
+``norm_fused``     the bf16 path's LayerNorms in the same Triton kernel without the           within one bf16
+                   quantisation: LayerNorm + modulation of the self-attention and FFN         step; CPU: bit-
+                   inputs, residual add + ``norm3`` and residual add + ``norm2`` +            identical
+                   modulation (``fp8_quant.norm_modulate``/``residual_norm``; the fp8 flags
+                   win where both apply; item ``normfuse``)
+``cross_residual`` each block's gated FFN residual add done in the next block's first norm   vs the same
+                   (with ``norm_fused`` or ``fp8_fused``: in its kernel; else left to the     items without it:
+                   compiler, now in one graph with that norm); inference only (item           as that kernel;
+                   ``crossres``; one more compiled graph: the first block's)                 CPU: bit-identical
 =================  ========================================================================  ==================
 
 Levels (:data:`PERF_LEVELS`): ``plain`` (all off, the eager reference), ``safe`` (the default: both caches
@@ -36,7 +45,10 @@ and ``window_gather``), ``fast`` (+ ``compile`` and ``cuda_graphs``), ``fastest`
 ``docs/bench/h100_fp8fuse/`` (−4.7 % per call at paper scale, −6.7 % for Wan 1.3B with 4-frame windows, same
 error against ``plain``), ``fp8_residual`` since the one in ``docs/bench/h100_fp8resid/`` (a further −9.6 % and
 −7.6 %); on CUDA without Triton both stay off (the status says why). ``fp8_rows`` gained nothing and is in no
-level (``fastest,fp8rows``; in ``bench --modes``: ``fastest+fp8rows``).
+level (``fastest,fp8rows``; in ``bench --modes``: ``fastest+fp8rows``). ``norm_fused`` and ``cross_residual``
+are unmeasured and in no level yet (``fast,normfuse,crossres``; ``bench --modes fast+normfuse+crossres``);
+``norm_fused`` stays off on CUDA without Triton and is dropped off CUDA (the kernels' reference is the unfused
+maths, better left to the compiler there).
 ``window_gather`` is in every level but ``plain`` since the H100 run in ``docs/bench/h100_qkv_gather/``
 (eager: −8.8 % per call at paper scale, −5.9 % for Wan 1.3B with 4-frame windows; compiled: within ±2 %);
 the item ``gather`` switches it on in an option list (``"kv,layout,gather"``), and ``kv,layout`` is ``safe``
@@ -115,6 +127,8 @@ class PerfOptions:
             output) with a single-pass kernel instead of the compiler's; needs ``fp8="row"``.
         fp8_residual: also fuse the residual adds before the cross-attention and the FFN into the kernels that
             normalise and quantise their inputs (the cross-attention query's input too); needs ``fp8_fused``.
+        norm_fused: the same LayerNorm kernels without quantisation for the bf16 (non-fp8) block inputs.
+        cross_residual: add each block's FFN residual in the next block's first norm (inference only).
     """
 
     text_kv_cache: bool = True
@@ -126,6 +140,8 @@ class PerfOptions:
     fp8_fused: bool = False
     fp8_rows: bool = False
     fp8_residual: bool = False
+    norm_fused: bool = False
+    cross_residual: bool = False
 
     def __post_init__(self) -> None:
         if self.compile not in COMPILE_MODES:
@@ -153,12 +169,14 @@ class PerfOptions:
         ``compile=default``; ``fp8`` alone means ``fp8=row``; a level name as an item, e.g. ``"safe,compile"``, sets
         every option to that level's at that point of the list; a list starts from everything off, like
         ``plain``). ``fp8=tensor`` after a level turns off that level's per-row items (``"fastest,fp8=tensor"``);
-        listed together with ``fp8fuse``, ``fp8rows`` or ``fp8resid`` it is an error."""
+        listed together with ``fp8fuse``, ``fp8rows`` or ``fp8resid`` it is an error. ``normfuse`` and ``crossres``
+        switch on ``norm_fused`` and ``cross_residual``."""
         if name in PERF_LEVELS:
             return PERF_LEVELS[name]
         opts: dict[str, Any] = {f.name: getattr(PERF_LEVELS["plain"], f.name) for f in fields(PERF_LEVELS["plain"])}
         switches = {"kv": "text_kv_cache", "layout": "layout_cache", "graphs": "cuda_graphs", "gather": "window_gather",
-                    "fp8fuse": "fp8_fused", "fp8rows": "fp8_rows", "fp8resid": "fp8_residual"}
+                    "fp8fuse": "fp8_fused", "fp8rows": "fp8_rows", "fp8resid": "fp8_residual",
+                    "normfuse": "norm_fused", "crossres": "cross_residual"}
         listed: set[str] = set()  # the per-row items named in the list (not inherited from a level)
         for raw in filter(None, (p.strip() for p in name.split(","))):
             key, _, value = raw.partition("=")
@@ -176,16 +194,18 @@ class PerfOptions:
             else:
                 raise ValueError(
                     f"unknown optimisation {raw!r} in {name!r}; use a level {sorted(PERF_LEVELS)} or items "
-                    "kv, layout, compile[=MODE], graphs, fp8[=row|tensor], gather, fp8fuse, fp8rows, fp8resid (a "
-                    "level name may start the list)"
+                    "kv, layout, compile[=MODE], graphs, fp8[=row|tensor], gather, fp8fuse, fp8rows, fp8resid, "
+                    "normfuse, crossres (a level name may start the list)"
                 )
         return cls(**opts)
 
     def for_device(self, device: torch.device) -> PerfOptions:
-        """Drop what cannot help on ``device``: CUDA graphs and fp8 need CUDA (fp8 would only be emulated)."""
+        """Drop what cannot help on ``device``: CUDA graphs, fp8 and the fused norm kernels need CUDA (fp8 would
+        only be emulated, the norm kernels' reference hides the unfused maths from the compiler)."""
         if device.type == "cuda":
             return self
-        return replace(self, cuda_graphs=False, fp8="off", fp8_fused=False, fp8_rows=False, fp8_residual=False)
+        return replace(self, cuda_graphs=False, fp8="off", fp8_fused=False, fp8_rows=False, fp8_residual=False,
+                       norm_fused=False)
 
     def describe(self) -> str:
         on = [f.name if isinstance(getattr(self, f.name), bool) else f"{f.name}={getattr(self, f.name)}"
@@ -481,6 +501,32 @@ def _set_fp8(model: StreamDiT, options: PerfOptions, status: dict[str, str]) -> 
         _fuse_fp8(model, status, options.fp8_residual)
 
 
+def _set_norm_fused(model: StreamDiT, options: PerfOptions, status: dict[str, str]) -> None:
+    """Install (or remove) the bf16 path's fused LayerNorm kernels (``norm_fused``) and report
+    ``cross_residual``. Blocks whose ``norm1``/``norm2`` have affine parameters keep the unfused path (the adaLN
+    kernel has none)."""
+    block: Any
+    for block in model.blocks:
+        block.fused_norm = False
+    if options.cross_residual:
+        status["cross_residual"] = "on (inference without autograd)"
+    if not options.norm_fused:
+        return
+    problem = triton_problem()
+    if problem is not None and model.patch_embedding.weight.device.type == "cuda":
+        status["norm_fused"] = f"off: no Triton kernels ({problem})"
+        log.warning("fused LayerNorm kernels are off on CUDA without Triton (%s)", problem)
+        return
+    count = 0
+    for block in model.blocks:
+        norms = (block.norm1, block.norm2)
+        if all(isinstance(n, nn.LayerNorm) and n.weight is None for n in norms):
+            block.fused_norm = True
+            count += 1
+    kernels = "Triton kernels" if problem is None else f"reference implementation ({problem})"
+    status["norm_fused"] = f"{count} blocks; {kernels}"
+
+
 # ----------------------------------------------------------------------------------------------------------
 # torch.compile
 # ----------------------------------------------------------------------------------------------------------
@@ -597,6 +643,7 @@ def apply_perf(model: StreamDiT, options: PerfOptions) -> dict[str, str]:
     device = model.patch_embedding.weight.device
     status: dict[str, str] = {"requested": options.describe()}
     _set_fp8(model, options, status)
+    _set_norm_fused(model, options, status)
     if options.window_gather:
         status["window_gather"] = "on"
     _set_compile(model, options.compile, status)

@@ -20,6 +20,7 @@ import pytest
 import torch
 from torch import nn
 
+from streamdit_core.adaln import gate, modulate
 from streamdit_core.bench import mode_options
 from streamdit_core.config import preset
 from streamdit_core.fp8_quant import (
@@ -34,7 +35,7 @@ from streamdit_core.fp8_quant import (
     rows_quant_reference,
     triton_problem,
 )
-from streamdit_core.model import LayerNorm, StreamDiT, gate, modulate
+from streamdit_core.model import LayerNorm, StreamDiT
 from streamdit_core.perf import (
     FP8_MAX,
     PERF_LEVELS,
