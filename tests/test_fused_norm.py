@@ -331,6 +331,26 @@ def test_norm_kernel_without_quantisation_in_interpreter_matches_reference(dtype
     _check_norm_kernel((96, 200), 8, "cpu", dtype, steps=2 if dtype == torch.bfloat16 else 1)
 
 
+@pytest.mark.skipif(not INTERPRET, reason="needs triton and TRITON_INTERPRET=1 on a machine without CUDA")
+def test_operators_launch_helper_in_interpreter_matches_reference():
+    """The CUDA branch's launch helper (``fp8_quant._norm_rows``) on the layouts Block passes: the first block's
+    transposed input and strided per-frame slices of one modulation tensor."""
+    from streamdit_core import fp8_quant
+
+    b, frames, per, width = 2, 4, 2, 96
+    x, y, g, weight, bias, shift, scale = _residual_args(b, frames, per, width, torch.float32, True, True, True)
+    xt = x.transpose(1, 2).contiguous().transpose(1, 2)  # [b, L, D] with strides (L·D, 1, L)
+    out, s, total = fp8_quant._norm_rows(xt, None, None, None, None, shift, scale, EPS, False)
+    assert s is None and total is None and out.shape == (b * frames * per, width)
+    _assert_normed_close(out, x, None, None, shift, scale, torch.float32, 0.0)
+    out, s, total = fp8_quant._norm_rows(xt, y, g, weight, bias, shift, scale, EPS, False)
+    ref_total, _ = residual_norm_reference(x, y, g, weight, bias, shift, scale, EPS)
+    gy = gate(y.double(), g.double())
+    assert ((total.double() - ref_total.double().reshape(-1, width)).abs()
+            <= (x.double().abs() + gy.abs()).reshape(-1, width) * 2.0**-22).all()
+    _assert_normed_close(out, total.view(x.shape), weight, bias, shift, scale, torch.float32, 0.0)
+
+
 @pytest.mark.skipif(not CUDA, reason="needs CUDA and triton")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_norm_kernel_without_quantisation_on_cuda_matches_reference(dtype):
