@@ -5,8 +5,8 @@ registers, so each activation is read once and written once as float8 e4m3 (plus
 * ``_norm_quant_kernel``: an optional residual prologue (``x + y`` or ``x + gate·y``, the sum stored in x's dtype),
   LayerNorm (optionally with affine weight and bias), optional per-frame modulation, and the quantisation.
 
-Imported only by :func:`streamdit_core.fp8_quant.ensure_ops`, inside ``try``: importing this module raises
-``ImportError`` where Triton is not installed (the CPU wheel of torch, CI).
+Imported only by :func:`streamdit_core.fp8_quant.ensure_ops`, through ``triton_util.import_launchers``, which
+catches the ``ImportError`` this module raises where Triton is not installed (the CPU wheel of torch, CI).
 """
 
 from __future__ import annotations
@@ -15,6 +15,8 @@ import torch
 import triton
 import triton.language as tl
 from torch.library import wrap_triton
+
+from .triton_util import row_launch_config
 
 __all__ = ["norm_quant_triton", "quantize_rows_triton"]
 
@@ -108,12 +110,6 @@ def _norm_quant_kernel(
     _quantise_store(y, cols, mask, out_ptr, out_scale_ptr, row, n_cols)
 
 
-def _launch_config(n_cols: int) -> tuple[int, int]:
-    """``(BLOCK, num_warps)`` of a row of ``n_cols``: 16-32 fp32 values per thread at the model's widths."""
-    block = triton.next_power_of_2(n_cols)
-    return block, min(16, max(4, block // 512))
-
-
 def quantize_rows_triton(
     x: torch.Tensor,
     prologue: int,
@@ -131,7 +127,7 @@ def quantize_rows_triton(
     rows, n_cols = x.shape
     out = torch.empty((rows, n_cols), dtype=out_dtype, device=x.device)
     out_scale = torch.empty((rows, 1), dtype=torch.float32, device=x.device)
-    block, warps = _launch_config(n_cols)
+    block, warps = row_launch_config(n_cols)
     # an unread placeholder without a bias: the input (read-only), never an output, so that the compiler's
     # mutation analysis sees no aliasing of what the kernel writes
     wrap_triton(_quant_rows_kernel)[(rows,)](
@@ -171,7 +167,7 @@ def norm_quant_triton(
     out = torch.empty((rows, n_cols), dtype=out_dtype, device=x.device)
     out_scale = torch.empty((rows, 1), dtype=torch.float32, device=x.device)
     total = None if residual is None else torch.empty_like(x)
-    block, warps = _launch_config(n_cols)
+    block, warps = row_launch_config(n_cols)
     # unread placeholders: the input for what is read (never an output, so that the compiler's mutation analysis
     # sees no aliasing of what the kernel writes), the fp8 output for the sum without a residual (never written)
     wrap_triton(_norm_quant_kernel)[(rows,)](
