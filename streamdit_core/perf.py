@@ -28,6 +28,11 @@ option             what it does                                                 
                    self-attention output + ``norm3``) and before the FFN (cross-attention    the residual stream
                    output + ``norm2`` + modulation) in the kernel that normalises and        itself bit-
                    quantises the next input (item ``fp8resid``)                              identical
+``qk_fused``       without autograd: the self-attention's q/k RMS norms, RoPE and the        bf16: a q/k value
+                   window gather of q, k and v (with fp8 linears also their biases) in one   may move by a bf16
+                   Triton kernel (``qk_rope``; item ``qkrope``); unmeasured, in no level     step or two of its
+                                                                                             inputs; CPU: bit-
+                                                                                             identical
 =================  ========================================================================  ==================
 
 Levels (:data:`PERF_LEVELS`): ``plain`` (all off, the eager reference), ``safe`` (the default: both caches
@@ -36,7 +41,10 @@ and ``window_gather``), ``fast`` (+ ``compile`` and ``cuda_graphs``), ``fastest`
 ``docs/bench/h100_fp8fuse/`` (−4.7 % per call at paper scale, −6.7 % for Wan 1.3B with 4-frame windows, same
 error against ``plain``), ``fp8_residual`` since the one in ``docs/bench/h100_fp8resid/`` (a further −9.6 % and
 −7.6 %); on CUDA without Triton both stay off (the status says why). ``fp8_rows`` gained nothing and is in no
-level (``fastest,fp8rows``; in ``bench --modes``: ``fastest+fp8rows``).
+level (``fastest,fp8rows``; in ``bench --modes``: ``fastest+fp8rows``). ``qk_fused`` is not measured yet and in
+no level (``fast,qkrope`` or ``fastest,qkrope``; ``bench --modes fast+qkrope``); on CUDA without Triton it stays
+off (the status says why), and it needs ``window_gather`` for windows smaller than the grid (the roll path stays
+unfused).
 ``window_gather`` is in every level but ``plain`` since the H100 run in ``docs/bench/h100_qkv_gather/``
 (eager: −8.8 % per call at paper scale, −5.9 % for Wan 1.3B with 4-frame windows; compiled: within ±2 %);
 the item ``gather`` switches it on in an option list (``"kv,layout,gather"``), and ``kv,layout`` is ``safe``
@@ -70,6 +78,7 @@ from .fp8_quant import (
     triton_problem,
 )
 from .log import get_logger
+from .qk_rope import triton_problem as qk_rope_problem
 
 if TYPE_CHECKING:
     from .model import StreamDiT
@@ -115,6 +124,9 @@ class PerfOptions:
             output) with a single-pass kernel instead of the compiler's; needs ``fp8="row"``.
         fp8_residual: also fuse the residual adds before the cross-attention and the FFN into the kernels that
             normalise and quantise their inputs (the cross-attention query's input too); needs ``fp8_fused``.
+        qk_fused: the self-attention's q/k RMS norms, RoPE and window gather (q, k and v; with fp8 linears their
+            biases too) in one operator, ``qk_rope.qk_norm_rope`` (inference only; CUDA with Triton; unmeasured,
+            in no level).
     """
 
     text_kv_cache: bool = True
@@ -126,6 +138,7 @@ class PerfOptions:
     fp8_fused: bool = False
     fp8_rows: bool = False
     fp8_residual: bool = False
+    qk_fused: bool = False
 
     def __post_init__(self) -> None:
         if self.compile not in COMPILE_MODES:
@@ -149,16 +162,16 @@ class PerfOptions:
     @classmethod
     def level(cls, name: str) -> PerfOptions:
         """A named level (:data:`PERF_LEVELS`) or a comma list such as ``"kv,layout,compile=default,graphs,fp8=row"``
-        (``kv``/``layout``/``graphs``/``gather``/``fp8fuse``/``fp8rows``/``fp8resid`` switch on; ``compile`` alone means
-        ``compile=default``; ``fp8`` alone means ``fp8=row``; a level name as an item, e.g. ``"safe,compile"``, sets
-        every option to that level's at that point of the list; a list starts from everything off, like
-        ``plain``). ``fp8=tensor`` after a level turns off that level's per-row items (``"fastest,fp8=tensor"``);
-        listed together with ``fp8fuse``, ``fp8rows`` or ``fp8resid`` it is an error."""
+        (``kv``/``layout``/``graphs``/``gather``/``fp8fuse``/``fp8rows``/``fp8resid``/``qkrope`` switch on;
+        ``compile`` alone means ``compile=default``; ``fp8`` alone means ``fp8=row``; a level name as an item, e.g.
+        ``"safe,compile"``, sets every option to that level's at that point of the list; a list starts from
+        everything off, like ``plain``). ``fp8=tensor`` after a level turns off that level's per-row items
+        (``"fastest,fp8=tensor"``); listed together with ``fp8fuse``, ``fp8rows`` or ``fp8resid`` it is an error."""
         if name in PERF_LEVELS:
             return PERF_LEVELS[name]
         opts: dict[str, Any] = {f.name: getattr(PERF_LEVELS["plain"], f.name) for f in fields(PERF_LEVELS["plain"])}
         switches = {"kv": "text_kv_cache", "layout": "layout_cache", "graphs": "cuda_graphs", "gather": "window_gather",
-                    "fp8fuse": "fp8_fused", "fp8rows": "fp8_rows", "fp8resid": "fp8_residual"}
+                    "fp8fuse": "fp8_fused", "fp8rows": "fp8_rows", "fp8resid": "fp8_residual", "qkrope": "qk_fused"}
         listed: set[str] = set()  # the per-row items named in the list (not inherited from a level)
         for raw in filter(None, (p.strip() for p in name.split(","))):
             key, _, value = raw.partition("=")
@@ -176,16 +189,18 @@ class PerfOptions:
             else:
                 raise ValueError(
                     f"unknown optimisation {raw!r} in {name!r}; use a level {sorted(PERF_LEVELS)} or items "
-                    "kv, layout, compile[=MODE], graphs, fp8[=row|tensor], gather, fp8fuse, fp8rows, fp8resid (a "
-                    "level name may start the list)"
+                    "kv, layout, compile[=MODE], graphs, fp8[=row|tensor], gather, fp8fuse, fp8rows, fp8resid, "
+                    "qkrope (a level name may start the list)"
                 )
         return cls(**opts)
 
     def for_device(self, device: torch.device) -> PerfOptions:
-        """Drop what cannot help on ``device``: CUDA graphs and fp8 need CUDA (fp8 would only be emulated)."""
+        """Drop what cannot help on ``device``: CUDA graphs, fp8 and the fused q/k kernel need CUDA (fp8 would only be
+        emulated, the fused operator would run its reference maths)."""
         if device.type == "cuda":
             return self
-        return replace(self, cuda_graphs=False, fp8="off", fp8_fused=False, fp8_rows=False, fp8_residual=False)
+        return replace(self, cuda_graphs=False, fp8="off", fp8_fused=False, fp8_rows=False, fp8_residual=False,
+                       qk_fused=False)
 
     def describe(self) -> str:
         on = [f.name if isinstance(getattr(self, f.name), bool) else f"{f.name}={getattr(self, f.name)}"
@@ -482,6 +497,40 @@ def _set_fp8(model: StreamDiT, options: PerfOptions, status: dict[str, str]) -> 
 
 
 # ----------------------------------------------------------------------------------------------------------
+# fused q/k norm + RoPE + window gather
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _set_qk_fused(model: StreamDiT, options: PerfOptions, status: dict[str, str]) -> None:
+    """Switch the self-attention's fused q/k operator (``qk_fused``) on or off in every block whose q/k norms it
+    computes (``SelfAttention.fusable_qk``). The q/k/v projections that are fp8 linears leave their bias to it
+    (``Fp8Linear.defer_bias``; fresh ``Fp8Linear`` s from :func:`_set_fp8` start without). Call after
+    :func:`_set_fp8`."""
+    attns: list[Any] = [block.self_attn for block in model.blocks]
+    for attn in attns:
+        attn.fused_qk_rope = False
+    if not options.qk_fused:
+        return
+    problem = qk_rope_problem()
+    if problem is not None and model.patch_embedding.weight.device.type == "cuda":
+        # the reference implementation would run as an opaque operator, slower than the compiler's fusion
+        status["qk_fused"] = f"off: no Triton kernel ({problem})"
+        log.warning("the fused q/k norm + RoPE kernel is off on CUDA without Triton (%s)", problem)
+        return
+    count = 0
+    for attn in attns:
+        if attn.fusable_qk():
+            attn.fused_qk_rope = True
+            for linear in (attn.q, attn.k, attn.v):
+                if isinstance(linear, Fp8Linear):
+                    linear.defer_bias = True
+            count += 1
+    kernel = "Triton kernel" if problem is None else f"reference implementation ({problem})"
+    rolled = "" if options.window_gather else "; windows smaller than the grid stay unfused (roll path: no gather)"
+    status["qk_fused"] = f"{count} blocks; {kernel}{rolled}"
+
+
+# ----------------------------------------------------------------------------------------------------------
 # torch.compile
 # ----------------------------------------------------------------------------------------------------------
 
@@ -597,6 +646,7 @@ def apply_perf(model: StreamDiT, options: PerfOptions) -> dict[str, str]:
     device = model.patch_embedding.weight.device
     status: dict[str, str] = {"requested": options.describe()}
     _set_fp8(model, options, status)
+    _set_qk_fused(model, options, status)
     if options.window_gather:
         status["window_gather"] = "on"
     _set_compile(model, options.compile, status)
