@@ -56,6 +56,7 @@ import torch.nn.functional as F
 
 from .adaln import add_residual, modulate
 from .log import get_logger
+from .triton_util import import_launchers, not_loaded
 
 __all__ = [
     "FP8_MAX",
@@ -241,14 +242,10 @@ _state: dict[str, Any] = {"defined": False, "triton": None}
 _NONE, _GELU = 0, 1
 
 
-def _no_kernels(*args: Any, **kwargs: Any) -> Any:
-    raise RuntimeError("the Triton kernels are not loaded")
-
-
 # The Triton launchers (``fp8_triton.quantize_rows_triton`` and ``norm_quant_triton`` once loaded). Module-level
 # names on purpose: ``triton_op`` finds the kernels an operator launches by following the names its body calls.
-_launch: Callable[..., tuple[torch.Tensor, torch.Tensor]] = _no_kernels
-_launch_norm: Callable[..., tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]] = _no_kernels
+_launch: Callable[..., tuple[torch.Tensor, torch.Tensor]] = not_loaded
+_launch_norm: Callable[..., tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]] = not_loaded
 
 
 def triton_problem() -> str | None:
@@ -263,21 +260,14 @@ def ensure_ops() -> None:
     (``perf`` does when it installs fused kernels); later calls only read a flag."""
     if _state["defined"]:
         return
-    launch: tuple[Callable[..., Any], Callable[..., Any]] | None = None
-    try:
-        from .fp8_triton import norm_quant_triton, quantize_rows_triton
-
-        if not hasattr(torch.library, "triton_op"):
-            raise RuntimeError(f"torch {torch.__version__} has no torch.library.triton_op")
-        launch = (quantize_rows_triton, norm_quant_triton)
-    except (ImportError, OSError, RuntimeError) as exc:
-        _state["triton"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
+    launch, _state["triton"] = import_launchers("fp8_triton", ("quantize_rows_triton", "norm_quant_triton"))
+    if launch is None:
         log.info("fused row operators without Triton (%s): the reference implementations run", _state["triton"])
     _define(launch)
     _state["defined"] = True
 
 
-def _define(launch: tuple[Callable[..., Any], Callable[..., Any]] | None) -> None:
+def _define(launch: tuple[Callable[..., Any], ...] | None) -> None:
     """Register the operators: Triton-backed (``triton_op``, reference off CUDA) if the launchers
     ``(quantize_rows_triton, norm_quant_triton)`` are given, else opaque ``custom_op`` s running the reference,
     with fake (shape-only) implementations."""

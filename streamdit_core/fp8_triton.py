@@ -7,8 +7,8 @@ dtype).
   LayerNorm (optionally with affine weight and bias), optional per-frame modulation, and then either the
   quantisation (``QUANT``, the fp8 linears' inputs) or a store in x's dtype (the bf16 path, ``norm_fused``).
 
-Imported only by :func:`streamdit_core.fp8_quant.ensure_ops`, inside ``try``: importing this module raises
-``ImportError`` where Triton is not installed (the CPU wheel of torch, CI).
+Imported only by :func:`streamdit_core.fp8_quant.ensure_ops`, through ``triton_util.import_launchers``, which
+catches the ``ImportError`` this module raises where Triton is not installed (the CPU wheel of torch, CI).
 """
 
 from __future__ import annotations
@@ -17,6 +17,8 @@ import torch
 import triton
 import triton.language as tl
 from torch.library import wrap_triton
+
+from .triton_util import row_launch_config
 
 __all__ = ["norm_quant_triton", "quantize_rows_triton"]
 
@@ -114,12 +116,6 @@ def _norm_quant_kernel(
         tl.store(out_ptr + row * n_cols + cols, y.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def _launch_config(n_cols: int) -> tuple[int, int]:
-    """``(BLOCK, num_warps)`` of a row of ``n_cols``: 16-32 fp32 values per thread at the model's widths."""
-    block = triton.next_power_of_2(n_cols)
-    return block, min(16, max(4, block // 512))
-
-
 def quantize_rows_triton(
     x: torch.Tensor,
     prologue: int,
@@ -137,7 +133,7 @@ def quantize_rows_triton(
     rows, n_cols = x.shape
     out = torch.empty((rows, n_cols), dtype=out_dtype, device=x.device)
     out_scale = torch.empty((rows, 1), dtype=torch.float32, device=x.device)
-    block, warps = _launch_config(n_cols)
+    block, warps = row_launch_config(n_cols)
     # an unread placeholder without a bias: the input (read-only), never an output, so that the compiler's
     # mutation analysis sees no aliasing of what the kernel writes
     wrap_triton(_quant_rows_kernel)[(rows,)](
@@ -180,7 +176,7 @@ def norm_quant_triton(
     out = torch.empty((rows, n_cols), dtype=out_dtype if quantize else x.dtype, device=x.device)
     out_scale = torch.empty((rows, 1), dtype=torch.float32, device=x.device) if quantize else None
     total = None if residual is None else torch.empty_like(x)
-    block, warps = _launch_config(n_cols)
+    block, warps = row_launch_config(n_cols)
     # unread placeholders: the input for what is read (never an output, so that the compiler's mutation analysis
     # sees no aliasing of what the kernel writes), the normalised output for the sum without a residual and for
     # the scales without quantisation (never written)

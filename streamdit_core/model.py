@@ -38,6 +38,7 @@ from .attention import (
 )
 from .config import ModelConfig
 from .fp8_quant import (
+    BiasPending,
     QuantizedActivation,
     norm_modulate,
     norm_modulate_quantize,
@@ -45,6 +46,7 @@ from .fp8_quant import (
     residual_norm_quantize,
 )
 from .perf import GraphRunner, PerfOptions, apply_perf, disable_compile
+from .qk_rope import apply_rope, qk_norm_rope, rms_norm
 
 # Cross-attention keys/values of one context, per block: runs ``(first_frame, end_frame, k, v)`` of token-grid
 # frames that share a prompt, k/v ``[b, Lt, heads, head_dim]``.
@@ -92,19 +94,6 @@ def rope_frequencies(head_dim: int, grid: tuple[int, int, int], theta: float, de
     return torch.cat([a_f, a_h, a_w], dim=-1).reshape(f * h * w, d // 2)
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate consecutive channel pairs ``(x[2i], x[2i+1])`` (Wan's complex layout).
-
-    Args:
-        x: ``[batch, L, heads, head_dim]``; cos, sin: ``[L, head_dim // 2]`` float32.
-    """
-    xf = x.float().unflatten(-1, (-1, 2))  # [b, L, h, d/2, 2]
-    re, im = xf[..., 0], xf[..., 1]
-    c, s = cos[None, :, None, :], sin[None, :, None, :]
-    out = torch.stack([re * c - im * s, re * s + im * c], dim=-1).flatten(-2)
-    return out.type_as(x)
-
-
 # ----------------------------------------------------------------------------------------------------------
 # Layers
 # ----------------------------------------------------------------------------------------------------------
@@ -117,8 +106,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        return (xf * torch.rsqrt(xf.pow(2).mean(dim=-1, keepdim=True) + self.eps)).type_as(x) * self.weight
+        return rms_norm(x, self.weight, self.eps)
 
 
 class LayerNorm(nn.LayerNorm):
@@ -152,7 +140,48 @@ class _Projections(nn.Module):
         self.norm_k = RMSNorm(d, config.eps) if config.qk_norm else nn.Identity()
 
 
+def _with_bias(out: torch.Tensor | BiasPending) -> torch.Tensor:
+    """A projection's output: a tensor, or one whose bias is pending (``Fp8Linear.defer_bias``), added here in the
+    output's dtype like ``Fp8Linear`` would."""
+    if not isinstance(out, BiasPending):
+        return out
+    return out.value if out.bias is None else out.value + out.bias.to(out.value.dtype)
+
+
+def _split_biases(
+    outs: tuple[torch.Tensor | BiasPending, torch.Tensor | BiasPending, torch.Tensor | BiasPending],
+) -> tuple[tuple[torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None]:
+    """The q/k/v projections' outputs ``[b, L, dim]`` and, when all three have their biases pending, the biases
+    ``[dim]`` (for the fused operator to add); otherwise the outputs with their biases added and ``None``."""
+    q, k, v = outs
+    if (isinstance(q, BiasPending) and isinstance(k, BiasPending) and isinstance(v, BiasPending)
+            and q.bias is not None and k.bias is not None and v.bias is not None):
+        return (q.value, k.value, v.value), (q.bias, k.bias, v.bias)
+    return (_with_bias(q), _with_bias(k), _with_bias(v)), None
+
+
 class SelfAttention(_Projections):
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__(config)
+        # set by perf (qk_fused): without autograd, the q/k norms, RoPE and the window gather of q, k, v run as one
+        # operator (qk_rope.qk_norm_rope) when the windows are the whole grid or partitioned by a token order
+        self.fused_qk_rope = False
+
+    def fusable_qk(self) -> bool:
+        """Whether the fused operator computes this layer's q/k maths: both norms RMS norms with one epsilon, or
+        neither."""
+        norms = (self.norm_q, self.norm_k)
+        if all(isinstance(n, nn.Identity) for n in norms):
+            return True
+        return all(isinstance(n, RMSNorm) for n in norms) and self.norm_q.eps == self.norm_k.eps
+
+    def _norm_weights(self) -> tuple[tuple[torch.Tensor, torch.Tensor] | None, float]:
+        """The q/k RMS norms' weights ``[dim]`` and epsilon, or ``(None, 0)`` without norms (see :meth:`fusable_qk`)."""
+        norm_q, norm_k = self.norm_q, self.norm_k
+        if isinstance(norm_q, RMSNorm) and isinstance(norm_k, RMSNorm):
+            return (norm_q.weight, norm_k.weight), norm_q.eps
+        return None, 0.0
 
     def forward(
         self,
@@ -167,20 +196,32 @@ class SelfAttention(_Projections):
         """x: ``[b, L, dim]`` (quantised once for q, k and v when they are fp8 with fused quantisation); windows tile
         ``grid``; returns ``[b, L, dim]``. ``order``: ``(index, inverse)`` of
         :func:`~streamdit_core.attention.window_index` for this grid, window and shift: partition by one gather
-        instead of roll + reshape (same values)."""
-        q = apply_rope(self.norm_q(self.q(x)).unflatten(-1, (self.num_heads, -1)), *rope)  # [b, L, h, dh]
-        b = q.shape[0]
-        k = apply_rope(self.norm_k(self.k(x)).unflatten(-1, (self.num_heads, -1)), *rope)
-        v = self.v(x).unflatten(-1, (self.num_heads, -1))
-        if window == grid:
-            out = attention(q, k, v, backend)
-        elif order is not None:
-            tokens = window[0] * window[1] * window[2]
-            qw, kw, vw = (window_partition_indexed(t, order[0], tokens) for t in (q, k, v))  # [b·nw, w, h, dh]
-            out = window_reverse_indexed(attention(qw, kw, vw, backend), b, order[1])
+        instead of roll + reshape (same values). With ``fused_qk_rope`` (inference only) the q/k norms, RoPE and
+        that gather are one operator."""
+        b = (x.data if isinstance(x, QuantizedActivation) else x).shape[0]
+        tokens = window[0] * window[1] * window[2]
+        outs = (self.q(x), self.k(x), self.v(x))  # [b, L, dim] each (or with the bias pending)
+        if self.fused_qk_rope and not torch.is_grad_enabled() and (window == grid or order is not None):
+            values, biases = _split_biases(outs)
+            norms, eps = self._norm_weights()
+            index = None if window == grid else cast(tuple[torch.Tensor, torch.Tensor], order)[0]
+            # [b·nw, w, h, dh] (or [b, L, h, dh] when the window is the grid)
+            qw, kw, vw = qk_norm_rope(*values, rope, norms, eps, biases, index, tokens)
         else:
-            qw, kw, vw = (window_partition(t, grid, window, shift) for t in (q, k, v))  # [b·nw, w, h, dh]
-            out = window_reverse(attention(qw, kw, vw, backend), b, grid, window, shift)
+            q, k, v = (_with_bias(out) for out in outs)
+            q = apply_rope(self.norm_q(q).unflatten(-1, (self.num_heads, -1)), *rope)  # [b, L, h, dh]
+            k = apply_rope(self.norm_k(k).unflatten(-1, (self.num_heads, -1)), *rope)
+            v = v.unflatten(-1, (self.num_heads, -1))
+            if window == grid:
+                qw, kw, vw = q, k, v
+            elif order is not None:
+                qw, kw, vw = (window_partition_indexed(t, order[0], tokens) for t in (q, k, v))  # [b·nw, w, h, dh]
+            else:
+                qw, kw, vw = (window_partition(t, grid, window, shift) for t in (q, k, v))  # [b·nw, w, h, dh]
+        out = attention(qw, kw, vw, backend)
+        if window != grid:
+            out = window_reverse_indexed(out, b, order[1]) if order is not None else window_reverse(
+                out, b, grid, window, shift)  # [b, L, h, dh]
         return self.o(out.flatten(2))
 
 

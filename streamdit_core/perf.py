@@ -37,6 +37,11 @@ option             what it does                                                 
                    (with ``norm_fused`` or ``fp8_fused``: in its kernel; else left to the     items without it:
                    compiler, now in one graph with that norm); inference only (item           as that kernel;
                    ``crossres``; one more compiled graph: the first block's)                 CPU: bit-identical
+``qk_fused``       without autograd: the self-attention's q/k RMS norms, RoPE and the        bf16: a q/k value
+                   window gather of q, k and v (with fp8 linears also their biases) in one   may move by a bf16
+                   Triton kernel (``qk_rope``; item ``qkrope``); unmeasured, in no level     step or two of its
+                                                                                             inputs; CPU: bit-
+                                                                                             identical
 =================  ========================================================================  ==================
 
 Levels (:data:`PERF_LEVELS`): ``plain`` (all off, the eager reference), ``safe`` (the default: both caches
@@ -45,10 +50,12 @@ and ``window_gather``), ``fast`` (+ ``compile`` and ``cuda_graphs``), ``fastest`
 ``docs/bench/h100_fp8fuse/`` (−4.7 % per call at paper scale, −6.7 % for Wan 1.3B with 4-frame windows, same
 error against ``plain``), ``fp8_residual`` since the one in ``docs/bench/h100_fp8resid/`` (a further −9.6 % and
 −7.6 %); on CUDA without Triton both stay off (the status says why). ``fp8_rows`` gained nothing and is in no
-level (``fastest,fp8rows``; in ``bench --modes``: ``fastest+fp8rows``). ``norm_fused`` and ``cross_residual``
-are unmeasured and in no level yet (``fast,normfuse,crossres``; ``bench --modes fast+normfuse+crossres``);
-``norm_fused`` stays off on CUDA without Triton and is dropped off CUDA (the kernels' reference is the unfused
-maths, better left to the compiler there).
+level (``fastest,fp8rows``; in ``bench --modes``: ``fastest+fp8rows``). ``norm_fused``, ``cross_residual`` and
+``qk_fused`` are unmeasured and in no level yet (``fast,normfuse,crossres``, ``fast,qkrope`` or
+``fastest,qkrope``; ``bench --modes fast+normfuse+crossres``, ``fast+qkrope``); on CUDA without Triton
+``norm_fused`` and ``qk_fused`` stay off (the status says why), and off CUDA both are dropped (their kernels'
+reference is the unfused maths, better left to the compiler there). ``qk_fused`` needs ``window_gather`` for
+windows smaller than the grid (the roll path stays unfused).
 ``window_gather`` is in every level but ``plain`` since the H100 run in ``docs/bench/h100_qkv_gather/``
 (eager: −8.8 % per call at paper scale, −5.9 % for Wan 1.3B with 4-frame windows; compiled: within ±2 %);
 the item ``gather`` switches it on in an option list (``"kv,layout,gather"``), and ``kv,layout`` is ``safe``
@@ -82,6 +89,7 @@ from .fp8_quant import (
     triton_problem,
 )
 from .log import get_logger
+from .qk_rope import triton_problem as qk_rope_problem
 
 if TYPE_CHECKING:
     from .model import StreamDiT
@@ -129,6 +137,9 @@ class PerfOptions:
             normalise and quantise their inputs (the cross-attention query's input too); needs ``fp8_fused``.
         norm_fused: the same LayerNorm kernels without quantisation for the bf16 (non-fp8) block inputs.
         cross_residual: add each block's FFN residual in the next block's first norm (inference only).
+        qk_fused: the self-attention's q/k RMS norms, RoPE and window gather (q, k and v; with fp8 linears their
+            biases too) in one operator, ``qk_rope.qk_norm_rope`` (inference only; CUDA with Triton; unmeasured,
+            in no level).
     """
 
     text_kv_cache: bool = True
@@ -142,6 +153,7 @@ class PerfOptions:
     fp8_residual: bool = False
     norm_fused: bool = False
     cross_residual: bool = False
+    qk_fused: bool = False
 
     def __post_init__(self) -> None:
         if self.compile not in COMPILE_MODES:
@@ -165,18 +177,17 @@ class PerfOptions:
     @classmethod
     def level(cls, name: str) -> PerfOptions:
         """A named level (:data:`PERF_LEVELS`) or a comma list such as ``"kv,layout,compile=default,graphs,fp8=row"``
-        (``kv``/``layout``/``graphs``/``gather``/``fp8fuse``/``fp8rows``/``fp8resid`` switch on; ``compile`` alone means
-        ``compile=default``; ``fp8`` alone means ``fp8=row``; a level name as an item, e.g. ``"safe,compile"``, sets
-        every option to that level's at that point of the list; a list starts from everything off, like
-        ``plain``). ``fp8=tensor`` after a level turns off that level's per-row items (``"fastest,fp8=tensor"``);
-        listed together with ``fp8fuse``, ``fp8rows`` or ``fp8resid`` it is an error. ``normfuse`` and ``crossres``
-        switch on ``norm_fused`` and ``cross_residual``."""
+        (``kv``/``layout``/``graphs``/``gather``/``fp8fuse``/``fp8rows``/``fp8resid``/``normfuse``/``crossres``/``qkrope``
+        switch on; ``compile`` alone means ``compile=default``; ``fp8`` alone means ``fp8=row``; a level name as an
+        item, e.g. ``"safe,compile"``, sets every option to that level's at that point of the list; a list starts
+        from everything off, like ``plain``). ``fp8=tensor`` after a level turns off that level's per-row items
+        (``"fastest,fp8=tensor"``); listed together with ``fp8fuse``, ``fp8rows`` or ``fp8resid`` it is an error."""
         if name in PERF_LEVELS:
             return PERF_LEVELS[name]
         opts: dict[str, Any] = {f.name: getattr(PERF_LEVELS["plain"], f.name) for f in fields(PERF_LEVELS["plain"])}
         switches = {"kv": "text_kv_cache", "layout": "layout_cache", "graphs": "cuda_graphs", "gather": "window_gather",
                     "fp8fuse": "fp8_fused", "fp8rows": "fp8_rows", "fp8resid": "fp8_residual",
-                    "normfuse": "norm_fused", "crossres": "cross_residual"}
+                    "normfuse": "norm_fused", "crossres": "cross_residual", "qkrope": "qk_fused"}
         listed: set[str] = set()  # the per-row items named in the list (not inherited from a level)
         for raw in filter(None, (p.strip() for p in name.split(","))):
             key, _, value = raw.partition("=")
@@ -195,17 +206,18 @@ class PerfOptions:
                 raise ValueError(
                     f"unknown optimisation {raw!r} in {name!r}; use a level {sorted(PERF_LEVELS)} or items "
                     "kv, layout, compile[=MODE], graphs, fp8[=row|tensor], gather, fp8fuse, fp8rows, fp8resid, "
-                    "normfuse, crossres (a level name may start the list)"
+                    "normfuse, crossres, qkrope (a level name may start the list)"
                 )
         return cls(**opts)
 
     def for_device(self, device: torch.device) -> PerfOptions:
-        """Drop what cannot help on ``device``: CUDA graphs, fp8 and the fused norm kernels need CUDA (fp8 would
-        only be emulated, the norm kernels' reference hides the unfused maths from the compiler)."""
+        """Drop what cannot help on ``device``: CUDA graphs, fp8, the fused norm kernels and the fused q/k kernel
+        need CUDA (fp8 would only be emulated, the fused operators' reference hides the unfused maths from the
+        compiler)."""
         if device.type == "cuda":
             return self
         return replace(self, cuda_graphs=False, fp8="off", fp8_fused=False, fp8_rows=False, fp8_residual=False,
-                       norm_fused=False)
+                       norm_fused=False, qk_fused=False)
 
     def describe(self) -> str:
         on = [f.name if isinstance(getattr(self, f.name), bool) else f"{f.name}={getattr(self, f.name)}"
@@ -501,6 +513,11 @@ def _set_fp8(model: StreamDiT, options: PerfOptions, status: dict[str, str]) -> 
         _fuse_fp8(model, status, options.fp8_residual)
 
 
+# ----------------------------------------------------------------------------------------------------------
+# fused LayerNorm kernels for bf16, the FFN residual across blocks
+# ----------------------------------------------------------------------------------------------------------
+
+
 def _set_norm_fused(model: StreamDiT, options: PerfOptions, status: dict[str, str]) -> None:
     """Install (or remove) the bf16 path's fused LayerNorm kernels (``norm_fused``) and report
     ``cross_residual``. Blocks whose ``norm1``/``norm2`` have affine parameters keep the unfused path (the adaLN
@@ -525,6 +542,40 @@ def _set_norm_fused(model: StreamDiT, options: PerfOptions, status: dict[str, st
             count += 1
     kernels = "Triton kernels" if problem is None else f"reference implementation ({problem})"
     status["norm_fused"] = f"{count} blocks; {kernels}"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# fused q/k norm + RoPE + window gather
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _set_qk_fused(model: StreamDiT, options: PerfOptions, status: dict[str, str]) -> None:
+    """Switch the self-attention's fused q/k operator (``qk_fused``) on or off in every block whose q/k norms it
+    computes (``SelfAttention.fusable_qk``). The q/k/v projections that are fp8 linears leave their bias to it
+    (``Fp8Linear.defer_bias``; fresh ``Fp8Linear`` s from :func:`_set_fp8` start without). Call after
+    :func:`_set_fp8`."""
+    attns: list[Any] = [block.self_attn for block in model.blocks]
+    for attn in attns:
+        attn.fused_qk_rope = False
+    if not options.qk_fused:
+        return
+    problem = qk_rope_problem()
+    if problem is not None and model.patch_embedding.weight.device.type == "cuda":
+        # the reference implementation would run as an opaque operator, slower than the compiler's fusion
+        status["qk_fused"] = f"off: no Triton kernel ({problem})"
+        log.warning("the fused q/k norm + RoPE kernel is off on CUDA without Triton (%s)", problem)
+        return
+    count = 0
+    for attn in attns:
+        if attn.fusable_qk():
+            attn.fused_qk_rope = True
+            for linear in (attn.q, attn.k, attn.v):
+                if isinstance(linear, Fp8Linear):
+                    linear.defer_bias = True
+            count += 1
+    kernel = "Triton kernel" if problem is None else f"reference implementation ({problem})"
+    rolled = "" if options.window_gather else "; windows smaller than the grid stay unfused (roll path: no gather)"
+    status["qk_fused"] = f"{count} blocks; {kernel}{rolled}"
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -644,6 +695,7 @@ def apply_perf(model: StreamDiT, options: PerfOptions) -> dict[str, str]:
     status: dict[str, str] = {"requested": options.describe()}
     _set_fp8(model, options, status)
     _set_norm_fused(model, options, status)
+    _set_qk_fused(model, options, status)
     if options.window_gather:
         status["window_gather"] = "on"
     _set_compile(model, options.compile, status)

@@ -17,18 +17,7 @@ from dataclasses import replace
 
 import pytest
 import torch
-from test_fused_quant import (
-    CUDA,
-    INTERPRET,
-    RESIDUAL_CASES,
-    _inputs,
-    _model,
-    _modulation,
-    _residual_args,
-    _rows,
-    _run,
-    _wan_like_cuda,
-)
+from test_fused_quant import CUDA, INTERPRET, RESIDUAL_CASES, _modulation, _residual_args, _rows
 
 import streamdit_core.model as model_module
 from streamdit_core.adaln import gate, modulate
@@ -45,6 +34,8 @@ from streamdit_core.fp8_quant import (
 )
 from streamdit_core.model import LayerNorm, PendingResidual
 from streamdit_core.perf import PERF_LEVELS, PerfOptions
+
+from fused_models import run, tiny_inputs, tiny_model, wan_like_cuda
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -151,8 +142,8 @@ def test_fused_norm_model_equals_unfused_and_calls_the_operators(dtype, monkeypa
     """Bit-identical on the CPU; per block of n: LayerNorm + modulation of the self-attention input (or, from the
     second block on with crossres, the previous FFN residual + it), residual + norm3, residual + norm2 +
     modulation; with the fp8 items the fp8 operators win where their consumers are fp8 linears."""
-    model = _model(dtype, num_layers=3)
-    args = _inputs(model.config, dtype)
+    model = tiny_model(dtype, num_layers=3)
+    args = tiny_inputs(model.config, dtype)
     n = len(model.blocks)
     row = PerfOptions(fp8="row")
     fused = replace(row, fp8_fused=True)
@@ -172,7 +163,7 @@ def test_fused_norm_model_equals_unfused_and_calls_the_operators(dtype, monkeypa
     outs = {}
     for options, (reference, counts) in expected.items():
         if reference not in outs:
-            outs[reference] = _run(model, reference, *args)
+            outs[reference] = run(model, reference, *args)
         model.set_perf(options)
         calls = _count_calls(monkeypatch, NAMES)
         with torch.inference_mode():
@@ -185,15 +176,15 @@ def test_fused_norm_model_equals_unfused_and_calls_the_operators(dtype, monkeypa
         assert model.perf_status.get("norm_fused", "").startswith(f"{n} blocks" if options.norm_fused else "")
     model.set_perf(SAFE)
     assert not any(b.fused_norm for b in model.blocks) and "norm_fused" not in model.perf_status
-    assert torch.equal(_run(model, SAFE, *args), outs[SAFE])
+    assert torch.equal(run(model, SAFE, *args), outs[SAFE])
 
 
 def test_fused_norm_without_cross_attention_norm_and_with_uncached_context(monkeypatch):
     """norm3 an nn.Identity (no cross_attn_norm): its residual add stays unfused; without the text key/value
     cache and with a per-frame context the fused path gives the same output."""
-    model = _model(cross_attn_norm=False)
-    x, sigma, ctx = _inputs(model.config)
-    expected = _run(model, SAFE, x, sigma, ctx)
+    model = tiny_model(cross_attn_norm=False)
+    x, sigma, ctx = tiny_inputs(model.config)
+    expected = run(model, SAFE, x, sigma, ctx)
     model.set_perf(BOTH)
     calls = _count_calls(monkeypatch, NAMES)
     with torch.inference_mode():
@@ -201,9 +192,9 @@ def test_fused_norm_without_cross_attention_norm_and_with_uncached_context(monke
     monkeypatch.undo()
     assert tuple(calls.values()) == (1, 3, 0, 0)  # norm1 of block 0; norm2 of both blocks, FFN residual + norm1
     per_frame = torch.stack([ctx[:, 0], ctx[:, 0], -ctx[:, 0], ctx[:, 0]], dim=1)  # [1, F=4, Lt, text_dim]
-    model = _model()
+    model = tiny_model()
     for context in (ctx, per_frame):
-        outs = [_run(model, replace(o, text_kv_cache=False), x, sigma, context) for o in (SAFE, BOTH)]
+        outs = [run(model, replace(o, text_kv_cache=False), x, sigma, context) for o in (SAFE, BOTH)]
         assert model.blocks[0].fused_norm and not model.blocks[0].cross_attn.cached
         assert torch.equal(outs[0], outs[1])
 
@@ -211,8 +202,8 @@ def test_fused_norm_without_cross_attention_norm_and_with_uncached_context(monke
 def test_cross_residual_is_inference_only(monkeypatch):
     """Under autograd (training) the blocks add their FFN residual themselves: no PendingResidual, same output and
     gradients as without the item."""
-    model = _model()
-    args = _inputs(model.config)
+    model = tiny_model()
+    args = tiny_inputs(model.config)
     resolved = []
     real = PendingResidual.resolve
     monkeypatch.setattr(PendingResidual, "resolve", lambda self: resolved.append(1) or real(self))
@@ -253,14 +244,14 @@ def test_compiled_fused_norm_blocks_equal_eager():
     others a PendingResidual), not one per block."""
     from torch._dynamo.utils import counters
 
-    model = _model(num_layers=4)
-    args = _inputs(model.config)
-    ref = _run(model, SAFE, *args)
+    model = tiny_model(num_layers=4)
+    args = tiny_inputs(model.config)
+    ref = run(model, SAFE, *args)
     graphs = {}
     for options in (SAFE, NORM, CROSS, BOTH):
         torch._dynamo.reset()
         counters.clear()
-        out = _run(model, replace(options, compile="default"), *args)
+        out = run(model, replace(options, compile="default"), *args)
         assert model.perf_status.get("compile") == "default", model.perf_status
         assert torch.allclose(out, ref, atol=1e-4), options.describe()
         assert all("attend_runs" in reason for reason in counters["graph_break"]), list(counters["graph_break"])
@@ -381,17 +372,17 @@ def test_fused_norm_model_compiled_and_graphed_on_cuda_equals_eager(items):
     and that is close to the unfused output. The model has Wan's cross-attention norm (affine)."""
     from torch._dynamo.utils import counters
 
-    model, args = _wan_like_cuda()  # 2 blocks: the second takes the first's pending FFN residual with crossres
+    model, args = wan_like_cuda()  # 2 blocks: the second takes the first's pending FFN residual with crossres
     base = "fastest" if items.startswith("fastest") else "fast"
     options = mode_options(items if base == "fastest" else f"fast+{items}", "default")
     eager_options = replace(options, compile="off", cuda_graphs=False)
-    eager = _run(model, eager_options, *args).float()
+    eager = run(model, eager_options, *args).float()
     if options.norm_fused:
         assert "Triton kernels" in model.perf_status["norm_fused"] and all(b.fused_norm for b in model.blocks)
-    unfused = _run(model, replace(PERF_LEVELS[base], compile="off", cuda_graphs=False), *args).float()
+    unfused = run(model, replace(PERF_LEVELS[base], compile="off", cuda_graphs=False), *args).float()
     assert ((eager - unfused).norm() / unfused.norm()).item() < 0.03
     counters.clear()
-    outs = [_run(model, options, *args).float()]
+    outs = [run(model, options, *args).float()]
     with torch.inference_mode():
         outs += [model(*args).float() for _ in range(2)]  # the second call captures, the third replays
     assert model.perf_status["compile"] == "default"

@@ -22,7 +22,6 @@ from torch import nn
 
 from streamdit_core.adaln import gate, modulate
 from streamdit_core.bench import mode_options
-from streamdit_core.config import preset
 from streamdit_core.fp8_quant import (
     QuantizedActivation,
     gelu_quant_reference,
@@ -35,7 +34,7 @@ from streamdit_core.fp8_quant import (
     rows_quant_reference,
     triton_problem,
 )
-from streamdit_core.model import LayerNorm, StreamDiT
+from streamdit_core.model import LayerNorm
 from streamdit_core.perf import (
     FP8_MAX,
     PERF_LEVELS,
@@ -45,6 +44,8 @@ from streamdit_core.perf import (
     dequantize_fp8,
     quantize_fp8,
 )
+
+from fused_models import run, tiny_inputs, tiny_model, wan_like_cuda
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -223,30 +224,6 @@ def test_operators_and_wrappers_return_shaped_quantised_activations():
 # -- the model with fusion (fp8 emulated on the CPU) ----------------------------------------------------------
 
 
-def _model(dtype=torch.float32, **config):
-    torch.manual_seed(0)
-    model = StreamDiT(preset("test-tiny").with_(window=(2, 2, 2), **config)).eval()
-    nn.init.normal_(model.head.head.weight, std=0.1)  # the zero head would make every output 0
-    for block in model.blocks:  # the cross-attention norm's affine parameters away from 1 and 0
-        if isinstance(block.norm3, LayerNorm):
-            nn.init.normal_(block.norm3.weight, 1.0, 0.2)
-            nn.init.normal_(block.norm3.bias, 0.0, 0.2)
-    return model.to(dtype)
-
-
-def _inputs(cfg, dtype=torch.float32):
-    g = torch.Generator().manual_seed(1)
-    x = torch.randn(1, cfg.in_dim, 4, 8, 8, generator=g).to(dtype)
-    sigma = torch.rand(1, 4, generator=g)
-    return x, sigma, torch.randn(1, cfg.text_len, cfg.text_dim, generator=g)
-
-
-def _run(model, options, *args):
-    model.set_perf(options)
-    with torch.inference_mode():
-        return model(*args)
-
-
 ROW = PerfOptions(fp8="row")
 FUSED = replace(ROW, fp8_fused=True)
 RESID = replace(FUSED, fp8_residual=True)
@@ -260,8 +237,8 @@ def test_fused_model_equals_unfused_fp8_and_quantises_qkv_input_once(dtype, monk
     import streamdit_core.fp8_quant as fq
     import streamdit_core.perf as perf
 
-    model = _model(dtype)
-    args = _inputs(model.config, dtype)
+    model = tiny_model(dtype)
+    args = tiny_inputs(model.config, dtype)
     calls = {"linear": 0, "fused": 0}
 
     def counting(key, real):
@@ -290,16 +267,16 @@ def test_fused_model_equals_unfused_fp8_and_quantises_qkv_input_once(dtype, monk
         blocks = len(model.blocks)
         assert (calls["linear"], calls["fused"]) == (linear * blocks, fused * blocks), options.describe()
         assert torch.equal(outs[options], outs[ROW]), options.describe()
-    plain = _run(model, PerfOptions.plain(), *args)
+    plain = run(model, PerfOptions.plain(), *args)
     rel = ((outs[ROW].float() - plain.float()).norm() / plain.float().norm()).item()
     assert 1e-4 < rel < 0.08  # really quantised (the fused runs equal this one)
 
 
 def test_fusion_switches_off_and_back_restoring_modules_and_state_dict():
-    model = _model()
-    args = _inputs(model.config)
+    model = tiny_model()
+    args = tiny_inputs(model.config)
     keys, params = set(model.state_dict()), {n: p for n, p in model.named_parameters()}
-    plain = _run(model, PerfOptions.plain(), *args)
+    plain = run(model, PerfOptions.plain(), *args)
     fused = replace(ROW, fp8_fused=True, fp8_rows=True)
     model.set_perf(fused)
     block = model.blocks[0]
@@ -314,7 +291,7 @@ def test_fusion_switches_off_and_back_restoring_modules_and_state_dict():
         assert set(model.state_dict()) == keys and all(p is params[n] for n, p in model.named_parameters())
     assert block.ffn[1].approximate == "tanh" and isinstance(block.ffn[2], Fp8Linear)
     assert block.ffn[2].prologue == "none" and not block.ffn[2].single_pass and not block.ffn[0].defer_bias
-    assert torch.equal(_run(model, PerfOptions.plain(), *args), plain)
+    assert torch.equal(run(model, PerfOptions.plain(), *args), plain)
     assert type(block.ffn[2]) is nn.Linear and type(block.self_attn.q) is nn.Linear
 
 
@@ -322,21 +299,21 @@ def test_fusion_switches_off_and_back_restoring_modules_and_state_dict():
 def test_residual_fusion_with_uncached_per_frame_context_equals_unfused(dtype):
     """Without the text key/value cache the cross-attention takes its quantised input through
     ``CrossAttention.forward``, per frame for a per-frame context (data and scales reshaped alike)."""
-    model = _model(dtype)
-    x, sigma, ctx = _inputs(model.config, dtype)
+    model = tiny_model(dtype)
+    x, sigma, ctx = tiny_inputs(model.config, dtype)
     per_frame = torch.stack([ctx[:, 0], ctx[:, 0], -ctx[:, 0], ctx[:, 0]], dim=1)  # [1, F=4, Lt, text_dim]
     for context in (ctx, per_frame):
-        outs = [_run(model, replace(o, text_kv_cache=False), x, sigma, context) for o in (ROW, RESID)]
+        outs = [run(model, replace(o, text_kv_cache=False), x, sigma, context) for o in (ROW, RESID)]
         assert model.blocks[0].fused_fp8_residual and not model.blocks[0].cross_attn.cached
         assert torch.equal(outs[0], outs[1])
 
 
 def test_residual_fusion_switches_off_and_back_and_needs_the_cross_attention_norm():
-    model = _model()
-    args = _inputs(model.config)
+    model = tiny_model()
+    args = tiny_inputs(model.config)
     keys, params = set(model.state_dict()), {n: p for n, p in model.named_parameters()}
-    unfused = _run(model, FUSED, *args)
-    fused = _run(model, RESID, *args)
+    unfused = run(model, FUSED, *args)
+    fused = run(model, RESID, *args)
     assert torch.equal(fused, unfused)
     assert model.perf_status["fp8_residual"].startswith("2 blocks")
     blocks = list(model.blocks)
@@ -349,9 +326,9 @@ def test_residual_fusion_switches_off_and_back_and_needs_the_cross_attention_nor
     model.set_perf(PerfOptions.plain())
     assert type(blocks[0].cross_attn.q) is nn.Linear and type(blocks[0].ffn[0]) is nn.Linear
     # without cross_attn_norm (norm3 an nn.Identity) the residual kernel, which normalises, is not used
-    bare = _model(cross_attn_norm=False)
-    expected = _run(bare, FUSED, *args)
-    assert torch.equal(_run(bare, RESID, *args), expected)
+    bare = tiny_model(cross_attn_norm=False)
+    expected = run(bare, FUSED, *args)
+    assert torch.equal(run(bare, RESID, *args), expected)
     assert not bare.blocks[0].fused_fp8_residual and bare.perf_status["fp8_residual"].startswith("0 blocks")
 
 
@@ -550,20 +527,6 @@ def test_residual_kernel_on_cuda_matches_reference(dtype):
                              2.0**-7)
 
 
-def _wan_like_cuda():
-    cfg = preset("wan2.1-1.3b").with_(dim=256, ffn_dim=768, num_heads=2, num_layers=2, text_dim=32, text_len=8,
-                                      freq_dim=32, window=(2, 4, 4))
-    torch.manual_seed(0)
-    model = StreamDiT(cfg).eval()
-    nn.init.normal_(model.head.head.weight, std=0.1)
-    model = model.to("cuda", torch.bfloat16)
-    g = torch.Generator().manual_seed(1)
-    x = torch.randn(1, 16, 4, 16, 16, generator=g).to("cuda", torch.bfloat16)
-    sigma = torch.rand(1, 4, generator=g).cuda()
-    ctx = torch.randn(1, cfg.text_len, cfg.text_dim, generator=g).to("cuda", torch.bfloat16)
-    return model, (x, sigma, ctx)
-
-
 @pytest.mark.skipif(not CUDA, reason="needs CUDA and triton")
 @pytest.mark.parametrize("residual", [False, True], ids=["fp8fuse", "fp8resid"])
 def test_fused_model_compiled_and_graphed_on_cuda_equals_eager(residual):
@@ -572,17 +535,17 @@ def test_fused_model_compiled_and_graphed_on_cuda_equals_eager(residual):
     output is close to the unfused fp8 output. The model has Wan's cross-attention norm (affine)."""
     from torch._dynamo.utils import counters
 
-    model, args = _wan_like_cuda()
+    model, args = wan_like_cuda()
     assert isinstance(model.blocks[0].norm3, LayerNorm)
     fused = PerfOptions(fp8="row", fp8_fused=True, fp8_rows=True, fp8_residual=residual)
-    eager = _run(model, fused, *args).float()
+    eager = run(model, fused, *args).float()
     assert model.perf_status["fp8"].startswith("row scales") and "Triton kernels" in model.perf_status["fp8_fused"]
     assert all(block.fused_fp8_residual is residual for block in model.blocks)
-    unfused = _run(model, PerfOptions(fp8="row"), *args).float()
+    unfused = run(model, PerfOptions(fp8="row"), *args).float()
     assert ((eager - unfused).norm() / unfused.norm()).item() < 0.03
     options = replace(PERF_LEVELS["fastest"], fp8_fused=True, fp8_rows=True, fp8_residual=residual)
     counters.clear()
-    outs = [_run(model, options, *args).float()]
+    outs = [run(model, options, *args).float()]
     with torch.inference_mode():
         outs += [model(*args).float() for _ in range(2)]  # the second call captures, the third replays
     assert model.perf_status["compile"] == "default"
