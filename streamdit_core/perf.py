@@ -437,16 +437,35 @@ def _undo_fp8(model: StreamDiT) -> None:
             block.ffn[1] = nn.GELU(approximate=block.ffn[1].approximate)
 
 
+def _fused_kernels(
+    model: StreamDiT,
+    problem: str | None,
+    option: str,
+    what: str,
+    status: dict[str, str],
+    kernels: str = "Triton kernels",
+) -> str | None:
+    """How the fused operators of ``option`` run on the model's device, for its status: ``kernels`` when their
+    module loaded Triton (``problem`` ``None``), ``"reference implementation (problem)"`` off CUDA (the unfused maths,
+    bit-identical), or ``None`` on CUDA without Triton, where the reference would run as an opaque operator, slower
+    than the compiler's fusion: the option then stays off, ``status[option]`` says why and a warning names
+    ``what``."""
+    if problem is None:
+        return kernels
+    if model.patch_embedding.weight.device.type != "cuda":
+        return f"reference implementation ({problem})"
+    status[option] = f"off: no {kernels} ({problem})"
+    log.warning("%s: off on CUDA without Triton (%s)", what, problem)
+    return None
+
+
 def _fuse_fp8(model: StreamDiT, status: dict[str, str], residual: bool = False) -> None:
     """Quantise per row inside the producers' kernels (``fp8_fused``): each block's adaLN inputs of q/k/v and of
     the FFN (all ``Fp8Linear`` with per-row scales) once, and the FFN's GELU output in the second linear. With
     ``residual`` (``fp8_residual``) the cross-attention's q input and the FFN input come from the kernels that
     also add the residual before their norm."""
-    problem = triton_problem()
-    if problem is not None and model.patch_embedding.weight.device.type == "cuda":
-        # the reference implementations would run as opaque operators, slower than the compiler's fusion
-        status["fp8_fused"] = f"off: no Triton kernels ({problem})"
-        log.warning("fused fp8 quantisation is off on CUDA without Triton (%s)", problem)
+    kernels = _fused_kernels(model, triton_problem(), "fp8_fused", "fused fp8 quantisation", status)
+    if kernels is None:
         if residual:
             status["fp8_residual"] = "off: no Triton kernels"
         return
@@ -472,7 +491,6 @@ def _fuse_fp8(model: StreamDiT, status: dict[str, str], residual: bool = False) 
                 isinstance(n, nn.LayerNorm) for n in (block.norm2, block.norm3)):
             block.fused_fp8_residual = True
             resid += 1
-    kernels = "Triton kernels" if problem is None else f"reference implementation ({problem})"
     status["fp8_fused"] = f"{adaln} adaLN inputs, {gelu} GELUs; {kernels}"
     if residual:
         status["fp8_residual"] = f"{resid} blocks (cross-attention and FFN inputs with their residual add)"
@@ -529,10 +547,8 @@ def _set_norm_fused(model: StreamDiT, options: PerfOptions, status: dict[str, st
         status["cross_residual"] = "on (inference without autograd)"
     if not options.norm_fused:
         return
-    problem = triton_problem()
-    if problem is not None and model.patch_embedding.weight.device.type == "cuda":
-        status["norm_fused"] = f"off: no Triton kernels ({problem})"
-        log.warning("fused LayerNorm kernels are off on CUDA without Triton (%s)", problem)
+    kernels = _fused_kernels(model, triton_problem(), "norm_fused", "fused LayerNorm kernels", status)
+    if kernels is None:
         return
     count = 0
     for block in model.blocks:
@@ -540,7 +556,6 @@ def _set_norm_fused(model: StreamDiT, options: PerfOptions, status: dict[str, st
         if all(isinstance(n, nn.LayerNorm) and n.weight is None for n in norms):
             block.fused_norm = True
             count += 1
-    kernels = "Triton kernels" if problem is None else f"reference implementation ({problem})"
     status["norm_fused"] = f"{count} blocks; {kernels}"
 
 
@@ -559,11 +574,9 @@ def _set_qk_fused(model: StreamDiT, options: PerfOptions, status: dict[str, str]
         attn.fused_qk_rope = False
     if not options.qk_fused:
         return
-    problem = qk_rope_problem()
-    if problem is not None and model.patch_embedding.weight.device.type == "cuda":
-        # the reference implementation would run as an opaque operator, slower than the compiler's fusion
-        status["qk_fused"] = f"off: no Triton kernel ({problem})"
-        log.warning("the fused q/k norm + RoPE kernel is off on CUDA without Triton (%s)", problem)
+    kernel = _fused_kernels(model, qk_rope_problem(), "qk_fused", "fused q/k norm + RoPE kernel", status,
+                            "Triton kernel")
+    if kernel is None:
         return
     count = 0
     for attn in attns:
@@ -573,7 +586,6 @@ def _set_qk_fused(model: StreamDiT, options: PerfOptions, status: dict[str, str]
                 if isinstance(linear, Fp8Linear):
                     linear.defer_bias = True
             count += 1
-    kernel = "Triton kernel" if problem is None else f"reference implementation ({problem})"
     rolled = "" if options.window_gather else "; windows smaller than the grid stay unfused (roll path: no gather)"
     status["qk_fused"] = f"{count} blocks; {kernel}{rolled}"
 
