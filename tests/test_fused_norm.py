@@ -4,7 +4,8 @@ norm_fused / cross_residual): the fp8 row kernel without its quantisation.
 On the CPU: the reference implementations equal the unfused maths of ``Block`` bit for bit (LayerNorm with and
 without affine, with and without modulation, residual add with and without gate, float32 and bfloat16); a tiny
 model gives the same output bit for bit with ``normfuse`` and/or ``crossres`` (also with the fp8 items, fp8
-emulated), calls the fused operators where expected, and does not defer residuals under autograd.
+emulated, and with the fused q/k norm + RoPE, ``qkrope``), calls the fused operators where expected, and does not
+defer residuals under autograd.
 
 The Triton kernel without quantisation is compared with the reference where it can run: with CUDA (widths of the
 paper-scale and Wan models, the operators, and a small model compiled with CUDA graphs against eager), or on the CPU
@@ -220,6 +221,38 @@ def test_cross_residual_is_inference_only(monkeypatch):
         assert torch.equal(model(*args), outs[0]) and resolved == [1]  # the last block's, in the model
 
 
+# The bf16 path's items and the fp8 ones (fp8 emulated) with the fused q/k norm + RoPE + window gather (qkrope):
+# items → (the same options without the fused items, calls of norm_modulate, residual_norm, the two fp8 operators
+# as in the test above, and qk_norm_rope in a model of 3 blocks)
+WITH_QKROPE = {
+    "fast,normfuse,crossres,qkrope": ("fast", (1, 8, 0, 0, 3)),
+    "safe,fp8,fp8fuse,fp8resid,crossres,qkrope": ("safe,fp8", (0, 0, 1, 8, 3)),
+    "safe,fp8,fp8fuse,normfuse,crossres,qkrope": ("safe,fp8", (0, 3, 4, 2, 3)),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("items", list(WITH_QKROPE))
+def test_fused_norm_and_cross_residual_with_qkrope_equal_unfused(items, dtype, monkeypatch):
+    """Bit-identical on the CPU with every block's norms, the residual adds across blocks and the q/k norms + RoPE +
+    window gather in the fused operators (the fp8 linears' q/k/v biases pending into the latter), for two batch
+    elements and shifted and unshifted windows; compile off (the opt-in test below compiles them)."""
+    model = tiny_model(dtype, num_layers=3)
+    args = tiny_inputs(model.config, dtype, batch=2)
+    reference, counts = WITH_QKROPE[items]
+    options, reference = (replace(PerfOptions.level(name), compile="off") for name in (items, reference))
+    expected = run(model, reference, *args)
+    model.set_perf(options)
+    calls = _count_calls(monkeypatch, (*NAMES, "qk_norm_rope"))
+    with torch.inference_mode():
+        out = model(*args)
+    monkeypatch.undo()
+    assert torch.equal(out, expected)
+    assert tuple(calls.values()) == counts
+    assert model.perf_status["qk_fused"].startswith("3 blocks")
+    assert all(b.self_attn.fused_qk_rope and b.fused_norm is options.norm_fused for b in model.blocks)
+
+
 def test_options_parse_normfuse_and_crossres():
     assert not any(level.norm_fused or level.cross_residual for level in PERF_LEVELS.values())  # in no level yet
     fast = PERF_LEVELS["fast"]
@@ -257,6 +290,27 @@ def test_compiled_fused_norm_blocks_equal_eager():
         assert all("attend_runs" in reason for reason in counters["graph_break"]), list(counters["graph_break"])
         graphs[options] = counters["stats"]["unique_graphs"]
     assert all(count <= graphs[SAFE] + 1 for count in graphs.values()), graphs
+
+
+@pytest.mark.skipif(os.environ.get("STREAMDIT_TEST_COMPILE") != "1", reason="CPU compile takes ~30 s; opt in")
+@pytest.mark.parametrize("items", ["fast,normfuse,crossres,qkrope", "fastest,crossres,qkrope"])
+def test_compiled_fused_norm_and_qkrope_blocks_equal_eager(items):
+    """The bf16 items (or fastest's fp8 ones, emulated) with crossres and qkrope in compiled blocks: the eager output
+    without the items to float rounding, no graph break but the cached cross-attention's."""
+    from torch._dynamo.utils import counters
+
+    model = tiny_model(num_layers=3)
+    args = tiny_inputs(model.config, batch=2)
+    options = PerfOptions.level(items)
+    base = PerfOptions.level(items.split(",")[0])
+    ref = run(model, replace(base, compile="off"), *args)
+    torch._dynamo.reset()
+    counters.clear()
+    out = run(model, options, *args)
+    assert model.perf_status.get("compile") == "default", model.perf_status
+    assert model.perf_status["qk_fused"].startswith("3 blocks")
+    assert torch.allclose(out, ref, atol=1e-4)
+    assert all("attend_runs" in reason for reason in counters["graph_break"]), list(counters["graph_break"])
 
 
 # -- the Triton kernel without quantisation -------------------------------------------------------------------
@@ -365,11 +419,12 @@ def test_norm_kernel_without_quantisation_on_cuda_matches_reference(dtype):
 
 
 @pytest.mark.skipif(not CUDA, reason="needs CUDA and triton")
-@pytest.mark.parametrize("items", ["normfuse", "normfuse+crossres", "fastest+crossres"])
+@pytest.mark.parametrize("items", ["normfuse", "normfuse+crossres", "fastest+crossres", "normfuse+crossres+qkrope",
+                                   "fastest+crossres+qkrope"])
 def test_fused_norm_model_compiled_and_graphed_on_cuda_equals_eager(items):
-    """fast + the items (or fastest + crossres): compiled blocks (no graph break but the intended one around the
-    cached cross-attention) and the CUDA graph replay give the eager output of the same items to bf16 rounding,
-    and that is close to the unfused output. The model has Wan's cross-attention norm (affine)."""
+    """fast + the items (or fastest + crossres, with or without qkrope): compiled blocks (no graph break but the
+    intended one around the cached cross-attention) and the CUDA graph replay give the eager output of the same items
+    to bf16 rounding, and that is close to the unfused output. The model has Wan's cross-attention norm (affine)."""
     model, args = wan_like_cuda()  # 2 blocks: the second takes the first's pending FFN residual with crossres
     base = "fastest" if items.startswith("fastest") else "fast"
     options = mode_options(items if base == "fastest" else f"fast+{items}", "default")
@@ -377,6 +432,8 @@ def test_fused_norm_model_compiled_and_graphed_on_cuda_equals_eager(items):
     eager = run(model, eager_options, *args).float()
     if options.norm_fused:
         assert "Triton kernels" in model.perf_status["norm_fused"] and all(b.fused_norm for b in model.blocks)
+    if options.qk_fused:
+        assert model.perf_status["qk_fused"] == "2 blocks; Triton kernel"
     unfused = run(model, replace(PERF_LEVELS[base], compile="off", cuda_graphs=False), *args).float()
     assert ((eager - unfused).norm() / unfused.norm()).item() < 0.03
     assert_compiled_and_graphed_equal(model, options, args, eager)
