@@ -265,8 +265,9 @@ class StreamDiTModelLoader:
                         "default": "safe",
                         "tooltip": "Inference speed-ups. safe = text keys/values, RoPE and time embedding computed "
                         "once and reused, windows formed without roll copies (same results). plain = none (the "
-                        "reference). fast = + torch.compile and CUDA graphs (GPU; the first run compiles for up to "
-                        "a minute or two; same results up to rounding). fastest = + fp8 linear layers on H100/Ada "
+                        "reference). fast = + torch.compile, CUDA graphs and fused Triton norm/RoPE kernels (GPU; "
+                        "the first run compiles for up to a minute or two; same results up to rounding). "
+                        "fastest = + fp8 linear layers on H100/Ada "
                         "GPUs, their inputs quantised in fused Triton kernels (a few % change of the model output). "
                         "On a CPU, fast/fastest keep only what helps "
                         "there.",

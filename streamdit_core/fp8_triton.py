@@ -35,6 +35,20 @@ def _quantise_store(y, cols, mask, out_ptr, out_scale_ptr, row, n_cols):
 
 
 @triton.jit
+def _prologue(x_ptr, bias_ptr, row, cols, mask, n_cols, PROLOGUE: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """Load ``x[row, cols]`` and apply the element-wise prologue; float32 values rounded as the unfused maths."""
+    x = tl.load(x_ptr + row * n_cols + cols, mask=mask, other=0.0).to(tl.float32)
+    if PROLOGUE == 1:
+        if HAS_BIAS:  # the producing matmul's `out + bias` in x's dtype
+            x = (x + tl.load(bias_ptr + cols, mask=mask, other=0.0).to(tl.float32)).to(x_ptr.dtype.element_ty)
+            x = x.to(tl.float32)
+        # ½x(1 + tanh u) = x·sigmoid(2u), u = √(2/π)(x + 0.044715x³); rounded to x's dtype like nn.GELU's output
+        u = 0.7978845608028654 * (x + 0.044715 * x * x * x)
+        x = (x / (1.0 + tl.exp(-2.0 * u))).to(x_ptr.dtype.element_ty).to(tl.float32)
+    return x
+
+
+@triton.jit
 def _quant_rows_kernel(
     x_ptr,  # [rows, n_cols], row-major
     bias_ptr,  # [n_cols] in x's dtype (PROLOGUE 1 with HAS_BIAS only)
@@ -43,23 +57,30 @@ def _quant_rows_kernel(
     n_cols,
     PROLOGUE: tl.constexpr,  # 0: none, 1: GELU(tanh)
     HAS_BIAS: tl.constexpr,  # PROLOGUE 1: add the producing linear's bias first (rounded to x's dtype)
-    BLOCK: tl.constexpr,  # next power of two ≥ n_cols
+    BLOCK: tl.constexpr,  # next power of two ≥ n_cols (whole row), or the chunk (CHUNKED)
+    CHUNKED: tl.constexpr,  # two passes over chunks of BLOCK: the row's amax, then (re-read, from L2) the values
 ):
     row = tl.program_id(0).to(tl.int64)
-    cols = tl.arange(0, BLOCK)
-    mask = cols < n_cols
-    x = tl.load(x_ptr + row * n_cols + cols, mask=mask, other=0.0).to(tl.float32)
-    if PROLOGUE == 1:
-        if HAS_BIAS:  # the producing matmul's `out + bias` in x's dtype
-            x = (x + tl.load(bias_ptr + cols, mask=mask, other=0.0).to(tl.float32)).to(x_ptr.dtype.element_ty)
-            x = x.to(tl.float32)
-        # ½x(1 + tanh u) = x·sigmoid(2u), u = √(2/π)(x + 0.044715x³); rounded to x's dtype like nn.GELU's output
-        u = 0.7978845608028654 * (x + 0.044715 * x * x * x)
-        y = x / (1.0 + tl.exp(-2.0 * u))
-        y = y.to(x_ptr.dtype.element_ty).to(tl.float32)
+    if CHUNKED:
+        amax = 0.0
+        for start in range(0, n_cols, BLOCK):
+            cols = start + tl.arange(0, BLOCK)
+            mask = cols < n_cols
+            y = _prologue(x_ptr, bias_ptr, row, cols, mask, n_cols, PROLOGUE, HAS_BIAS)
+            amax = tl.maximum(amax, tl.max(tl.where(mask, tl.abs(y), 0.0), axis=0))
+        s = tl.maximum(amax, 1e-12) / 448.0
+        for start in range(0, n_cols, BLOCK):
+            cols = start + tl.arange(0, BLOCK)
+            mask = cols < n_cols
+            y = _prologue(x_ptr, bias_ptr, row, cols, mask, n_cols, PROLOGUE, HAS_BIAS)
+            q = tl.minimum(tl.maximum(y / s, -448.0), 448.0)
+            tl.store(out_ptr + row * n_cols + cols, q.to(out_ptr.dtype.element_ty), mask=mask)
+        tl.store(out_scale_ptr + row, s)
     else:
-        y = x
-    _quantise_store(y, cols, mask, out_ptr, out_scale_ptr, row, n_cols)
+        cols = tl.arange(0, BLOCK)
+        mask = cols < n_cols
+        y = _prologue(x_ptr, bias_ptr, row, cols, mask, n_cols, PROLOGUE, HAS_BIAS)
+        _quantise_store(y, cols, mask, out_ptr, out_scale_ptr, row, n_cols)
 
 
 @triton.jit
@@ -121,11 +142,16 @@ def quantize_rows_triton(
     prologue: int,
     out_dtype: torch.dtype = torch.float8_e4m3fn,
     bias: torch.Tensor | None = None,
+    chunk: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Launch ``_quant_rows_kernel`` on ``x`` ``[rows, n_cols]`` (contiguous). ``prologue``: 0 none, 1 GELU(tanh)
     of ``x + bias`` (``bias`` ``[n_cols]`` in x's dtype or ``None``). ``out_dtype=torch.float32`` stores the
     scaled values before their cast to fp8 (a test of the maths where the fp8 cast is not trusted: Triton's
-    interpreter rounds values just below a power of two to the lower one, e.g. 124.3 → 64).
+    interpreter rounds values just below a power of two to the lower one, e.g. 124.3 → 64). ``chunk``: 0 (the
+    default) holds the whole row in registers; a power of two runs the two-pass kernel over chunks of that size
+    (same values; for widths far below their power of two, e.g. Wan 1.3B's FFN 8,960 → a 16,384 block, where the
+    H100 sweep in docs/bench/h100_row_kernels measured the whole-row kernel at under half the bandwidth; not
+    measured yet, so not used by the model).
 
     Returns:
         ``(x8 [rows, n_cols] out_dtype, scale [rows, 1] float32)``.
@@ -133,12 +159,12 @@ def quantize_rows_triton(
     rows, n_cols = x.shape
     out = torch.empty((rows, n_cols), dtype=out_dtype, device=x.device)
     out_scale = torch.empty((rows, 1), dtype=torch.float32, device=x.device)
-    block, warps = row_launch_config(n_cols)
+    block, warps = row_launch_config(chunk or n_cols)
     # an unread placeholder without a bias: the input (read-only), never an output, so that the compiler's
     # mutation analysis sees no aliasing of what the kernel writes
     wrap_triton(_quant_rows_kernel)[(rows,)](
         x, x if bias is None else bias, out, out_scale, n_cols,
-        PROLOGUE=prologue, HAS_BIAS=bias is not None, BLOCK=block, num_warps=warps,
+        PROLOGUE=prologue, HAS_BIAS=bias is not None, BLOCK=block, CHUNKED=chunk > 0, num_warps=warps,
     )
     return out, out_scale
 

@@ -39,23 +39,23 @@ option             what it does                                                 
                    ``crossres``; one more compiled graph: the first block's)                 CPU: bit-identical
 ``qk_fused``       without autograd: the self-attention's q/k RMS norms, RoPE and the        bf16: a q/k value
                    window gather of q, k and v (with fp8 linears also their biases) in one   may move by a bf16
-                   Triton kernel (``qk_rope``; item ``qkrope``); unmeasured, in no level     step or two of its
+                   Triton kernel (``qk_rope``; item ``qkrope``)                              step or two of its
                                                                                              inputs; CPU: bit-
                                                                                              identical
 =================  ========================================================================  ==================
 
 Levels (:data:`PERF_LEVELS`): ``plain`` (all off, the eager reference), ``safe`` (the default: both caches
-and ``window_gather``), ``fast`` (+ ``compile`` and ``cuda_graphs``), ``fastest`` (+ ``fp8=row``,
-``fp8_fused`` and ``fp8_residual``). ``fp8_fused`` is in ``fastest`` since the H100 run in
-``docs/bench/h100_fp8fuse/`` (−4.7 % per call at paper scale, −6.7 % for Wan 1.3B with 4-frame windows, same
-error against ``plain``), ``fp8_residual`` since the one in ``docs/bench/h100_fp8resid/`` (a further −9.6 % and
-−7.6 %); on CUDA without Triton both stay off (the status says why). ``fp8_rows`` gained nothing and is in no
-level (``fastest,fp8rows``; in ``bench --modes``: ``fastest+fp8rows``). ``norm_fused``, ``cross_residual`` and
-``qk_fused`` are unmeasured and in no level yet (``fast,normfuse,crossres``, ``fast,qkrope`` or
-``fastest,qkrope``; ``bench --modes fast+normfuse+crossres``, ``fast+qkrope``); on CUDA without Triton
-``norm_fused`` and ``qk_fused`` stay off (the status says why), and off CUDA both are dropped (their kernels'
-reference is the unfused maths, better left to the compiler there). ``qk_fused`` needs ``window_gather`` for
-windows smaller than the grid (the roll path stays unfused).
+and ``window_gather``), ``fast`` (+ ``compile``, ``cuda_graphs``, ``norm_fused``, ``cross_residual`` and
+``qk_fused``), ``fastest`` (+ ``compile``, ``cuda_graphs``, ``fp8=row``, ``fp8_fused``, ``fp8_residual`` and
+``qk_fused``). ``fp8_fused`` is in ``fastest`` since the H100 run in ``docs/bench/h100_fp8fuse/`` (−4.7 % per call
+at paper scale, −6.7 % for Wan 1.3B with 4-frame windows, same error against ``plain``), ``fp8_residual`` since the
+one in ``docs/bench/h100_fp8resid/`` (a further −9.6 % and −7.6 %), ``qk_fused`` (both levels), ``norm_fused`` and
+``cross_residual`` (``fast`` only: in ``fastest`` the deferred add cost 0.8–1.9 %) since the one in
+``docs/bench/h100_fused_rope_norm/`` (``fastest`` −4.2 % and −4.0 %; ``fast`` −7.1 % and −6.2 %, same or lower
+error). On CUDA without Triton the Triton items stay off (the status says why); off CUDA they are dropped (their
+kernels' reference is the unfused maths, better left to the compiler there), ``cross_residual`` with them.
+``fp8_rows`` gained nothing and is in no level (``fastest,fp8rows``; in ``bench --modes``: ``fastest+fp8rows``).
+``qk_fused`` needs ``window_gather`` for windows smaller than the grid (the roll path stays unfused).
 ``window_gather`` is in every level but ``plain`` since the H100 run in ``docs/bench/h100_qkv_gather/``
 (eager: −8.8 % per call at paper scale, −5.9 % for Wan 1.3B with 4-frame windows; compiled: within ±2 %);
 the item ``gather`` switches it on in an option list (``"kv,layout,gather"``), and ``kv,layout`` is ``safe``
@@ -138,8 +138,7 @@ class PerfOptions:
         norm_fused: the same LayerNorm kernels without quantisation for the bf16 (non-fp8) block inputs.
         cross_residual: add each block's FFN residual in the next block's first norm (inference only).
         qk_fused: the self-attention's q/k RMS norms, RoPE and window gather (q, k and v; with fp8 linears their
-            biases too) in one operator, ``qk_rope.qk_norm_rope`` (inference only; CUDA with Triton; unmeasured,
-            in no level).
+            biases too) in one operator, ``qk_rope.qk_norm_rope`` (inference only; CUDA with Triton).
     """
 
     text_kv_cache: bool = True
@@ -217,7 +216,7 @@ class PerfOptions:
         if device.type == "cuda":
             return self
         return replace(self, cuda_graphs=False, fp8="off", fp8_fused=False, fp8_rows=False, fp8_residual=False,
-                       norm_fused=False, qk_fused=False)
+                       norm_fused=False, cross_residual=False, qk_fused=False)
 
     def describe(self) -> str:
         on = [f.name if isinstance(getattr(self, f.name), bool) else f"{f.name}={getattr(self, f.name)}"
@@ -231,10 +230,12 @@ PERF_LEVELS: dict[str, PerfOptions] = {
     # the default: exact caches and roll-free windows only (plus the attention backend's fastest kernel)
     "safe": PerfOptions(),
     # + fused kernels and CUDA graphs: first call compiles (tens of seconds), same results to bf16 rounding
-    "fast": PerfOptions(compile="default", cuda_graphs=True),
+    "fast": PerfOptions(compile="default", cuda_graphs=True, norm_fused=True, cross_residual=True, qk_fused=True),
     # + float8 linears (H100/Ada) with fused quantisation kernels: a few % relative change of the model output,
     # measured by `bench`
-    "fastest": PerfOptions(compile="default", cuda_graphs=True, fp8="row", fp8_fused=True, fp8_residual=True),
+    "fastest": PerfOptions(
+        compile="default", cuda_graphs=True, fp8="row", fp8_fused=True, fp8_residual=True, qk_fused=True
+    ),
 }
 
 

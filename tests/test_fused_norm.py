@@ -254,17 +254,18 @@ def test_fused_norm_and_cross_residual_with_qkrope_equal_unfused(items, dtype, m
 
 
 def test_options_parse_normfuse_and_crossres():
-    assert not any(level.norm_fused or level.cross_residual for level in PERF_LEVELS.values())  # in no level yet
+    # in `fast` (not `fastest`: crossres cost 1-2 ms there) since the H100 run in docs/bench/h100_fused_rope_norm
+    assert [name for name, level in PERF_LEVELS.items() if level.norm_fused or level.cross_residual] == ["fast"]
     fast = PERF_LEVELS["fast"]
-    assert PerfOptions.level("fast,normfuse") == replace(fast, norm_fused=True)
-    assert mode_options("fast+normfuse", "default") == replace(fast, norm_fused=True)
-    assert mode_options("fast+normfuse+crossres", "max-autotune-no-cudagraphs") == replace(
-        fast, norm_fused=True, cross_residual=True, compile="max-autotune-no-cudagraphs")
+    assert fast.norm_fused and fast.cross_residual
+    compiled = PerfOptions(compile="default", cuda_graphs=True, qk_fused=True)
+    assert PerfOptions.level("fast") == replace(compiled, norm_fused=True, cross_residual=True)
     assert mode_options("fastest+crossres", "default") == replace(PERF_LEVELS["fastest"], cross_residual=True)
+    assert mode_options("safe+normfuse+crossres", "default") == PerfOptions(norm_fused=True, cross_residual=True)
     assert PerfOptions.level("kv,normfuse,crossres").describe() == "text_kv_cache,norm_fused,cross_residual"
-    # off CUDA the kernels' reference would only hide the unfused maths from the compiler; crossres stays
-    assert PerfOptions.level("fast,normfuse,crossres").for_device(torch.device("cpu")) == PerfOptions(
-        compile="default", cross_residual=True)
+    # off CUDA the kernels' reference would only hide the unfused maths from the compiler, and the deferred add
+    # alone gains nothing: the CPU keeps the compiled blocks as they were
+    assert PerfOptions.level("fast").for_device(torch.device("cpu")) == PerfOptions(compile="default")
     with pytest.raises(ValueError, match="unknown optimisation 'normfuse=1'.*normfuse, crossres"):
         PerfOptions.level("fast,normfuse=1")
 

@@ -493,6 +493,24 @@ def test_residual_kernel_in_interpreter_matches_reference(dtype):
                            cast_in_torch=True, min_equal=0.9 if bf16 else 0.99, scale_rtol=2.0**-6 if bf16 else 2.0**-7)
 
 
+@pytest.mark.skipif(not (CUDA or INTERPRET), reason="needs CUDA and triton, or TRITON_INTERPRET=1 with triton")
+def test_chunked_rows_kernel_equals_whole_row():
+    """The two-pass chunked row kernel stores the same values and scales as the whole row in registers (the same
+    maths; float32 outputs, so the interpreter's fp8 cast plays no part)."""
+    from streamdit_core.fp8_triton import quantize_rows_triton
+
+    device = "cuda" if CUDA else "cpu"
+    cases = ((8960, 2048), (7680, 1024)) if CUDA else ((200, 16), (72, 32))
+    for dtype in (torch.bfloat16, torch.float32):
+        for width, chunk in cases:
+            h = _rows(64 if CUDA else 8, width, dtype, seed=width, device=device)
+            bias = torch.randn(width, generator=torch.Generator().manual_seed(1)).to(dtype).to(device)
+            for prologue, b in ((0, None), (1, None), (1, bias)):
+                whole = quantize_rows_triton(h, prologue, torch.float32, bias=b, chunk=0)
+                chunked = quantize_rows_triton(h, prologue, torch.float32, bias=b, chunk=chunk)
+                assert torch.equal(whole[0], chunked[0]) and torch.equal(whole[1], chunked[1])
+
+
 @pytest.mark.skipif(not CUDA, reason="needs CUDA and triton")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_triton_kernel_on_cuda_matches_reference(dtype):

@@ -242,14 +242,15 @@ def test_compiled_model_with_fused_operator_equals_eager():
 
 
 def test_options_parse_qkrope():
-    assert not any(level.qk_fused for level in PERF_LEVELS.values())  # unmeasured: in no level yet
-    assert PerfOptions.level("fast,qkrope") == replace(PERF_LEVELS["fast"], qk_fused=True)
-    assert mode_options("fast+qkrope", "default") == replace(PERF_LEVELS["fast"], qk_fused=True)
-    assert mode_options("fastest+qkrope", "max-autotune") == replace(PERF_LEVELS["fastest"], qk_fused=True,
-                                                                     compile="max-autotune")
+    # in `fast` and `fastest` since the H100 run in docs/bench/h100_fused_rope_norm
+    assert [name for name, level in PERF_LEVELS.items() if level.qk_fused] == ["fast", "fastest"]
+    compiled = PerfOptions(compile="default", cuda_graphs=True)
+    assert PerfOptions.level("safe,qkrope") == PerfOptions(qk_fused=True)
+    assert mode_options("safe+qkrope", "default") == PerfOptions(qk_fused=True)
+    assert mode_options("fastest+qkrope", "max-autotune") == replace(PERF_LEVELS["fastest"], compile="max-autotune")
     assert PerfOptions.level("kv,layout,gather,qkrope").describe() == (
         "text_kv_cache,layout_cache,window_gather,qk_fused")
-    assert PerfOptions.level("fast,qkrope").for_device(torch.device("cpu")) == PerfOptions(compile="default")
+    assert PerfOptions.level("fast").for_device(torch.device("cpu")) == replace(compiled, cuda_graphs=False)
     with pytest.raises(ValueError, match="unknown optimisation 'qkrope=1'"):
         PerfOptions.level("fast,qkrope=1")
 
@@ -402,7 +403,7 @@ def test_triton_kernel_on_cuda_matches_reference(dtype):
     ref = qk_norm_rope_reference(q, k, v, *biases, *weights, *rope, index, EPS)
     pre = qk_norm_rope_reference(q, k, None, *biases[:2], None, *weights, torch.ones_like(rope[0]),
                                  torch.zeros_like(rope[1]), index, EPS)
-    assert outs[0].shape == (2 * 16, 64, 24, 128)
+    assert outs[0].shape == (2 * 8, 64, 24, 128)
     for i in range(2):
         _assert_rope_close(outs[i].reshape(ref[i].shape), ref[i], pre[i], rope, index, 2,
                            2.0**-7 if dtype == torch.bfloat16 else 2.0**-20, min_equal)

@@ -1,0 +1,139 @@
+"""Time the fused row kernels (``fp8_triton``, ``rope_triton``) at the benchmark cases' shapes for several
+``num_warps``, against the copy bandwidth: which launch configuration ``triton_util.row_launch_config`` should pick.
+
+Usage (on a CUDA machine with Triton): ``python scripts/bench_row_kernels.py --out OUTDIR`` →
+``OUTDIR/row_kernels.json`` and ``row_kernels.md``. Each kernel runs on random inputs of one model call's shape
+(paper-4b: 16,384 tokens × 3,072, FFN 7,680, 24 heads; Wan 1.3B with 4-frame windows: 24,960 × 1,536, FFN 8,960,
+12 heads; 16 token frames), timed with CUDA events (20 launches in one CUDA graph, median of 10 replays).
+Bytes = what the kernel must read and write once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import statistics
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from streamdit_core import fp8_triton, rope_triton
+from streamdit_core.attention import window_index
+
+log = logging.getLogger("StreamDiT.bench_row_kernels")
+
+# name: (tokens, width, ffn width, heads, token grid, window)
+CASES = {
+    "paper-4b": (16384, 3072, 7680, 24, (16, 32, 32), (16, 16, 16)),
+    "wan2.1-1.3b-w4": (24960, 1536, 8960, 12, (16, 30, 52), (4, 30, 52)),
+}
+WARPS = (1, 2, 4, 8, 16)
+
+
+def _time_ms(fn: Callable[[], object], repeats: int = 10, launches: int = 20) -> float:
+    """Milliseconds per call of ``fn``: ``launches`` calls captured in one CUDA graph (so no Python launch cost is
+    timed), the median over ``repeats`` CUDA-event timings of its replay, after 3 warm-ups (Triton compiles)."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(launches):
+            fn()
+    graph.replay()
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) / launches)
+    del graph
+    return statistics.median(times)
+
+
+def _kernels(case: str) -> dict[str, tuple[Callable[[], object], int]]:
+    """``{kernel: (launch, bytes moved)}`` of one case's shapes."""
+    tokens, d, ffn, heads, grid, window = CASES[case]
+    frames = grid[0]
+    dev, bf16 = "cuda", torch.bfloat16
+    g = torch.Generator(device=dev).manual_seed(0)
+
+    def rnd(*shape: int, dtype: torch.dtype = bf16) -> torch.Tensor:
+        return torch.randn(*shape, device=dev, generator=g).to(dtype)
+
+    x, y, h, h_bias = rnd(tokens, d), rnd(tokens, d), rnd(tokens, ffn), rnd(ffn)
+    mod = [rnd(1, frames, d, dtype=torch.float32) * 0.1 for _ in range(3)]
+    w, b = rnd(d), rnd(d)
+    q, k, v = (rnd(1, tokens, d) for _ in range(3))
+    dh = d // heads
+    cos, sin = (rnd(tokens, dh // 2, dtype=torch.float32) for _ in range(2))
+    index = window_index(grid, window, True, dev)[0] if window != grid else None
+    row, row8 = tokens * d * 2, tokens * d  # bytes of a bf16 / fp8 activation
+    nq = fp8_triton.norm_quant_triton
+    return {
+        "LayerNorm + modulation + fp8 (norm1)": (
+            lambda: nq(x, 1e-6, tokens, frames, shift=mod[0], scale=mod[1]), row + row8),
+        "residual + gate + LayerNorm affine + fp8 (norm3)": (
+            lambda: nq(x, 1e-6, tokens, frames, residual=y, gate=mod[2], weight=w, bias=b), 3 * row + row8),
+        "residual + LayerNorm + modulation + fp8 (norm2)": (
+            lambda: nq(x, 1e-6, tokens, frames, residual=y, shift=mod[0], scale=mod[1]), 3 * row + row8),
+        "residual + LayerNorm + modulation, bf16 (normfuse)": (
+            lambda: nq(x, 1e-6, tokens, frames, residual=y, shift=mod[0], scale=mod[1], quantize=False), 4 * row),
+        "bias + GELU + fp8 (FFN hidden)": (
+            lambda: fp8_triton.quantize_rows_triton(h, 1, bias=h_bias), tokens * ffn * 3),
+        "bias + GELU + fp8, two passes over chunks of 2,048 (not used yet)": (
+            lambda: fp8_triton.quantize_rows_triton(h, 1, bias=h_bias, chunk=2048), tokens * ffn * 3),
+        "q/k RMS norm + RoPE + gather, v gather (qkrope)": (
+            lambda: rope_triton.qkv_rows_triton(q, k, v, cos, sin, 1e-6, weights=(w, w), index=index), 6 * row),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--cases", default=",".join(CASES))
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s: %(message)s")
+    args.out.mkdir(parents=True, exist_ok=True)
+    default = fp8_triton.row_launch_config
+    copy = torch.empty(256 << 20, dtype=torch.uint8, device="cuda")
+    bandwidth = 2 * copy.numel() / _time_ms(lambda: copy.clone()) / 1e9  # TB/s (bytes per ms / 1e9)
+    results: dict[str, object] = {"gpu": torch.cuda.get_device_name(), "copy_tbs": round(bandwidth, 2), "rows": []}
+    lines = [f"GPU {results['gpu']}, copy bandwidth {bandwidth:.2f} TB/s; µs per launch (share of copy bandwidth)",
+             "", "| case | kernel | default warps | " + " | ".join(f"{n} warps" for n in WARPS) + " |",
+             "|---|---|---|" + "---|" * len(WARPS)]
+    for case in args.cases.split(","):
+        for name, (launch, nbytes) in _kernels(case).items():
+            cells, row = [], {"case": case, "kernel": name, "bytes": nbytes, "us": {}}
+            for warps in WARPS:
+                def config(n_cols: int, warps: int = warps) -> tuple[int, int]:
+                    return default(n_cols)[0], warps
+                fp8_triton.row_launch_config = rope_triton.row_launch_config = config  # type: ignore[assignment]
+                try:
+                    us = _time_ms(launch) * 1e3
+                except Exception as exc:  # a configuration the kernel cannot run with: record it, go on
+                    log.warning("%s %s %d warps: %s", case, name, warps, exc)
+                    cells.append("failed")
+                    continue
+                row["us"][warps] = round(us, 1)  # type: ignore[index]
+                cells.append(f"{us:.0f} ({nbytes / us / 1e6 / bandwidth:.0%})")  # bytes per µs / 1e6 = TB/s
+            fp8_triton.row_launch_config = rope_triton.row_launch_config = default  # type: ignore[assignment]
+            block, warps = default(CASES[case][2] if "GELU" in name else CASES[case][1])
+            row["default_warps"] = warps
+            results["rows"].append(row)  # type: ignore[attr-defined]
+            lines.append(f"| {case} | {name} | {warps} | " + " | ".join(cells) + " |")
+            log.info(lines[-1])
+    (args.out / "row_kernels.json").write_text(json.dumps(results, indent=1))
+    (args.out / "row_kernels.md").write_text("\n".join(lines) + "\n")
+    log.info("wrote %s", args.out / "row_kernels.md")
+
+
+if __name__ == "__main__":
+    main()
