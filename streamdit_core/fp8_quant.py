@@ -56,7 +56,7 @@ import torch.nn.functional as F
 
 from .adaln import add_residual, modulate
 from .log import get_logger
-from .triton_util import import_launchers, not_loaded
+from .triton_util import import_launchers, not_loaded, row_chunk
 
 __all__ = [
     "FP8_MAX",
@@ -103,9 +103,12 @@ def dequantize_fp8(x8: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return x8.float() * scale.float()
 
 
-def gelu_quant_reference(h: torch.Tensor, bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def gelu_quant_reference(
+    h: torch.Tensor, bias: torch.Tensor | None = None, chunk: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``quantize_fp8(GELU_tanh(h + bias), rowwise=True)`` for ``h`` ``[M, N]`` and ``bias`` ``[N]`` (or ``None``);
-    the sum and GELU in h's dtype, like the first FFN linear's output and ``nn.GELU``."""
+    the sum and GELU in h's dtype, like the first FFN linear's output and ``nn.GELU``. ``chunk``: the Triton
+    kernel's launch option (``triton_util.row_chunk``), which does not change the values; unused here."""
     if bias is not None:
         h = h + bias.to(h.dtype)
     return quantize_fp8(F.gelu(h, approximate="tanh"), True)
@@ -275,10 +278,11 @@ def _define(launch: tuple[Callable[..., Any], ...] | None) -> None:
         global _launch, _launch_norm
         _launch, _launch_norm = launch  # module-level names: triton_op finds the kernels through them
 
-        def gelu_quant(h: torch.Tensor, bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        def gelu_quant(h: torch.Tensor, bias: torch.Tensor | None, chunk: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
             if h.device.type != "cuda":
                 return gelu_quant_reference(h, bias)
-            return _launch(h.contiguous(), _GELU, bias=None if bias is None else bias.to(h.dtype).contiguous())
+            return _launch(h.contiguous(), _GELU, bias=None if bias is None else bias.to(h.dtype).contiguous(),
+                           chunk=row_chunk(h.shape[1], chunk))
 
         def norm_modulate_quant(
             x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float
@@ -334,7 +338,7 @@ def _define(launch: tuple[Callable[..., Any], ...] | None) -> None:
         return (x.new_empty((rows, x.shape[-1])), *fake(rows, x))
 
     ops = (
-        ("gelu_quant", gelu_quant_reference, lambda h, bias: fake(h.shape[0], h)),
+        ("gelu_quant", gelu_quant_reference, lambda h, bias, chunk=0: fake(h.shape[0], h)),
         ("norm_modulate_quant", norm_modulate_quant_reference,
          lambda x, shift, scale, eps: fake(x.shape[0] * x.shape[1], x)),
         ("rows_quant", rows_quant_reference, lambda x: fake(x.shape[0], x)),
@@ -410,11 +414,12 @@ def _check_residual_args(
         raise ValueError(f"LayerNorm weight and bias must be [{x.shape[-1]}]")
 
 
-def gelu_quantize(h: torch.Tensor, bias: torch.Tensor | None = None) -> QuantizedActivation:
-    """``GELU_tanh(h + bias)`` quantised per row in one pass. h ``[..., N]``, bias ``[N]`` or ``None`` → data
-    ``[..., N]``, scale ``[..., 1]``."""
+def gelu_quantize(h: torch.Tensor, bias: torch.Tensor | None = None, chunk: int = 0) -> QuantizedActivation:
+    """``GELU_tanh(h + bias)`` quantised per row in one pass (or, with ``chunk`` and rows mostly padding in a
+    whole-row block, two passes over chunks: ``triton_util.row_chunk``; same values). h ``[..., N]``, bias ``[N]``
+    or ``None`` → data ``[..., N]``, scale ``[..., 1]``."""
     ensure_ops()
-    x8, scale = torch.ops.streamdit.gelu_quant(h.reshape(-1, h.shape[-1]), bias)
+    x8, scale = torch.ops.streamdit.gelu_quant(h.reshape(-1, h.shape[-1]), bias, chunk)
     return QuantizedActivation(x8.view(h.shape), scale.view(*h.shape[:-1], 1), h.dtype)
 
 

@@ -28,6 +28,9 @@ option             what it does                                                 
                    self-attention output + ``norm3``) and before the FFN (cross-attention    the residual stream
                    output + ``norm2`` + modulation) in the kernel that normalises and        itself bit-
                    quantises the next input (item ``fp8resid``)                              identical
+``fp8_chunked``    with ``fp8_fused``: the GELU kernel in two passes over chunks where the   same values
+                   FFN width is mostly padding in a whole-row block (Wan 1.3B's 8,960;
+                   ``triton_util.row_chunk``; item ``chunkrows``)
 ``norm_fused``     the bf16 path's LayerNorms in the same Triton kernel without the           within one bf16
                    quantisation: LayerNorm + modulation of the self-attention and FFN         step; CPU: bit-
                    inputs, residual add + ``norm3`` and residual add + ``norm2`` +            identical
@@ -54,7 +57,8 @@ one in ``docs/bench/h100_fp8resid/`` (a further −9.6 % and −7.6 %), ``qk_fus
 ``docs/bench/h100_fused_rope_norm/`` (``fastest`` −4.2 % and −4.0 %; ``fast`` −7.1 % and −6.2 %, same or lower
 error). On CUDA without Triton the Triton items stay off (the status says why); off CUDA they are dropped (their
 kernels' reference is the unfused maths, better left to the compiler there), ``cross_residual`` with them.
-``fp8_rows`` gained nothing and is in no level (``fastest,fp8rows``; in ``bench --modes``: ``fastest+fp8rows``).
+``fp8_rows`` gained nothing and is in no level (``fastest,fp8rows``; in ``bench --modes``: ``fastest+fp8rows``);
+``fp8_chunked`` is not measured yet and in no level (``fastest,chunkrows``).
 ``qk_fused`` needs ``window_gather`` for windows smaller than the grid (the roll path stays unfused).
 ``window_gather`` is in every level but ``plain`` since the H100 run in ``docs/bench/h100_qkv_gather/``
 (eager: −8.8 % per call at paper scale, −5.9 % for Wan 1.3B with 4-frame windows; compiled: within ±2 %);
@@ -90,6 +94,7 @@ from .fp8_quant import (
 )
 from .log import get_logger
 from .qk_rope import triton_problem as qk_rope_problem
+from .triton_util import ROW_CHUNK, row_chunk
 
 if TYPE_CHECKING:
     from .model import StreamDiT
@@ -135,6 +140,8 @@ class PerfOptions:
             output) with a single-pass kernel instead of the compiler's; needs ``fp8="row"``.
         fp8_residual: also fuse the residual adds before the cross-attention and the FFN into the kernels that
             normalise and quantise their inputs (the cross-attention query's input too); needs ``fp8_fused``.
+        fp8_chunked: run the GELU + quantisation kernel over chunks where the FFN width is mostly padding in a
+            whole-row block; needs ``fp8_fused``.
         norm_fused: the same LayerNorm kernels without quantisation for the bf16 (non-fp8) block inputs.
         cross_residual: add each block's FFN residual in the next block's first norm (inference only).
         qk_fused: the self-attention's q/k RMS norms, RoPE and window gather (q, k and v; with fp8 linears their
@@ -150,6 +157,7 @@ class PerfOptions:
     fp8_fused: bool = False
     fp8_rows: bool = False
     fp8_residual: bool = False
+    fp8_chunked: bool = False
     norm_fused: bool = False
     cross_residual: bool = False
     qk_fused: bool = False
@@ -162,9 +170,10 @@ class PerfOptions:
         if (self.fp8_fused or self.fp8_rows or self.fp8_residual) and self.fp8 != "row":
             raise ValueError(f"fp8_fused, fp8_rows and fp8_residual quantise per row: they need fp8='row' (the items "
                              f"fp8 or fp8=row), got fp8={self.fp8!r}")
-        if self.fp8_residual and not self.fp8_fused:
-            raise ValueError("fp8_residual extends the fused kernels of fp8_fused: it needs fp8_fused (the item "
-                             "fp8fuse, part of the level 'fastest')")
+        for name in ("fp8_residual", "fp8_chunked"):
+            if getattr(self, name) and not self.fp8_fused:
+                raise ValueError(f"{name} extends the fused kernels of fp8_fused: it needs fp8_fused (the item "
+                                 "fp8fuse, part of the level 'fastest')")
         if self.cuda_graphs and not (self.text_kv_cache and self.layout_cache):
             raise ValueError("cuda_graphs needs text_kv_cache and layout_cache (graph inputs must keep their address)")
 
@@ -186,7 +195,8 @@ class PerfOptions:
         opts: dict[str, Any] = {f.name: getattr(PERF_LEVELS["plain"], f.name) for f in fields(PERF_LEVELS["plain"])}
         switches = {"kv": "text_kv_cache", "layout": "layout_cache", "graphs": "cuda_graphs", "gather": "window_gather",
                     "fp8fuse": "fp8_fused", "fp8rows": "fp8_rows", "fp8resid": "fp8_residual",
-                    "normfuse": "norm_fused", "crossres": "cross_residual", "qkrope": "qk_fused"}
+                    "chunkrows": "fp8_chunked", "normfuse": "norm_fused", "crossres": "cross_residual",
+                    "qkrope": "qk_fused"}
         listed: set[str] = set()  # the per-row items named in the list (not inherited from a level)
         for raw in filter(None, (p.strip() for p in name.split(","))):
             key, _, value = raw.partition("=")
@@ -200,12 +210,13 @@ class PerfOptions:
             elif key == "fp8":
                 opts["fp8"] = value or "row"
                 if opts["fp8"] != "row":
-                    opts.update({k: False for k in ("fp8_fused", "fp8_rows", "fp8_residual") if k not in listed})
+                    opts.update({k: False for k in ("fp8_fused", "fp8_rows", "fp8_residual", "fp8_chunked")
+                                 if k not in listed})
             else:
                 raise ValueError(
                     f"unknown optimisation {raw!r} in {name!r}; use a level {sorted(PERF_LEVELS)} or items "
                     "kv, layout, compile[=MODE], graphs, fp8[=row|tensor], gather, fp8fuse, fp8rows, fp8resid, "
-                    "normfuse, crossres, qkrope (a level name may start the list)"
+                    "chunkrows, normfuse, crossres, qkrope (a level name may start the list)"
                 )
         return cls(**opts)
 
@@ -216,7 +227,7 @@ class PerfOptions:
         if device.type == "cuda":
             return self
         return replace(self, cuda_graphs=False, fp8="off", fp8_fused=False, fp8_rows=False, fp8_residual=False,
-                       norm_fused=False, cross_residual=False, qk_fused=False)
+                       fp8_chunked=False, norm_fused=False, cross_residual=False, qk_fused=False)
 
     def describe(self) -> str:
         on = [f.name if isinstance(getattr(self, f.name), bool) else f"{f.name}={getattr(self, f.name)}"
@@ -357,6 +368,7 @@ class Fp8Linear(nn.Module):
         self.use_scaled_mm = use_scaled_mm
         self.single_pass = single_pass and rowwise
         self.prologue: Literal["none", "gelu"] = "none"
+        self.gelu_chunk = 0  # with the GELU prologue: the row kernel's chunk (fp8_chunked; 0 = whole rows)
         self.defer_bias = False
         with torch.no_grad():
             w8, scale = quantize_fp8(linear.weight.detach(), rowwise)
@@ -374,7 +386,8 @@ class Fp8Linear(nn.Module):
         if self.prologue == "gelu":
             if isinstance(x, QuantizedActivation):
                 raise TypeError("an Fp8Linear with a GELU prologue takes the pre-GELU tensor")
-            x = gelu_quantize(*x) if isinstance(x, BiasPending) else gelu_quantize(x)
+            h, b = x if isinstance(x, BiasPending) else (x, None)
+            x = gelu_quantize(h, b, self.gelu_chunk)
         elif isinstance(x, BiasPending):
             raise TypeError("only an Fp8Linear with a GELU prologue takes an output whose bias is pending")
         elif self.single_pass and not isinstance(x, QuantizedActivation):
@@ -392,6 +405,7 @@ class Fp8Linear(nn.Module):
 
     def extra_repr(self) -> str:
         extra = ((", single_pass" if self.single_pass else "") + (", prologue=gelu" if self.prologue == "gelu" else "")
+                 + (f", gelu_chunk={self.gelu_chunk}" if self.gelu_chunk else "")
                  + (", defer_bias" if self.defer_bias else ""))
         return (f"{self.in_features}, {self.out_features}, rowwise={self.rowwise}, scaled_mm={self.use_scaled_mm}"
                 + extra)
@@ -460,15 +474,17 @@ def _fused_kernels(
     return None
 
 
-def _fuse_fp8(model: StreamDiT, status: dict[str, str], residual: bool = False) -> None:
+def _fuse_fp8(model: StreamDiT, status: dict[str, str], residual: bool = False, chunked: bool = False) -> None:
     """Quantise per row inside the producers' kernels (``fp8_fused``): each block's adaLN inputs of q/k/v and of
     the FFN (all ``Fp8Linear`` with per-row scales) once, and the FFN's GELU output in the second linear. With
     ``residual`` (``fp8_residual``) the cross-attention's q input and the FFN input come from the kernels that
-    also add the residual before their norm."""
+    also add the residual before their norm. With ``chunked`` (``fp8_chunked``) the GELU kernel runs over chunks
+    of ``ROW_CHUNK`` where the FFN width is mostly padding in a whole-row block (``triton_util.row_chunk``)."""
     kernels = _fused_kernels(model, triton_problem(), "fp8_fused", "fused fp8 quantisation", status)
     if kernels is None:
-        if residual:
-            status["fp8_residual"] = "off: no Triton kernels"
+        for flag, name in ((residual, "fp8_residual"), (chunked, "fp8_chunked")):
+            if flag:
+                status[name] = "off: no Triton kernels"
         return
     adaln = gelu = resid = 0
     block: Any
@@ -483,6 +499,7 @@ def _fuse_fp8(model: StreamDiT, status: dict[str, str], residual: bool = False) 
                 and ffn[1].approximate == "tanh"):
             ffn[1] = GeluInNextLinear(ffn[1].approximate)
             ffn[2].prologue = "gelu"
+            ffn[2].gelu_chunk = ROW_CHUNK if chunked else 0
             if isinstance(ffn[0], Fp8Linear):  # its bias is added in the GELU kernel
                 ffn[0].defer_bias = True
             gelu += 1
@@ -495,6 +512,10 @@ def _fuse_fp8(model: StreamDiT, status: dict[str, str], residual: bool = False) 
     status["fp8_fused"] = f"{adaln} adaLN inputs, {gelu} GELUs; {kernels}"
     if residual:
         status["fp8_residual"] = f"{resid} blocks (cross-attention and FFN inputs with their residual add)"
+    if chunked:
+        width = model.config.ffn_dim
+        status["fp8_chunked"] = (f"{gelu} GELU rows of {width} in chunks of {ROW_CHUNK}"
+                                 if row_chunk(width, ROW_CHUNK) else f"no effect: rows of {width} stay whole")
 
 
 def _set_fp8(model: StreamDiT, options: PerfOptions, status: dict[str, str]) -> None:
@@ -529,7 +550,7 @@ def _set_fp8(model: StreamDiT, options: PerfOptions, status: dict[str, str]) -> 
     if single_pass:
         status["fp8_rows"] = "on" if triton_problem() is None else f"reference implementation ({triton_problem()})"
     if options.fp8_fused:
-        _fuse_fp8(model, status, options.fp8_residual)
+        _fuse_fp8(model, status, options.fp8_residual, options.fp8_chunked)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["import_launchers", "not_loaded", "row_launch_config"]
+__all__ = ["ROW_CHUNK", "import_launchers", "not_loaded", "row_chunk", "row_launch_config"]
 
 
 def import_launchers(module: str, names: Sequence[str]) -> tuple[tuple[Callable[..., Any], ...] | None, str | None]:
@@ -39,3 +39,17 @@ def row_launch_config(n_cols: int) -> tuple[int, int]:
     of two ≥ ``n_cols``, 16-32 float32 values per thread at the model's widths."""
     block = 1 << max(0, n_cols - 1).bit_length()
     return block, min(16, max(4, block // 512))
+
+
+# The chunk of the two-pass row kernel (``fp8_triton.quantize_rows_triton(..., chunk=)``) and the padding from which
+# a row uses it.
+ROW_CHUNK = 2048
+CHUNK_PADDING = 1.5
+
+
+def row_chunk(n_cols: int, chunk: int) -> int:
+    """``chunk`` where rows of ``n_cols`` would be mostly padding in a whole-row block (the next power of two at least
+    ``CHUNK_PADDING`` times wider, and wider than one chunk: Wan 1.3B's FFN hidden, 8,960 in a 16,384 block), else 0
+    (the whole row in registers)."""
+    block = row_launch_config(n_cols)[0]
+    return chunk if chunk > 0 and n_cols > chunk and block >= CHUNK_PADDING * n_cols else 0

@@ -373,6 +373,33 @@ def test_options_parse_fp8resid():
         PerfOptions(fp8="row", fp8_residual=True)
 
 
+def test_chunked_gelu_rows_item_and_policy():
+    """``chunkrows`` (in no level: not measured yet) runs the GELU kernel over chunks where the FFN width is mostly
+    padding in a whole-row block; the values do not change (bit-identical on the CPU, where the reference runs)."""
+    from streamdit_core.triton_util import ROW_CHUNK, row_chunk
+
+    # Wan 1.3B's FFN hidden (8,960 in a 16,384 block) is chunked; the paper's 7,680, Wan 14B's 13,824, the model
+    # widths and rows within one chunk are not; chunk 0 never
+    assert [row_chunk(n, ROW_CHUNK) for n in (8960, 2240, 7680, 13824, 3072, 1100)] == [ROW_CHUNK] * 2 + [0] * 4
+    assert row_chunk(8960, 0) == 0
+    fastest = PERF_LEVELS["fastest"]
+    assert not any(level.fp8_chunked for level in PERF_LEVELS.values())
+    assert PerfOptions.level("fastest,chunkrows") == replace(fastest, fp8_chunked=True)
+    assert mode_options("fastest+chunkrows", "default") == replace(fastest, fp8_chunked=True)
+    assert PerfOptions.level("fastest,chunkrows").for_device(torch.device("cpu")) == PerfOptions(compile="default")
+    with pytest.raises(ValueError, match="fp8_chunked extends the fused kernels of fp8_fused"):
+        PerfOptions.level("fp8,chunkrows")
+    for config, status in (({"ffn_dim": 2240}, "rows of 2240 in chunks of 2048"), ({}, "stay whole")):
+        model = tiny_model(**config)
+        args = tiny_inputs(model.config)
+        expected = run(model, FUSED, *args)
+        assert all(b.ffn[2].gelu_chunk == 0 for b in model.blocks)
+        out = run(model, replace(FUSED, fp8_chunked=True), *args)
+        assert torch.equal(out, expected)
+        assert status in model.perf_status["fp8_chunked"]
+        assert all(b.ffn[2].gelu_chunk == ROW_CHUNK for b in model.blocks)
+
+
 # -- the Triton kernel ----------------------------------------------------------------------------------------
 
 
