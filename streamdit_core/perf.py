@@ -185,11 +185,12 @@ class PerfOptions:
     @classmethod
     def level(cls, name: str) -> PerfOptions:
         """A named level (:data:`PERF_LEVELS`) or a comma list such as ``"kv,layout,compile=default,graphs,fp8=row"``
-        (``kv``/``layout``/``graphs``/``gather``/``fp8fuse``/``fp8rows``/``fp8resid``/``normfuse``/``crossres``/``qkrope``
-        switch on; ``compile`` alone means ``compile=default``; ``fp8`` alone means ``fp8=row``; a level name as an
-        item, e.g. ``"safe,compile"``, sets every option to that level's at that point of the list; a list starts
-        from everything off, like ``plain``). ``fp8=tensor`` after a level turns off that level's per-row items
-        (``"fastest,fp8=tensor"``); listed together with ``fp8fuse``, ``fp8rows`` or ``fp8resid`` it is an error."""
+        (``kv``/``layout``/``graphs``/``gather``/``fp8fuse``/``fp8rows``/``fp8resid``/``chunkrows``/``normfuse``/
+        ``crossres``/``qkrope`` switch on; ``compile`` alone means ``compile=default``; ``fp8`` alone means
+        ``fp8=row``; a level name as an item, e.g. ``"safe,compile"``, sets every option to that level's at that point
+        of the list; a list starts from everything off, like ``plain``). ``fp8=tensor`` after a level turns off that
+        level's per-row items (``"fastest,fp8=tensor"``); listed together with ``fp8fuse``, ``fp8rows``, ``fp8resid``
+        or ``chunkrows`` it is an error."""
         if name in PERF_LEVELS:
             return PERF_LEVELS[name]
         opts: dict[str, Any] = {f.name: getattr(PERF_LEVELS["plain"], f.name) for f in fields(PERF_LEVELS["plain"])}
