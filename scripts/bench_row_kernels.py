@@ -58,8 +58,8 @@ def _time_ms(fn: Callable[[], object], repeats: int = 10, launches: int = 20) ->
     return statistics.median(times)
 
 
-def _kernels(case: str) -> dict[str, tuple[Callable[[], object], int]]:
-    """``{kernel: (launch, bytes moved)}`` of one case's shapes."""
+def _kernels(case: str) -> dict[str, tuple[Callable[[], object], int, int]]:
+    """``{kernel: (launch, bytes moved, the row width its launch configuration is chosen for)}`` of one case."""
     tokens, d, ffn, heads, grid, window = CASES[case]
     frames = grid[0]
     dev, bf16 = "cuda", torch.bfloat16
@@ -79,19 +79,19 @@ def _kernels(case: str) -> dict[str, tuple[Callable[[], object], int]]:
     nq = fp8_triton.norm_quant_triton
     return {
         "LayerNorm + modulation + fp8 (norm1)": (
-            lambda: nq(x, 1e-6, tokens, frames, shift=mod[0], scale=mod[1]), row + row8),
+            lambda: nq(x, 1e-6, tokens, frames, shift=mod[0], scale=mod[1]), row + row8, d),
         "residual + gate + LayerNorm affine + fp8 (norm3)": (
-            lambda: nq(x, 1e-6, tokens, frames, residual=y, gate=mod[2], weight=w, bias=b), 3 * row + row8),
+            lambda: nq(x, 1e-6, tokens, frames, residual=y, gate=mod[2], weight=w, bias=b), 3 * row + row8, d),
         "residual + LayerNorm + modulation + fp8 (norm2)": (
-            lambda: nq(x, 1e-6, tokens, frames, residual=y, shift=mod[0], scale=mod[1]), 3 * row + row8),
+            lambda: nq(x, 1e-6, tokens, frames, residual=y, shift=mod[0], scale=mod[1]), 3 * row + row8, d),
         "residual + LayerNorm + modulation, bf16 (normfuse)": (
-            lambda: nq(x, 1e-6, tokens, frames, residual=y, shift=mod[0], scale=mod[1], quantize=False), 4 * row),
+            lambda: nq(x, 1e-6, tokens, frames, residual=y, shift=mod[0], scale=mod[1], quantize=False), 4 * row, d),
         "bias + GELU + fp8 (FFN hidden)": (
-            lambda: fp8_triton.quantize_rows_triton(h, 1, bias=h_bias), tokens * ffn * 3),
-        "bias + GELU + fp8, two passes over chunks of 2,048 (not used yet)": (
-            lambda: fp8_triton.quantize_rows_triton(h, 1, bias=h_bias, chunk=2048), tokens * ffn * 3),
+            lambda: fp8_triton.quantize_rows_triton(h, 1, bias=h_bias), tokens * ffn * 3, ffn),
+        "bias + GELU + fp8, two passes over chunks of 2,048 (chunkrows)": (
+            lambda: fp8_triton.quantize_rows_triton(h, 1, bias=h_bias, chunk=2048), tokens * ffn * 3, 2048),
         "q/k RMS norm + RoPE + gather, v gather (qkrope)": (
-            lambda: rope_triton.qkv_rows_triton(q, k, v, cos, sin, 1e-6, weights=(w, w), index=index), 6 * row),
+            lambda: rope_triton.qkv_rows_triton(q, k, v, cos, sin, 1e-6, weights=(w, w), index=index), 6 * row, d),
     }
 
 
@@ -110,22 +110,22 @@ def main() -> None:
              "", "| case | kernel | default warps | " + " | ".join(f"{n} warps" for n in WARPS) + " |",
              "|---|---|---|" + "---|" * len(WARPS)]
     for case in args.cases.split(","):
-        for name, (launch, nbytes) in _kernels(case).items():
+        for name, (launch, nbytes, cols) in _kernels(case).items():
             cells, row = [], {"case": case, "kernel": name, "bytes": nbytes, "us": {}}
             for warps in WARPS:
                 def config(n_cols: int, warps: int = warps) -> tuple[int, int]:
                     return default(n_cols)[0], warps
-                fp8_triton.row_launch_config = rope_triton.row_launch_config = config  # type: ignore[assignment]
+                fp8_triton.row_launch_config = rope_triton.row_launch_config = config
                 try:
                     us = _time_ms(launch) * 1e3
                 except Exception as exc:  # a configuration the kernel cannot run with: record it, go on
                     log.warning("%s %s %d warps: %s", case, name, warps, exc)
                     cells.append("failed")
                     continue
-                row["us"][warps] = round(us, 1)  # type: ignore[index]
+                row["us"][warps] = round(us, 1)
                 cells.append(f"{us:.0f} ({nbytes / us / 1e6 / bandwidth:.0%})")  # bytes per µs / 1e6 = TB/s
-            fp8_triton.row_launch_config = rope_triton.row_launch_config = default  # type: ignore[assignment]
-            block, warps = default(CASES[case][2] if "GELU" in name else CASES[case][1])
+            fp8_triton.row_launch_config = rope_triton.row_launch_config = default
+            warps = default(cols)[1]
             row["default_warps"] = warps
             results["rows"].append(row)  # type: ignore[attr-defined]
             lines.append(f"| {case} | {name} | {warps} | " + " | ".join(cells) + " |")
