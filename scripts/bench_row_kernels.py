@@ -5,7 +5,9 @@ Usage (on a CUDA machine with Triton): ``python scripts/bench_row_kernels.py --o
 ``OUTDIR/row_kernels.json`` and ``row_kernels.md``. Each kernel runs on random inputs of one model call's shape
 (paper-4b: 16,384 tokens × 3,072, FFN 7,680, 24 heads; Wan 1.3B with 4-frame windows: 24,960 × 1,536, FFN 8,960,
 12 heads; 16 token frames), timed with CUDA events (20 launches in one CUDA graph, median of 10 replays).
-Bytes = what the kernel must read and write once.
+Bytes = what the kernel must read and write once. The ``outquant`` rows replace the compiler's window gather +
+quantisation of the self-attention output and its quantisation of the cross-attention output (``PerfOptions.
+fp8_out_fused``).
 """
 
 from __future__ import annotations
@@ -74,7 +76,9 @@ def _kernels(case: str) -> dict[str, tuple[Callable[[], object], int, int]]:
     q, k, v = (rnd(1, tokens, d) for _ in range(3))
     dh = d // heads
     cos, sin = (rnd(tokens, dh // 2, dtype=torch.float32) for _ in range(2))
-    index = window_index(grid, window, True, dev)[0] if window != grid else None
+    index, inverse = window_index(grid, window, True, dev) if window != grid else (None, None)
+    # the attention output [b·n_windows, window_tokens, heads, dh] (cuDNN's, contiguous) of q's values
+    attn = q.view(-1, tokens if window == grid else window[0] * window[1] * window[2], heads, d // heads)
     row, row8 = tokens * d * 2, tokens * d  # bytes of a bf16 / fp8 activation
     nq = fp8_triton.norm_quant_triton
     return {
@@ -92,6 +96,10 @@ def _kernels(case: str) -> dict[str, tuple[Callable[[], object], int, int]]:
             lambda: fp8_triton.quantize_rows_triton(h, 1, bias=h_bias, chunk=2048), tokens * ffn * 3, 2048),
         "q/k RMS norm + RoPE + gather, v gather (qkrope)": (
             lambda: rope_triton.qkv_rows_triton(q, k, v, cos, sin, 1e-6, weights=(w, w), index=index), 6 * row, d),
+        "attention output window gather + fp8 (outquant: self-attention o input)": (
+            lambda: fp8_triton.window_rows_quant_triton(attn, inverse), row + row8, d),
+        "fp8 rows (outquant: cross-attention o input)": (
+            lambda: fp8_triton.quantize_rows_triton(x, 0), row + row8, d),
     }
 
 

@@ -13,6 +13,9 @@ operator (``torch.ops.streamdit.*``)    computes, then quantises per row
                                        ``x`` ``[b, L, D]`` (fp32 statistics, no affine; rounded to x's dtype twice,
                                        like ``model.LayerNorm`` + ``model.modulate``)
 ``rows_quant(x)``                      nothing: ``x`` ``[M, K]`` as it is
+``window_rows_quant(x, inv)``           the attention output ``x`` ``[b·nw, w, h, dh]`` (any strides) back in token
+                                       order, ``window_reverse_indexed(x, b, inv).flatten(2)`` (``inv`` ``[L]``, or
+                                       ``None``: ``x`` is ``[b, L, h, dh]``), ``M = b·L``, ``K = h·dh``
 ``residual_norm_quant(x, y, g, w, b,   the residual sum ``s = x + g·y`` (per-frame gate ``g`` ``[b, F, D]``) or
 sh, sc, eps)``                         ``x + y`` (``g`` ``None``) over ``x``, ``y`` ``[b, L, D]``, rounded to x's dtype
                                        and *returned too*; then ``LayerNorm(s)`` with affine ``w``/``b`` ``[D]`` or
@@ -22,7 +25,9 @@ sh, sc, eps)``                         ``x + y`` (``g`` ``None``) over ``x``, ``
 
 Each returns ``(x8 [M, K] float8_e4m3fn, scale [M, 1] float32)``; ``residual_norm_quant`` returns
 ``(sum [M, D] x's dtype, x8, scale)`` with ``M = b·L`` (the cross-attention and FFN inputs of a block with the
-residual add in the same pass, ``perf.PerfOptions.fp8_residual``).
+residual add in the same pass, ``perf.PerfOptions.fp8_residual``). ``window_rows_quant`` is the self-attention
+output projection's input (``perf.PerfOptions.fp8_out_fused``): its one pass replaces the compiler's window gather
+and its two-pass quantisation.
 
 The same LayerNorm kernel without the quantisation serves the bf16 linears (``perf.PerfOptions.norm_fused``):
 ``norm_modulate(x, sh, sc, eps)`` and ``residual_norm(x, y, g, w, b, sh, sc, eps)`` compute what their ``_quant``
@@ -41,9 +46,10 @@ multiply-adds), so a value can land on the neighbouring bf16 number. Asserted: s
 LayerNorm + modulation, which rounds twice); each dequantised value within one e4m3 step (2⁻³ relative) plus 2⁻⁶
 relative and a subnormal step of the reference's, and for LayerNorm + modulation also one bf16 step of
 ``|value| + |shift|`` (the norm is rounded before the shift is added, so cancellation can make that step large next
-to the value); ≥ 97-99 % of the fp8 codes identical; zero rows give zeros. The plain row quantisation has identical
-scales. Without quantisation: each value within one step of x's dtype of ``|value|`` plus one of the unmodulated
-norm times ``|1 + scale|``, and in bf16 on CUDA ≥ 98 % of the values identical.
+to the value); ≥ 97-99 % of the fp8 codes identical; zero rows give zeros. The plain row quantisation and the
+window gather + quantisation have identical scales (under the interpreter also identical scaled values). Without
+quantisation: each value within one step of x's dtype of ``|value|`` plus one of the unmodulated norm times
+``|1 + scale|``, and in bf16 on CUDA ≥ 98 % of the values identical.
 """
 
 from __future__ import annotations
@@ -55,6 +61,7 @@ import torch
 import torch.nn.functional as F
 
 from .adaln import add_residual, modulate
+from .attention import window_reverse_indexed
 from .log import get_logger
 from .triton_util import import_launchers, not_loaded, row_chunk
 
@@ -78,6 +85,8 @@ __all__ = [
     "residual_norm_reference",
     "rows_quant_reference",
     "triton_problem",
+    "window_rows_quant_reference",
+    "window_rows_quantize",
 ]
 
 log = get_logger("fp8")
@@ -212,6 +221,23 @@ def rows_quant_reference(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return quantize_fp8(x, True)
 
 
+def window_rows_quant_reference(x: torch.Tensor, inverse: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The self-attention output projection's unfused input, quantised as its ``Fp8Linear`` does:
+    ``quantize_fp8(window_reverse_indexed(x, b, inverse).flatten(2).reshape(-1, h·dh), rowwise=True)``.
+
+    Args:
+        x: ``[b·n_windows, window_tokens, h, dh]`` the attention output, any strides.
+        inverse: ``[L]`` int64 (``attention.window_index``'s inverse, ``L = n_windows·window_tokens``), or ``None``:
+            the window is the grid, ``x`` is ``[b, L, h, dh]`` and no gather happens.
+    Returns:
+        ``(x8 [b·L, h·dh] float8_e4m3fn, scale [b·L, 1] float32)``, rows in token order.
+    """
+    windows, window_tokens, heads, head_dim = x.shape
+    if inverse is not None:
+        x = window_reverse_indexed(x, windows * window_tokens // inverse.shape[0], inverse)  # [b, L, h, dh]
+    return quantize_fp8(x.flatten(2).reshape(-1, heads * head_dim), True)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # operators
 # ----------------------------------------------------------------------------------------------------------
@@ -249,6 +275,13 @@ _NONE, _GELU = 0, 1
 # names on purpose: ``triton_op`` finds the kernels an operator launches by following the names its body calls.
 _launch: Callable[..., tuple[torch.Tensor, torch.Tensor]] = not_loaded
 _launch_norm: Callable[..., tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]] = not_loaded
+_launch_window: Callable[..., tuple[torch.Tensor, torch.Tensor]] = not_loaded
+
+
+def _kernel_device(t: torch.Tensor) -> bool:
+    """Whether ``window_rows_quant``'s Triton kernel runs for tensors on ``t``'s device (CUDA; the interpreter tests
+    add the CPU)."""
+    return t.device.type == "cuda"
 
 
 def triton_problem() -> str | None:
@@ -263,7 +296,8 @@ def ensure_ops() -> None:
     (``perf`` does when it installs fused kernels); later calls only read a flag."""
     if _state["defined"]:
         return
-    launch, _state["triton"] = import_launchers("fp8_triton", ("quantize_rows_triton", "norm_quant_triton"))
+    launch, _state["triton"] = import_launchers(
+        "fp8_triton", ("quantize_rows_triton", "norm_quant_triton", "window_rows_quant_triton"))
     if launch is None:
         log.info("fused row operators without Triton (%s): the reference implementations run", _state["triton"])
     _define(launch)
@@ -272,11 +306,11 @@ def ensure_ops() -> None:
 
 def _define(launch: tuple[Callable[..., Any], ...] | None) -> None:
     """Register the operators: Triton-backed (``triton_op``, reference off CUDA) if the launchers
-    ``(quantize_rows_triton, norm_quant_triton)`` are given, else opaque ``custom_op`` s running the reference,
-    with fake (shape-only) implementations."""
+    ``(quantize_rows_triton, norm_quant_triton, window_rows_quant_triton)`` are given, else opaque ``custom_op`` s
+    running the reference, with fake (shape-only) implementations."""
     if launch is not None:
-        global _launch, _launch_norm
-        _launch, _launch_norm = launch  # module-level names: triton_op finds the kernels through them
+        global _launch, _launch_norm, _launch_window
+        _launch, _launch_norm, _launch_window = launch  # module-level names: triton_op finds the kernels through them
 
         def gelu_quant(h: torch.Tensor, bias: torch.Tensor | None, chunk: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
             if h.device.type != "cuda":
@@ -303,6 +337,11 @@ def _define(launch: tuple[Callable[..., Any], ...] | None) -> None:
                 return rows_quant_reference(x)
             return _launch(x.contiguous(), _NONE)
 
+        def window_rows_quant(x: torch.Tensor, inverse: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+            if not _kernel_device(x):
+                return window_rows_quant_reference(x, inverse)
+            return _launch_window(x, None if inverse is None else inverse.contiguous())  # x in its own strides
+
         def residual_norm_quant(
             x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor | None, weight: torch.Tensor | None,
             bias: torch.Tensor | None, shift: torch.Tensor | None, scale: torch.Tensor | None, eps: float,
@@ -324,7 +363,8 @@ def _define(launch: tuple[Callable[..., Any], ...] | None) -> None:
             return total.view(x.shape), normed.view(x.shape)
 
         for name, fn in (("gelu_quant", gelu_quant), ("norm_modulate_quant", norm_modulate_quant),
-                         ("rows_quant", rows_quant), ("residual_norm_quant", residual_norm_quant),
+                         ("rows_quant", rows_quant), ("window_rows_quant", window_rows_quant),
+                         ("residual_norm_quant", residual_norm_quant),
                          ("norm_modulate", norm_modulate), ("residual_norm", residual_norm)):
             torch.library.triton_op(f"streamdit::{name}", fn, mutates_args=())
         return
@@ -342,6 +382,9 @@ def _define(launch: tuple[Callable[..., Any], ...] | None) -> None:
         ("norm_modulate_quant", norm_modulate_quant_reference,
          lambda x, shift, scale, eps: fake(x.shape[0] * x.shape[1], x)),
         ("rows_quant", rows_quant_reference, lambda x: fake(x.shape[0], x)),
+        ("window_rows_quant", window_rows_quant_reference,
+         lambda x, inverse: (x.new_empty((x.shape[0] * x.shape[1], x.shape[2] * x.shape[3]), dtype=torch.float8_e4m3fn),
+                             x.new_empty((x.shape[0] * x.shape[1], 1), dtype=torch.float32))),
         ("residual_norm_quant", residual_norm_quant_reference, fake_residual),
         ("norm_modulate", norm_modulate_reference, lambda x, *args: x.new_empty(x.shape)),
         ("residual_norm", residual_norm_reference, lambda x, *args: (x.new_empty(x.shape), x.new_empty(x.shape))),
@@ -444,6 +487,30 @@ def quantize_rows(x: torch.Tensor) -> QuantizedActivation:
     ensure_ops()
     x8, scale = torch.ops.streamdit.rows_quant(x.reshape(-1, x.shape[-1]))
     return QuantizedActivation(x8.view(x.shape), scale.view(*x.shape[:-1], 1), x.dtype)
+
+
+def window_rows_quantize(x: torch.Tensor, inverse: torch.Tensor | None) -> QuantizedActivation:
+    """The attention output back in token order (the inverse window partition) and quantised per row, in one pass:
+    what the self-attention's fp8 output projection quantises (:func:`window_rows_quant_reference`).
+
+    Args:
+        x: ``[b·n_windows, window_tokens, h, dh]`` the attention output in any strides (``[b, L, h, dh]`` with
+            ``inverse`` ``None``).
+        inverse: ``[L]`` int64 from ``attention.window_index`` (``L`` a multiple of ``window_tokens`` dividing
+            ``b·n_windows·window_tokens``), or ``None``: no gather.
+    Returns:
+        data ``[b, L, h·dh]`` float8_e4m3fn, scale ``[b, L, 1]`` float32, dtype x's.
+    """
+    if x.dim() != 4 or inverse is not None and (
+            inverse.dim() != 1 or inverse.shape[0] % x.shape[1] or (x.shape[0] * x.shape[1]) % inverse.shape[0]):
+        raise ValueError(f"window_rows_quantize needs x [b·n_windows, window_tokens, h, dh] and inverse [L] with "
+                         f"window_tokens dividing L and L dividing the rows, got {list(x.shape)}, "
+                         f"{None if inverse is None else list(inverse.shape)}")
+    ensure_ops()
+    x8, scale = torch.ops.streamdit.window_rows_quant(x, inverse)
+    tokens = x.shape[1] if inverse is None else inverse.shape[0]
+    shape = (-1, tokens, x.shape[2] * x.shape[3])
+    return QuantizedActivation(x8.view(shape), scale.view(*shape[:2], 1), x.dtype)
 
 
 def residual_norm_quantize(

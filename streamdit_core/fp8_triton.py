@@ -3,6 +3,8 @@ so each activation is read once and written once (as float8 e4m3 plus one float3
 dtype).
 
 * ``_quant_rows_kernel``: an element-wise prologue (none, or bias + GELU) and the quantisation.
+* ``_window_rows_quant_kernel``: the attention output read in its window layout (any strides), each token's row
+  gathered across heads in token order (the inverse of the window partition), and the quantisation.
 * ``_norm_quant_kernel``: an optional residual prologue (``x + y`` or ``x + gate·y``, the sum stored in x's dtype),
   LayerNorm (optionally with affine weight and bias), optional per-frame modulation, and then either the
   quantisation (``QUANT``, the fp8 linears' inputs) or a store in x's dtype (the bf16 path, ``norm_fused``).
@@ -20,7 +22,7 @@ from torch.library import wrap_triton
 
 from .triton_util import row_launch_config
 
-__all__ = ["norm_quant_triton", "quantize_rows_triton"]
+__all__ = ["norm_quant_triton", "quantize_rows_triton", "window_rows_quant_triton"]
 
 
 @triton.jit
@@ -81,6 +83,44 @@ def _quant_rows_kernel(
         mask = cols < n_cols
         y = _prologue(x_ptr, bias_ptr, row, cols, mask, n_cols, PROLOGUE, HAS_BIAS)
         _quantise_store(y, cols, mask, out_ptr, out_scale_ptr, row, n_cols)
+
+
+@triton.jit
+def _window_rows_quant_kernel(
+    x_ptr,  # [windows, window_tokens, heads, HEAD_DIM], any strides: the attention output
+    inverse_ptr,  # [tokens] int64: the partitioned position of each token (GATHER)
+    out_ptr,  # [rows, heads·HEAD_DIM] float8_e4m3fn (or float32), rows = batch·tokens in token order
+    out_scale_ptr,  # [rows] float32
+    tokens,  # tokens per batch element
+    window_tokens,
+    heads,
+    stride_window,
+    stride_token,
+    stride_head,
+    stride_dim,
+    GATHER: tl.constexpr,  # read the rows in the order of inverse (per batch element); else output row = input row
+    HEAD_DIM: tl.constexpr,
+    HEADS_BLOCK: tl.constexpr,  # next power of two ≥ heads
+    DIM_BLOCK: tl.constexpr,  # next power of two ≥ HEAD_DIM
+):
+    row = tl.program_id(0).to(tl.int64)
+    token = row % tokens
+    position = token
+    if GATHER:
+        position = tl.load(inverse_ptr + token)
+    src = row - token + position  # the row in the partitioned sequence [batch·tokens] (same batch element)
+    window = src // window_tokens
+    offset = src % window_tokens
+    head = tl.arange(0, HEADS_BLOCK)[:, None]
+    dim = tl.arange(0, DIM_BLOCK)[None, :]
+    mask = (head < heads) & (dim < HEAD_DIM)
+    x = tl.load(x_ptr + window * stride_window + offset * stride_token + head * stride_head + dim * stride_dim,
+                mask=mask, other=0.0).to(tl.float32)
+    amax = tl.max(tl.max(tl.where(mask, tl.abs(x), 0.0), axis=1), axis=0)
+    s = tl.maximum(amax, 1e-12) / 448.0
+    q = tl.minimum(tl.maximum(x / s, -448.0), 448.0)
+    tl.store(out_ptr + row * (heads * HEAD_DIM) + head * HEAD_DIM + dim, q.to(out_ptr.dtype.element_ty), mask=mask)
+    tl.store(out_scale_ptr + row, s)
 
 
 @triton.jit
@@ -214,3 +254,34 @@ def norm_quant_triton(
         num_warps=warps,
     )
     return out, out_scale, total
+
+
+def window_rows_quant_triton(
+    x: torch.Tensor,
+    inverse: torch.Tensor | None,
+    out_dtype: torch.dtype = torch.float8_e4m3fn,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Launch ``_window_rows_quant_kernel``: the attention output ``x`` ``[windows, window_tokens, heads, head_dim]``
+    (any strides; ``windows = batch·n_windows``) back in token order and quantised per row, one program per row.
+
+    Args:
+        inverse: ``[tokens]`` int64 contiguous, ``attention.window_index``'s inverse: token ``t`` of batch element
+            ``i`` is row ``i·tokens + inverse[t]`` of ``x.reshape(-1, heads, head_dim)``; ``None``: no gather (the
+            window is the grid, ``x`` is ``[batch, tokens, heads, head_dim]``).
+        out_dtype: as in :func:`quantize_rows_triton`.
+    Returns:
+        ``(x8 [batch·tokens, heads·head_dim] out_dtype, scale [batch·tokens, 1] float32)``.
+    """
+    windows, window_tokens, heads, head_dim = x.shape
+    rows = windows * window_tokens
+    tokens = window_tokens if inverse is None else inverse.shape[0]
+    out = torch.empty((rows, heads * head_dim), dtype=out_dtype, device=x.device)
+    out_scale = torch.empty((rows, 1), dtype=torch.float32, device=x.device)
+    warps = row_launch_config(heads * head_dim)[1]
+    # without a gather the input (read-only, never an output) stands in for the unread index
+    wrap_triton(_window_rows_quant_kernel)[(rows,)](
+        x, x if inverse is None else inverse, out, out_scale, tokens, window_tokens, heads, *x.stride(),
+        GATHER=inverse is not None, HEAD_DIM=head_dim, HEADS_BLOCK=triton.next_power_of_2(heads),
+        DIM_BLOCK=triton.next_power_of_2(head_dim), num_warps=warps,
+    )
+    return out, out_scale

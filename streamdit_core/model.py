@@ -44,6 +44,7 @@ from .fp8_quant import (
     norm_modulate_quantize,
     residual_norm,
     residual_norm_quantize,
+    window_rows_quantize,
 )
 from .perf import GraphRunner, PerfOptions, apply_perf, disable_compile
 from .qk_rope import apply_rope, qk_norm_rope, rms_norm
@@ -167,6 +168,10 @@ class SelfAttention(_Projections):
         # set by perf (qk_fused): without autograd, the q/k norms, RoPE and the window gather of q, k, v run as one
         # operator (qk_rope.qk_norm_rope) when the windows are the whole grid or partitioned by a token order
         self.fused_qk_rope = False
+        # set by perf (fp8_out_fused): without autograd, the attention output goes back into token order and is
+        # quantised per row for the fp8 output projection in one operator (fp8_quant.window_rows_quantize), under the
+        # same condition on the windows
+        self.fused_out_quant = False
 
     def fusable_qk(self) -> bool:
         """Whether the fused operator computes this layer's q/k maths: both norms RMS norms with one epsilon, or
@@ -197,11 +202,13 @@ class SelfAttention(_Projections):
         ``grid``; returns ``[b, L, dim]``. ``order``: ``(index, inverse)`` of
         :func:`~streamdit_core.attention.window_index` for this grid, window and shift: partition by one gather
         instead of roll + reshape (same values). With ``fused_qk_rope`` (inference only) the q/k norms, RoPE and
-        that gather are one operator."""
+        that gather are one operator; with ``fused_out_quant`` (inference only) the inverse gather of the attention
+        output and its quantisation for the output projection are one more."""
         b = (x.data if isinstance(x, QuantizedActivation) else x).shape[0]
         tokens = window[0] * window[1] * window[2]
         outs = (self.q(x), self.k(x), self.v(x))  # [b, L, dim] each (or with the bias pending)
-        if self.fused_qk_rope and not torch.is_grad_enabled() and (window == grid or order is not None):
+        indexed = window == grid or order is not None  # no roll path: the fused operators apply
+        if self.fused_qk_rope and not torch.is_grad_enabled() and indexed:
             values, biases = _split_biases(outs)
             norms, eps = self._norm_weights()
             index = None if window == grid else cast(tuple[torch.Tensor, torch.Tensor], order)[0]
@@ -218,7 +225,10 @@ class SelfAttention(_Projections):
                 qw, kw, vw = (window_partition_indexed(t, order[0], tokens) for t in (q, k, v))  # [b·nw, w, h, dh]
             else:
                 qw, kw, vw = (window_partition(t, grid, window, shift) for t in (q, k, v))  # [b·nw, w, h, dh]
-        out = attention(qw, kw, vw, backend)
+        out = attention(qw, kw, vw, backend)  # [b·nw, w, h, dh] (or [b, L, h, dh]), in the backend's strides
+        if self.fused_out_quant and not torch.is_grad_enabled() and indexed:
+            inverse = None if window == grid else cast(tuple[torch.Tensor, torch.Tensor], order)[1]
+            return self.o(window_rows_quantize(out, inverse))  # data [b, L, dim] fp8 in token order
         if window != grid:
             out = window_reverse_indexed(out, b, order[1]) if order is not None else window_reverse(
                 out, b, grid, window, shift)  # [b, L, h, dh]

@@ -31,6 +31,12 @@ option             what it does                                                 
 ``fp8_chunked``    with ``fp8_fused``: the GELU kernel in two passes over chunks where the   same values
                    FFN width is mostly padding in a whole-row block (Wan 1.3B's 8,960;
                    ``triton_util.row_chunk``; item ``chunkrows``)
+``fp8_out_fused`` with ``fp8_fused``, without autograd: the self-attention output's window      vs ``fp8_fused``:
+                   reverse gather (tokens back in order, across heads, from the attention's   the same scale
+                   layout in any strides) and its per-row quantisation for the output         formula; CUDA: a
+                   projection in one Triton kernel, and the cross-attention output            value may move
+                   quantised by the single-pass row kernel (``fp8_quant.window_rows_quant``,  one e4m3 step;
+                   ``rows_quant``; item ``outquant``)                                         CPU: bit-identical
 ``norm_fused``     the bf16 path's LayerNorms in the same Triton kernel without the           within one bf16
                    quantisation: LayerNorm + modulation of the self-attention and FFN         step; CPU: bit-
                    inputs, residual add + ``norm3`` and residual add + ``norm2`` +            identical
@@ -58,7 +64,12 @@ one in ``docs/bench/h100_fp8resid/`` (a further −9.6 % and −7.6 %), ``qk_fus
 error). On CUDA without Triton the Triton items stay off (the status says why); off CUDA they are dropped (their
 kernels' reference is the unfused maths, better left to the compiler there), ``cross_residual`` with them.
 ``fp8_rows`` gained nothing and is in no level (``fastest,fp8rows``; in ``bench --modes``: ``fastest+fp8rows``);
-``fp8_chunked`` is not measured yet and in no level (``fastest,chunkrows``).
+``fp8_chunked`` is not measured yet and in no level (``fastest,chunkrows``), nor is ``fp8_out_fused``
+(``fastest,outquant``; in ``bench --modes``: ``fastest+outquant``), which replaces the two per-row quantisation
+kernels the compiler still generated per block in the H100 profile of ``fastest`` (self-attention output: window
+gather + quantisation; cross-attention output: quantisation; together about 4 % of a call at paper scale in
+``docs/bench/h100_fused_rope_norm/``, at half the copy bandwidth).
+``fp8_out_fused`` needs ``window_gather`` for windows smaller than the grid, like ``qk_fused``.
 ``qk_fused`` needs ``window_gather`` for windows smaller than the grid (the roll path stays unfused).
 ``window_gather`` is in every level but ``plain`` since the H100 run in ``docs/bench/h100_qkv_gather/``
 (eager: −8.8 % per call at paper scale, −5.9 % for Wan 1.3B with 4-frame windows; compiled: within ±2 %);
@@ -142,6 +153,9 @@ class PerfOptions:
             normalise and quantise their inputs (the cross-attention query's input too); needs ``fp8_fused``.
         fp8_chunked: run the GELU + quantisation kernel over chunks where the FFN width is mostly padding in a
             whole-row block; needs ``fp8_fused``.
+        fp8_out_fused: the self-attention output's inverse window gather and per-row quantisation in one operator
+            (``fp8_quant.window_rows_quantize``), the cross-attention output quantised by the single-pass row
+            kernel; inference only, needs ``fp8_fused``.
         norm_fused: the same LayerNorm kernels without quantisation for the bf16 (non-fp8) block inputs.
         cross_residual: add each block's FFN residual in the next block's first norm (inference only).
         qk_fused: the self-attention's q/k RMS norms, RoPE and window gather (q, k and v; with fp8 linears their
@@ -158,6 +172,7 @@ class PerfOptions:
     fp8_rows: bool = False
     fp8_residual: bool = False
     fp8_chunked: bool = False
+    fp8_out_fused: bool = False
     norm_fused: bool = False
     cross_residual: bool = False
     qk_fused: bool = False
@@ -170,7 +185,7 @@ class PerfOptions:
         if (self.fp8_fused or self.fp8_rows or self.fp8_residual) and self.fp8 != "row":
             raise ValueError(f"fp8_fused, fp8_rows and fp8_residual quantise per row: they need fp8='row' (the items "
                              f"fp8 or fp8=row), got fp8={self.fp8!r}")
-        for name in ("fp8_residual", "fp8_chunked"):
+        for name in ("fp8_residual", "fp8_chunked", "fp8_out_fused"):
             if getattr(self, name) and not self.fp8_fused:
                 raise ValueError(f"{name} extends the fused kernels of fp8_fused: it needs fp8_fused (the item "
                                  "fp8fuse, part of the level 'fastest')")
@@ -185,19 +200,19 @@ class PerfOptions:
     @classmethod
     def level(cls, name: str) -> PerfOptions:
         """A named level (:data:`PERF_LEVELS`) or a comma list such as ``"kv,layout,compile=default,graphs,fp8=row"``
-        (``kv``/``layout``/``graphs``/``gather``/``fp8fuse``/``fp8rows``/``fp8resid``/``chunkrows``/``normfuse``/
-        ``crossres``/``qkrope`` switch on; ``compile`` alone means ``compile=default``; ``fp8`` alone means
+        (``kv``/``layout``/``graphs``/``gather``/``fp8fuse``/``fp8rows``/``fp8resid``/``chunkrows``/``outquant``/
+        ``normfuse``/``crossres``/``qkrope`` switch on; ``compile`` alone means ``compile=default``; ``fp8`` alone means
         ``fp8=row``; a level name as an item, e.g. ``"safe,compile"``, sets every option to that level's at that point
         of the list; a list starts from everything off, like ``plain``). ``fp8=tensor`` after a level turns off that
-        level's per-row items (``"fastest,fp8=tensor"``); listed together with ``fp8fuse``, ``fp8rows``, ``fp8resid``
-        or ``chunkrows`` it is an error."""
+        level's per-row items (``"fastest,fp8=tensor"``); listed together with ``fp8fuse``, ``fp8rows``, ``fp8resid``,
+        ``chunkrows`` or ``outquant`` it is an error."""
         if name in PERF_LEVELS:
             return PERF_LEVELS[name]
         opts: dict[str, Any] = {f.name: getattr(PERF_LEVELS["plain"], f.name) for f in fields(PERF_LEVELS["plain"])}
         switches = {"kv": "text_kv_cache", "layout": "layout_cache", "graphs": "cuda_graphs", "gather": "window_gather",
                     "fp8fuse": "fp8_fused", "fp8rows": "fp8_rows", "fp8resid": "fp8_residual",
-                    "chunkrows": "fp8_chunked", "normfuse": "norm_fused", "crossres": "cross_residual",
-                    "qkrope": "qk_fused"}
+                    "chunkrows": "fp8_chunked", "outquant": "fp8_out_fused", "normfuse": "norm_fused",
+                    "crossres": "cross_residual", "qkrope": "qk_fused"}
         listed: set[str] = set()  # the per-row items named in the list (not inherited from a level)
         for raw in filter(None, (p.strip() for p in name.split(","))):
             key, _, value = raw.partition("=")
@@ -211,13 +226,13 @@ class PerfOptions:
             elif key == "fp8":
                 opts["fp8"] = value or "row"
                 if opts["fp8"] != "row":
-                    opts.update({k: False for k in ("fp8_fused", "fp8_rows", "fp8_residual", "fp8_chunked")
-                                 if k not in listed})
+                    opts.update({k: False for k in ("fp8_fused", "fp8_rows", "fp8_residual", "fp8_chunked",
+                                                    "fp8_out_fused") if k not in listed})
             else:
                 raise ValueError(
                     f"unknown optimisation {raw!r} in {name!r}; use a level {sorted(PERF_LEVELS)} or items "
                     "kv, layout, compile[=MODE], graphs, fp8[=row|tensor], gather, fp8fuse, fp8rows, fp8resid, "
-                    "chunkrows, normfuse, crossres, qkrope (a level name may start the list)"
+                    "chunkrows, outquant, normfuse, crossres, qkrope (a level name may start the list)"
                 )
         return cls(**opts)
 
@@ -228,7 +243,7 @@ class PerfOptions:
         if device.type == "cuda":
             return self
         return replace(self, cuda_graphs=False, fp8="off", fp8_fused=False, fp8_rows=False, fp8_residual=False,
-                       fp8_chunked=False, norm_fused=False, cross_residual=False, qk_fused=False)
+                       fp8_chunked=False, fp8_out_fused=False, norm_fused=False, cross_residual=False, qk_fused=False)
 
     def describe(self) -> str:
         on = [f.name if isinstance(getattr(self, f.name), bool) else f"{f.name}={getattr(self, f.name)}"
@@ -448,7 +463,7 @@ def _undo_fp8(model: StreamDiT) -> None:
             setattr(parent, name, restored)
     block: Any
     for block in model.blocks:
-        block.fused_fp8_input = block.fused_fp8_residual = False
+        block.fused_fp8_input = block.fused_fp8_residual = block.self_attn.fused_out_quant = False
         if isinstance(block.ffn[1], GeluInNextLinear):
             block.ffn[1] = nn.GELU(approximate=block.ffn[1].approximate)
 
@@ -475,15 +490,18 @@ def _fused_kernels(
     return None
 
 
-def _fuse_fp8(model: StreamDiT, status: dict[str, str], residual: bool = False, chunked: bool = False) -> None:
+def _fuse_fp8(
+    model: StreamDiT, status: dict[str, str], residual: bool = False, chunked: bool = False, outputs: bool = False
+) -> None:
     """Quantise per row inside the producers' kernels (``fp8_fused``): each block's adaLN inputs of q/k/v and of
     the FFN (all ``Fp8Linear`` with per-row scales) once, and the FFN's GELU output in the second linear. With
     ``residual`` (``fp8_residual``) the cross-attention's q input and the FFN input come from the kernels that
     also add the residual before their norm. With ``chunked`` (``fp8_chunked``) the GELU kernel runs over chunks
-    of ``ROW_CHUNK`` where the FFN width is mostly padding in a whole-row block (``triton_util.row_chunk``)."""
+    of ``ROW_CHUNK`` where the FFN width is mostly padding in a whole-row block (``triton_util.row_chunk``). With
+    ``outputs`` (``fp8_out_fused``) the attention outputs too (:func:`_fuse_fp8_outputs`)."""
     kernels = _fused_kernels(model, triton_problem(), "fp8_fused", "fused fp8 quantisation", status)
     if kernels is None:
-        for flag, name in ((residual, "fp8_residual"), (chunked, "fp8_chunked")):
+        for flag, name in ((residual, "fp8_residual"), (chunked, "fp8_chunked"), (outputs, "fp8_out_fused")):
             if flag:
                 status[name] = "off: no Triton kernels"
         return
@@ -517,6 +535,28 @@ def _fuse_fp8(model: StreamDiT, status: dict[str, str], residual: bool = False, 
         width = model.config.ffn_dim
         status["fp8_chunked"] = (f"{gelu} GELU rows of {width} in chunks of {ROW_CHUNK}"
                                  if row_chunk(width, ROW_CHUNK) else f"no effect: rows of {width} stay whole")
+    if outputs:
+        _fuse_fp8_outputs(model, status)
+
+
+def _fuse_fp8_outputs(model: StreamDiT, status: dict[str, str]) -> None:
+    """``fp8_out_fused``: the self-attention hands its output projection (a per-row ``Fp8Linear``) the attention
+    output gathered back into token order and quantised by one kernel (``SelfAttention.fused_out_quant``;
+    inference only, and with windows smaller than the grid only where ``window_gather`` partitions them), and the
+    cross-attention's output projection quantises its (contiguous) input with the single-pass row kernel
+    (``Fp8Linear.single_pass``)."""
+    self_out = cross_out = 0
+    block: Any
+    for block in model.blocks:
+        sa_o, ca_o = block.self_attn.o, block.cross_attn.o
+        if isinstance(sa_o, Fp8Linear) and sa_o.rowwise:
+            block.self_attn.fused_out_quant = True
+            self_out += 1
+        if isinstance(ca_o, Fp8Linear) and ca_o.rowwise:
+            ca_o.single_pass = True
+            cross_out += 1
+    status["fp8_out_fused"] = (f"{self_out} self-attention outputs (window gather + quantisation), {cross_out} "
+                               "cross-attention outputs (row kernel)")
 
 
 def _set_fp8(model: StreamDiT, options: PerfOptions, status: dict[str, str]) -> None:
@@ -551,7 +591,9 @@ def _set_fp8(model: StreamDiT, options: PerfOptions, status: dict[str, str]) -> 
     if single_pass:
         status["fp8_rows"] = "on" if triton_problem() is None else f"reference implementation ({triton_problem()})"
     if options.fp8_fused:
-        _fuse_fp8(model, status, options.fp8_residual, options.fp8_chunked)
+        _fuse_fp8(model, status, options.fp8_residual, options.fp8_chunked, options.fp8_out_fused)
+        if options.fp8_out_fused and not options.window_gather and not status["fp8_out_fused"].startswith("off"):
+            status["fp8_out_fused"] += "; windows smaller than the grid stay unfused (roll path: no gather)"
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -254,6 +254,7 @@ def test_fused_model_equals_unfused_fp8_and_quantises_qkv_input_once(dtype, monk
         replace(ROW, fp8_rows=True): (0, 8),
         RESID: (2, 4),  # o, cross o | adaLN of attention, residual + norm3, residual + adaLN of FFN, GELU
         replace(RESID, fp8_rows=True): (0, 6),
+        replace(RESID, fp8_out_fused=True): (0, 6),  # o (with the window gather) and cross o in the operators
     }
     outs = {}
     for options, (linear, fused) in expected.items():
