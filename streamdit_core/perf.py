@@ -45,16 +45,15 @@ option             what it does                                                 
                    Triton kernel (``qk_rope``; item ``qkrope``)                              step or two of its
                                                                                              inputs; CPU: bit-
                                                                                              identical
-``fp8_adds_``      with ``fp8_fused``: the bias adds of fp8 linears whose output goes        as ``fp8_residual``
-``fused``          straight into a residual kernel, in that kernel: the self-attention's     (the bias add is
+``fp8_adds_fused``  with ``fp8_fused``: the bias adds of fp8 linears whose output goes        as ``fp8_residual``
+                   straight into a residual kernel, in that kernel: the self-attention's     (the bias add is
                    and the cross-attention's output projections (with ``fp8_residual``),     rounded like the
                    and with ``cross_residual`` the FFN's second linear (in the next          linear's); CPU:
                    block's norm1 kernel); removes one full-size read + write each (item      bit-identical
                    ``fuseadds``)
 ``tuned_warps``    the Triton row kernels launched with the warp counts measured best on     same values (the
-                   an H100 (``triton_util.TUNED_WARPS``, from                                 kernels' maths do
-                   ``docs/bench/h100_row_kernels/``) instead of the default rule (item        not change)
-                   ``warps``)
+                   an H100 (``triton_util.TUNED_WARPS``, from ``docs/bench/h100_row_``       kernels' maths do
+                   ``kernels/``) instead of the default rule (item ``warps``)                not change)
 =================  ========================================================================  ==================
 
 Levels (:data:`PERF_LEVELS`): ``plain`` (all off, the eager reference), ``safe`` (the default: both caches
@@ -63,7 +62,9 @@ and ``window_gather``), ``fast`` (+ ``compile``, ``cuda_graphs``, ``norm_fused``
 ``qk_fused``). ``fp8_fused`` is in ``fastest`` since the H100 run in ``docs/bench/h100_fp8fuse/`` (−4.7 % per call
 at paper scale, −6.7 % for Wan 1.3B with 4-frame windows, same error against ``plain``), ``fp8_residual`` since the
 one in ``docs/bench/h100_fp8resid/`` (a further −9.6 % and −7.6 %), ``qk_fused`` (both levels), ``norm_fused`` and
-``cross_residual`` (``fast`` only: in ``fastest`` the deferred add cost 0.8–1.9 %) since the one in
+``cross_residual`` (``fast`` only: in ``fastest`` the deferred add cost 0.8–1.9 %: there the FFN's fp8 output
+needs its bias added in a pass of its own, which the compiler had fused into the residual add; ``fp8_adds_fused``
+moves it into the norm kernel) since the one in
 ``docs/bench/h100_fused_rope_norm/`` (``fastest`` −4.2 % and −4.0 %; ``fast`` −7.1 % and −6.2 %, same or lower
 error). On CUDA without Triton the Triton items stay off (the status says why); off CUDA they are dropped (their
 kernels' reference is the unfused maths, better left to the compiler there), ``cross_residual`` with them.
