@@ -7,7 +7,8 @@ Usage (on a CUDA machine with Triton): ``python scripts/bench_row_kernels.py --o
 12 heads; 16 token frames), timed with CUDA events (20 launches in one CUDA graph, median of 10 replays).
 Bytes = what the kernel must read and write once. The ``outquant`` rows replace the compiler's window gather +
 quantisation of the self-attention output and its quantisation of the cross-attention output (``PerfOptions.
-fp8_out_fused``).
+fp8_out_fused``). The column "warps item" is the warp count the item ``warps``
+(``PerfOptions.tuned_warps``, ``triton_util.TUNED_WARPS``) launches the kernel with.
 """
 
 from __future__ import annotations
@@ -60,8 +61,9 @@ def _time_ms(fn: Callable[[], object], repeats: int = 10, launches: int = 20) ->
     return statistics.median(times)
 
 
-def _kernels(case: str) -> dict[str, tuple[Callable[[], object], int, int]]:
-    """``{kernel: (launch, bytes moved, the row width its launch configuration is chosen for)}`` of one case."""
+def _kernels(case: str) -> dict[str, tuple[Callable[[], object], int, int, str | None]]:
+    """``{kernel: (launch, bytes moved, the row width its launch configuration is chosen for, its name in
+    triton_util.TUNED_WARPS)}`` of one case."""
     tokens, d, ffn, heads, grid, window = CASES[case]
     frames = grid[0]
     dev, bf16 = "cuda", torch.bfloat16
@@ -70,7 +72,7 @@ def _kernels(case: str) -> dict[str, tuple[Callable[[], object], int, int]]:
     def rnd(*shape: int, dtype: torch.dtype = bf16) -> torch.Tensor:
         return torch.randn(*shape, device=dev, generator=g).to(dtype)
 
-    x, y, h, h_bias = rnd(tokens, d), rnd(tokens, d), rnd(tokens, ffn), rnd(ffn)
+    x, y, h, h_bias, y_bias = rnd(tokens, d), rnd(tokens, d), rnd(tokens, ffn), rnd(ffn), rnd(d)
     mod = [rnd(1, frames, d, dtype=torch.float32) * 0.1 for _ in range(3)]
     w, b = rnd(d), rnd(d)
     q, k, v = (rnd(1, tokens, d) for _ in range(3))
@@ -83,23 +85,36 @@ def _kernels(case: str) -> dict[str, tuple[Callable[[], object], int, int]]:
     nq = fp8_triton.norm_quant_triton
     return {
         "LayerNorm + modulation + fp8 (norm1)": (
-            lambda: nq(x, 1e-6, tokens, frames, shift=mod[0], scale=mod[1]), row + row8, d),
+            lambda: nq(x, 1e-6, tokens, frames, shift=mod[0], scale=mod[1]), row + row8, d, "norm_modulate_quant"),
         "residual + gate + LayerNorm affine + fp8 (norm3)": (
-            lambda: nq(x, 1e-6, tokens, frames, residual=y, gate=mod[2], weight=w, bias=b), 3 * row + row8, d),
+            lambda: nq(x, 1e-6, tokens, frames, residual=y, gate=mod[2], weight=w, bias=b), 3 * row + row8, d,
+            "residual_gate_affine_quant"),
+        "residual + bias + gate + LayerNorm affine + fp8 (norm3, fuseadds)": (
+            lambda: nq(x, 1e-6, tokens, frames, residual=y, gate=mod[2], weight=w, bias=b, residual_bias=y_bias),
+            3 * row + row8, d, "residual_gate_affine_quant"),
         "residual + LayerNorm + modulation + fp8 (norm2)": (
-            lambda: nq(x, 1e-6, tokens, frames, residual=y, shift=mod[0], scale=mod[1]), 3 * row + row8, d),
+            lambda: nq(x, 1e-6, tokens, frames, residual=y, shift=mod[0], scale=mod[1]), 3 * row + row8, d,
+            "residual_modulate_quant"),
+        "residual + bias + LayerNorm + modulation + fp8 (norm2, fuseadds)": (
+            lambda: nq(x, 1e-6, tokens, frames, residual=y, shift=mod[0], scale=mod[1], residual_bias=y_bias),
+            3 * row + row8, d, "residual_modulate_quant"),
+        "residual + gate + LayerNorm + modulation + fp8 (norm1, crossres)": (
+            lambda: nq(x, 1e-6, tokens, frames, residual=y, gate=mod[2], shift=mod[0], scale=mod[1]),
+            3 * row + row8, d, "residual_gate_modulate_quant"),
         "residual + LayerNorm + modulation, bf16 (normfuse)": (
-            lambda: nq(x, 1e-6, tokens, frames, residual=y, shift=mod[0], scale=mod[1], quantize=False), 4 * row, d),
+            lambda: nq(x, 1e-6, tokens, frames, residual=y, shift=mod[0], scale=mod[1], quantize=False), 4 * row, d,
+            "residual_modulate"),
         "bias + GELU + fp8 (FFN hidden)": (
-            lambda: fp8_triton.quantize_rows_triton(h, 1, bias=h_bias), tokens * ffn * 3, ffn),
+            lambda: fp8_triton.quantize_rows_triton(h, 1, bias=h_bias), tokens * ffn * 3, ffn, "gelu_quant"),
         "bias + GELU + fp8, two passes over chunks of 2,048 (chunkrows)": (
-            lambda: fp8_triton.quantize_rows_triton(h, 1, bias=h_bias, chunk=2048), tokens * ffn * 3, 2048),
+            lambda: fp8_triton.quantize_rows_triton(h, 1, bias=h_bias, chunk=2048), tokens * ffn * 3, 2048, None),
         "q/k RMS norm + RoPE + gather, v gather (qkrope)": (
-            lambda: rope_triton.qkv_rows_triton(q, k, v, cos, sin, 1e-6, weights=(w, w), index=index), 6 * row, d),
+            lambda: rope_triton.qkv_rows_triton(q, k, v, cos, sin, 1e-6, weights=(w, w), index=index), 6 * row, d,
+            "qkv_rope"),
         "attention output window gather + fp8 (outquant: self-attention o input)": (
-            lambda: fp8_triton.window_rows_quant_triton(attn, inverse), row + row8, d),
+            lambda: fp8_triton.window_rows_quant_triton(attn, inverse), row + row8, d, None),
         "fp8 rows (outquant: cross-attention o input)": (
-            lambda: fp8_triton.quantize_rows_triton(x, 0), row + row8, d),
+            lambda: fp8_triton.quantize_rows_triton(x, 0), row + row8, d, None),
     }
 
 
@@ -115,13 +130,14 @@ def main() -> None:
     bandwidth = 2 * copy.numel() / _time_ms(lambda: copy.clone()) / 1e9  # TB/s (bytes per ms / 1e9)
     results: dict[str, object] = {"gpu": torch.cuda.get_device_name(), "copy_tbs": round(bandwidth, 2), "rows": []}
     lines = [f"GPU {results['gpu']}, copy bandwidth {bandwidth:.2f} TB/s; µs per launch (share of copy bandwidth)",
-             "", "| case | kernel | default warps | " + " | ".join(f"{n} warps" for n in WARPS) + " |",
-             "|---|---|---|" + "---|" * len(WARPS)]
+             "", "| case | kernel | default warps | warps item | " + " | ".join(f"{n} warps" for n in WARPS) + " |",
+             "|---|---|---|---|" + "---|" * len(WARPS)]
     for case in args.cases.split(","):
-        for name, (launch, nbytes, cols) in _kernels(case).items():
+        for name, (launch, nbytes, cols, kind) in _kernels(case).items():
             cells, row = [], {"case": case, "kernel": name, "bytes": nbytes, "us": {}}
             for warps in WARPS:
-                def config(n_cols: int, warps: int = warps) -> tuple[int, int]:
+                def config(n_cols: int, kind: str | None = None, tuned: bool = False,
+                           warps: int = warps) -> tuple[int, int]:
                     return default(n_cols)[0], warps
                 fp8_triton.row_launch_config = rope_triton.row_launch_config = config
                 try:
@@ -133,10 +149,10 @@ def main() -> None:
                 row["us"][warps] = round(us, 1)
                 cells.append(f"{us:.0f} ({nbytes / us / 1e6 / bandwidth:.0%})")  # bytes per µs / 1e6 = TB/s
             fp8_triton.row_launch_config = rope_triton.row_launch_config = default
-            warps = default(cols)[1]
-            row["default_warps"] = warps
+            warps, tuned = default(cols)[1], default(cols, kind, True)[1]
+            row["default_warps"], row["tuned_warps"] = warps, tuned
             results["rows"].append(row)  # type: ignore[attr-defined]
-            lines.append(f"| {case} | {name} | {warps} | " + " | ".join(cells) + " |")
+            lines.append(f"| {case} | {name} | {warps} | {tuned} | " + " | ".join(cells) + " |")
             log.info(lines[-1])
     (args.out / "row_kernels.json").write_text(json.dumps(results, indent=1))
     (args.out / "row_kernels.md").write_text("\n".join(lines) + "\n")

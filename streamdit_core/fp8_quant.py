@@ -17,7 +17,8 @@ operator (``torch.ops.streamdit.*``)    computes, then quantises per row
                                        order, ``window_reverse_indexed(x, b, inv).flatten(2)`` (``inv`` ``[L]``, or
                                        ``None``: ``x`` is ``[b, L, h, dh]``), ``M = b·L``, ``K = h·dh``
 ``residual_norm_quant(x, y, g, w, b,   the residual sum ``s = x + g·y`` (per-frame gate ``g`` ``[b, F, D]``) or
-sh, sc, eps)``                         ``x + y`` (``g`` ``None``) over ``x``, ``y`` ``[b, L, D]``, rounded to x's dtype
+sh, sc, eps, yb)``                     ``x + y`` (``g`` ``None``) over ``x``, ``y`` ``[b, L, D]`` (``y`` plus its
+                                       pending bias ``yb`` ``[D]`` first, rounded, when given), rounded to x's dtype
                                        and *returned too*; then ``LayerNorm(s)`` with affine ``w``/``b`` ``[D]`` or
                                        none, and modulated with ``sh``/``sc`` ``[b, F, D]`` or not (rounded like
                                        ``model.gate``, ``model.LayerNorm`` and ``model.modulate``)
@@ -113,11 +114,12 @@ def dequantize_fp8(x8: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
 
 
 def gelu_quant_reference(
-    h: torch.Tensor, bias: torch.Tensor | None = None, chunk: int = 0
+    h: torch.Tensor, bias: torch.Tensor | None = None, chunk: int = 0, tuned: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``quantize_fp8(GELU_tanh(h + bias), rowwise=True)`` for ``h`` ``[M, N]`` and ``bias`` ``[N]`` (or ``None``);
-    the sum and GELU in h's dtype, like the first FFN linear's output and ``nn.GELU``. ``chunk``: the Triton
-    kernel's launch option (``triton_util.row_chunk``), which does not change the values; unused here."""
+    the sum and GELU in h's dtype, like the first FFN linear's output and ``nn.GELU``. ``chunk`` and ``tuned``: the
+    Triton kernel's launch options (``triton_util.row_chunk``, ``triton_util.TUNED_WARPS``), which do not change
+    the values; unused here."""
     if bias is not None:
         h = h + bias.to(h.dtype)
     return quantize_fp8(F.gelu(h, approximate="tanh"), True)
@@ -143,13 +145,16 @@ def _norm_modulate(
     return modulate(normed.float(), shift, scale).type_as(x)  # [b, L, D]
 
 
-def norm_modulate_reference(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float) -> torch.Tensor:
+def norm_modulate_reference(
+    x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float, tuned: bool = False
+) -> torch.Tensor:
     """adaLN input: ``modulate(LayerNorm(x).float(), shift, scale).type_as(x)``, ``Block.adaln_input``'s maths.
 
     Args:
         x: ``[b, L, D]`` tokens, ``L = F·(tokens per frame)``.
         shift, scale: ``[b, F, D]`` float32 per-frame modulation.
         eps: the LayerNorm's epsilon (no affine parameters; statistics in float32).
+        tuned: the kernel's launch option (``triton_util.TUNED_WARPS``); unused here.
     Returns:
         ``[b, L, D]`` in x's dtype, contiguous (like the kernel's output, whatever x's strides).
     """
@@ -157,9 +162,10 @@ def norm_modulate_reference(x: torch.Tensor, shift: torch.Tensor, scale: torch.T
 
 
 def norm_modulate_quant_reference(
-    x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float
+    x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float, tuned: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`norm_modulate_reference` quantised per row (``x`` ``[b, L, D]``, ``shift``/``scale`` ``[b, F, D]``).
+    """:func:`norm_modulate_reference` quantised per row (``x`` ``[b, L, D]``, ``shift``/``scale`` ``[b, F, D]``;
+    ``tuned`` unused here).
 
     Returns:
         ``(x8 [b·L, D] float8_e4m3fn, scale [b·L, 1] float32)``.
@@ -176,6 +182,7 @@ def residual_norm_reference(
     shift: torch.Tensor | None,
     scale: torch.Tensor | None,
     eps: float,
+    tuned: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Residual add, then the next layer's normalised input: the maths of ``s = x + gate(y.float(), g).type_as(x)``
     (or ``x + y``) and ``modulate(LayerNorm(s).float(), …).type_as(x)`` (or ``LayerNorm(s)``).
@@ -187,6 +194,7 @@ def residual_norm_reference(
         weight, bias: ``[D]`` LayerNorm affine parameters (both or neither), read as float32.
         shift, scale: ``[b, F, D]`` float32 per-frame modulation, or ``None`` (both or neither).
         eps: the LayerNorm's epsilon (statistics in float32).
+        tuned: the kernel's launch option (``triton_util.TUNED_WARPS``); unused here.
     Returns:
         ``(sum [b, L, D], normalised [b, L, D])`` in x's dtype, contiguous (like the kernel's outputs, whatever the
         inputs' strides: the first block's input is a transposed view).
@@ -204,12 +212,18 @@ def residual_norm_quant_reference(
     shift: torch.Tensor | None,
     scale: torch.Tensor | None,
     eps: float,
+    y_bias: torch.Tensor | None = None,
+    tuned: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """:func:`residual_norm_reference` with the normalised input quantised per row (arguments as there).
+    """:func:`residual_norm_reference` with the normalised input quantised per row (arguments as there). ``y_bias``
+    ``[D]`` or ``None``: ``y`` is a linear's output before its bias, added first in y's dtype (the maths of
+    ``perf.Fp8Linear``'s ``out + bias``; ``perf.PerfOptions.fp8_adds_fused``).
 
     Returns:
         ``(sum [b·L, D] x's dtype, x8 [b·L, D] float8_e4m3fn, scale [b·L, 1] float32)``.
     """
+    if y_bias is not None:
+        y = y + y_bias.to(y.dtype)
     total, normed = residual_norm_reference(x, y, gate, weight, bias, shift, scale, eps)
     dim = x.shape[-1]
     x8, s = quantize_fp8(normed.reshape(-1, dim), True)
@@ -312,25 +326,29 @@ def _define(launch: tuple[Callable[..., Any], ...] | None) -> None:
         global _launch, _launch_norm, _launch_window
         _launch, _launch_norm, _launch_window = launch  # module-level names: triton_op finds the kernels through them
 
-        def gelu_quant(h: torch.Tensor, bias: torch.Tensor | None, chunk: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        def gelu_quant(
+            h: torch.Tensor, bias: torch.Tensor | None, chunk: int = 0, tuned: bool = False
+        ) -> tuple[torch.Tensor, torch.Tensor]:
             if h.device.type != "cuda":
                 return gelu_quant_reference(h, bias)
             return _launch(h.contiguous(), _GELU, bias=None if bias is None else bias.to(h.dtype).contiguous(),
-                           chunk=row_chunk(h.shape[1], chunk))
+                           chunk=row_chunk(h.shape[1], chunk), tuned=tuned)
 
         def norm_modulate_quant(
-            x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float
+            x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float, tuned: bool = False
         ) -> tuple[torch.Tensor, torch.Tensor]:
             if x.device.type != "cuda":
                 return norm_modulate_quant_reference(x, shift, scale, eps)
-            x8, s, _ = _norm_rows(x, None, None, None, None, shift, scale, eps, True)
+            x8, s, _ = _norm_rows(x, None, None, None, None, shift, scale, eps, True, tuned=tuned)
             assert s is not None
             return x8, s
 
-        def norm_modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float) -> torch.Tensor:
+        def norm_modulate(
+            x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float, tuned: bool = False
+        ) -> torch.Tensor:
             if x.device.type != "cuda":
                 return norm_modulate_reference(x, shift, scale, eps)
-            return _norm_rows(x, None, None, None, None, shift, scale, eps, False)[0].view(x.shape)
+            return _norm_rows(x, None, None, None, None, shift, scale, eps, False, tuned=tuned)[0].view(x.shape)
 
         def rows_quant(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             if x.device.type != "cuda":
@@ -345,20 +363,22 @@ def _define(launch: tuple[Callable[..., Any], ...] | None) -> None:
         def residual_norm_quant(
             x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor | None, weight: torch.Tensor | None,
             bias: torch.Tensor | None, shift: torch.Tensor | None, scale: torch.Tensor | None, eps: float,
+            y_bias: torch.Tensor | None = None, tuned: bool = False,
         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
             if x.device.type != "cuda":
-                return residual_norm_quant_reference(x, y, gate, weight, bias, shift, scale, eps)
-            x8, s, total = _norm_rows(x, y, gate, weight, bias, shift, scale, eps, True)
+                return residual_norm_quant_reference(x, y, gate, weight, bias, shift, scale, eps, y_bias)
+            x8, s, total = _norm_rows(x, y, gate, weight, bias, shift, scale, eps, True, y_bias, tuned)
             assert s is not None and total is not None
             return total, x8, s
 
         def residual_norm(
             x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor | None, weight: torch.Tensor | None,
             bias: torch.Tensor | None, shift: torch.Tensor | None, scale: torch.Tensor | None, eps: float,
+            tuned: bool = False,
         ) -> tuple[torch.Tensor, torch.Tensor]:
             if x.device.type != "cuda":
                 return residual_norm_reference(x, y, gate, weight, bias, shift, scale, eps)
-            normed, _, total = _norm_rows(x, y, gate, weight, bias, shift, scale, eps, False)
+            normed, _, total = _norm_rows(x, y, gate, weight, bias, shift, scale, eps, False, tuned=tuned)
             assert total is not None
             return total.view(x.shape), normed.view(x.shape)
 
@@ -378,9 +398,9 @@ def _define(launch: tuple[Callable[..., Any], ...] | None) -> None:
         return (x.new_empty((rows, x.shape[-1])), *fake(rows, x))
 
     ops = (
-        ("gelu_quant", gelu_quant_reference, lambda h, bias, chunk=0: fake(h.shape[0], h)),
+        ("gelu_quant", gelu_quant_reference, lambda h, bias, chunk=0, tuned=False: fake(h.shape[0], h)),
         ("norm_modulate_quant", norm_modulate_quant_reference,
-         lambda x, shift, scale, eps: fake(x.shape[0] * x.shape[1], x)),
+         lambda x, shift, scale, eps, tuned=False: fake(x.shape[0] * x.shape[1], x)),
         ("rows_quant", rows_quant_reference, lambda x: fake(x.shape[0], x)),
         ("window_rows_quant", window_rows_quant_reference,
          lambda x, inverse: (x.new_empty((x.shape[0] * x.shape[1], x.shape[2] * x.shape[3]), dtype=torch.float8_e4m3fn),
@@ -404,16 +424,20 @@ def _norm_rows(
     scale: torch.Tensor | None,
     eps: float,
     quantize: bool,
+    y_bias: torch.Tensor | None = None,
+    tuned: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """The LayerNorm row kernel on CUDA tensors (``fp8_triton.norm_quant_triton``): x, y ``[b, L, D]`` (y, the
     residual branch, or ``None``), the per-frame ``[b, F, D]`` and affine ``[D]`` arguments or ``None``, as the
-    kernel reads them (rows contiguous, per-frame tensors float32). Returns ``(out [b·L, D] float8_e4m3fn or x's
-    dtype, scale [b·L, 1] float32 or None, sum [b·L, D] or None)``."""
+    kernel reads them (rows contiguous, per-frame tensors float32); y's pending bias ``[D]`` (in y's dtype) or
+    ``None``; ``tuned``: the measured warp count (``triton_util.TUNED_WARPS``). Returns ``(out [b·L, D]
+    float8_e4m3fn or x's dtype, scale [b·L, 1] float32 or None, sum [b·L, D] or None)``."""
     per_frame = next((t for t in (gate, shift) if t is not None), None)
     return _launch_norm(
         x.reshape(-1, x.shape[-1]).contiguous(), eps, x.shape[1], 1 if per_frame is None else per_frame.shape[1],
         residual=None if y is None else y.reshape(-1, y.shape[-1]).contiguous(), gate=_f32(gate),
-        weight=_contiguous(weight), bias=_contiguous(bias), shift=_f32(shift), scale=_f32(scale), quantize=quantize)
+        weight=_contiguous(weight), bias=_contiguous(bias), shift=_f32(shift), scale=_f32(scale), quantize=quantize,
+        residual_bias=None if y_bias is None else y_bias.to(x.dtype).contiguous(), tuned=tuned)
 
 
 def _contiguous(t: torch.Tensor | None) -> torch.Tensor | None:
@@ -457,28 +481,32 @@ def _check_residual_args(
         raise ValueError(f"LayerNorm weight and bias must be [{x.shape[-1]}]")
 
 
-def gelu_quantize(h: torch.Tensor, bias: torch.Tensor | None = None, chunk: int = 0) -> QuantizedActivation:
+def gelu_quantize(
+    h: torch.Tensor, bias: torch.Tensor | None = None, chunk: int = 0, tuned: bool = False
+) -> QuantizedActivation:
     """``GELU_tanh(h + bias)`` quantised per row in one pass (or, with ``chunk`` and rows mostly padding in a
     whole-row block, two passes over chunks: ``triton_util.row_chunk``; same values). h ``[..., N]``, bias ``[N]``
-    or ``None`` → data ``[..., N]``, scale ``[..., 1]``."""
+    or ``None`` → data ``[..., N]``, scale ``[..., 1]``. ``tuned``: the kernel's measured warp count
+    (``triton_util.TUNED_WARPS``; same values)."""
     ensure_ops()
-    x8, scale = torch.ops.streamdit.gelu_quant(h.reshape(-1, h.shape[-1]), bias, chunk)
+    x8, scale = torch.ops.streamdit.gelu_quant(h.reshape(-1, h.shape[-1]), bias, chunk, tuned)
     return QuantizedActivation(x8.view(h.shape), scale.view(*h.shape[:-1], 1), h.dtype)
 
 
 def norm_modulate_quantize(
-    x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float
+    x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float, tuned: bool = False
 ) -> QuantizedActivation:
     """``modulate(LayerNorm(x), shift, scale)`` quantised per row in one pass.
 
     Args:
         x: ``[b, L, D]``; shift, scale: ``[b, F, D]`` float32 with ``L`` a multiple of ``F``; eps: LayerNorm's.
+        tuned: the kernel's measured warp count (``triton_util.TUNED_WARPS``; same values).
     Returns:
         data ``[b, L, D]`` float8_e4m3fn, scale ``[b, L, 1]`` float32, dtype x's.
     """
     _check_norm_args("norm_modulate_quantize", x, shift, scale)
     ensure_ops()
-    x8, s = torch.ops.streamdit.norm_modulate_quant(x, shift, scale, eps)
+    x8, s = torch.ops.streamdit.norm_modulate_quant(x, shift, scale, eps, tuned)
     return QuantizedActivation(x8.view(x.shape), s.view(*x.shape[:-1], 1), x.dtype)
 
 
@@ -522,6 +550,8 @@ def residual_norm_quantize(
     bias: torch.Tensor | None = None,
     shift: torch.Tensor | None = None,
     scale: torch.Tensor | None = None,
+    y_bias: torch.Tensor | None = None,
+    tuned: bool = False,
 ) -> tuple[torch.Tensor, QuantizedActivation]:
     """The residual sum ``s = x + gate(y, g)`` (``x + y`` without ``gate``) and ``LayerNorm(s)`` (affine with
     ``weight``/``bias``, modulated with ``shift``/``scale`` when given) quantised per row, in one pass.
@@ -530,26 +560,34 @@ def residual_norm_quantize(
         x, y: ``[b, L, D]`` in one dtype; gate, shift, scale: ``[b, F, D]`` float32 or ``None`` with ``F``
             dividing ``L`` (shift and scale together); weight, bias: ``[D]`` or ``None`` (together); eps: the
             LayerNorm's.
+        y_bias: ``[D]`` or ``None``: ``y`` is a linear's output before its bias, which is added to it first, in
+            y's dtype, like the linear would (``perf.PerfOptions.fp8_adds_fused``).
+        tuned: the kernel's measured warp count (``triton_util.TUNED_WARPS``; same values).
     Returns:
         ``s`` ``[b, L, D]`` in x's dtype, and data ``[b, L, D]`` float8_e4m3fn, scale ``[b, L, 1]`` float32.
     """
     _check_residual_args("residual_norm_quantize", x, y, gate, weight, bias, shift, scale)
+    if y_bias is not None and y_bias.shape != x.shape[-1:]:
+        raise ValueError(f"the residual branch's bias must be [{x.shape[-1]}], got {list(y_bias.shape)}")
     ensure_ops()
-    total, x8, s = torch.ops.streamdit.residual_norm_quant(x, y, gate, weight, bias, shift, scale, eps)
+    total, x8, s = torch.ops.streamdit.residual_norm_quant(x, y, gate, weight, bias, shift, scale, eps, y_bias, tuned)
     return total.view(x.shape), QuantizedActivation(x8.view(x.shape), s.view(*x.shape[:-1], 1), x.dtype)
 
 
-def norm_modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float) -> torch.Tensor:
+def norm_modulate(
+    x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float, tuned: bool = False
+) -> torch.Tensor:
     """``modulate(LayerNorm(x), shift, scale)`` in x's dtype in one pass (no quantisation: the bf16 path).
 
     Args:
         x: ``[b, L, D]``; shift, scale: ``[b, F, D]`` float32 with ``L`` a multiple of ``F``; eps: LayerNorm's.
+        tuned: the kernel's measured warp count (``triton_util.TUNED_WARPS``; same values).
     Returns:
         ``[b, L, D]`` in x's dtype, equal to :func:`norm_modulate_reference` (bit-identical off CUDA).
     """
     _check_norm_args("norm_modulate", x, shift, scale)
     ensure_ops()
-    return torch.ops.streamdit.norm_modulate(x, shift, scale, eps)
+    return torch.ops.streamdit.norm_modulate(x, shift, scale, eps, tuned)
 
 
 def residual_norm(
@@ -561,15 +599,17 @@ def residual_norm(
     bias: torch.Tensor | None = None,
     shift: torch.Tensor | None = None,
     scale: torch.Tensor | None = None,
+    tuned: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The residual sum ``s = x + gate(y, g)`` (``x + y`` without ``gate``) and ``LayerNorm(s)`` (affine with
     ``weight``/``bias``, modulated with ``shift``/``scale`` when given) in x's dtype, in one pass (no
-    quantisation: the bf16 path). Arguments as in :func:`residual_norm_quantize`.
+    quantisation: the bf16 path). Arguments as in :func:`residual_norm_quantize` (no ``y_bias``: the bf16 linears
+    add their bias in the matmul).
 
     Returns:
         ``(s [b, L, D], normalised [b, L, D])`` in x's dtype, equal to :func:`residual_norm_reference`.
     """
     _check_residual_args("residual_norm", x, y, gate, weight, bias, shift, scale)
     ensure_ops()
-    total, normed = torch.ops.streamdit.residual_norm(x, y, gate, weight, bias, shift, scale, eps)
+    total, normed = torch.ops.streamdit.residual_norm(x, y, gate, weight, bias, shift, scale, eps, tuned)
     return total, normed

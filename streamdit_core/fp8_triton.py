@@ -5,7 +5,8 @@ dtype).
 * ``_quant_rows_kernel``: an element-wise prologue (none, or bias + GELU) and the quantisation.
 * ``_window_rows_quant_kernel``: the attention output read in its window layout (any strides), each token's row
   gathered across heads in token order (the inverse of the window partition), and the quantisation.
-* ``_norm_quant_kernel``: an optional residual prologue (``x + y`` or ``x + gate·y``, the sum stored in x's dtype),
+* ``_norm_quant_kernel``: an optional residual prologue (``x + y`` or ``x + gate·y``, the sum stored in x's dtype;
+  ``y`` optionally a linear's output whose bias is added here first),
   LayerNorm (optionally with affine weight and bias), optional per-frame modulation, and then either the
   quantisation (``QUANT``, the fp8 linears' inputs) or a store in x's dtype (the bf16 path, ``norm_fused``).
 
@@ -20,7 +21,7 @@ import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
-from .triton_util import row_launch_config
+from .triton_util import norm_kind, row_launch_config
 
 __all__ = ["norm_quant_triton", "quantize_rows_triton", "window_rows_quant_triton"]
 
@@ -127,6 +128,7 @@ def _window_rows_quant_kernel(
 def _norm_quant_kernel(
     x_ptr,  # [rows, n_cols], row-major: the residual stream (RESIDUAL ≥ 1) or the LayerNorm's input
     y_ptr,  # [rows, n_cols] in x's dtype: the branch output added to x (RESIDUAL ≥ 1)
+    y_bias_ptr,  # [n_cols] in x's dtype: the branch's pending bias, added to y first (HAS_Y_BIAS)
     gate_ptr,  # [batch, frames, n_cols] float32 (RESIDUAL 2)
     weight_ptr,  # [n_cols] LayerNorm weight, any float dtype (HAS_AFFINE)
     norm_bias_ptr,  # [n_cols] LayerNorm bias, any float dtype (HAS_AFFINE)
@@ -141,6 +143,7 @@ def _norm_quant_kernel(
     frames,
     eps,
     RESIDUAL: tl.constexpr,  # 0: LayerNorm(x); 1: of x + y; 2: of x + gate·y (the sum is stored)
+    HAS_Y_BIAS: tl.constexpr,  # RESIDUAL ≥ 1: y is a linear's output before its bias (rounded like `y + bias`)
     HAS_AFFINE: tl.constexpr,  # LayerNorm with weight and bias
     HAS_MODULATION: tl.constexpr,  # then ·(1 + scale) + shift per frame
     QUANT: tl.constexpr,  # quantise per row to out_ptr's dtype (and store the scale); else store in x's dtype
@@ -154,6 +157,8 @@ def _norm_quant_kernel(
     x = tl.load(x_ptr + row * n_cols + cols, mask=mask, other=0.0).to(tl.float32)
     if RESIDUAL > 0:
         y = tl.load(y_ptr + row * n_cols + cols, mask=mask, other=0.0).to(tl.float32)
+        if HAS_Y_BIAS:  # the producing linear's `out + bias` in x's dtype (fp8_adds_fused)
+            y = (y + tl.load(y_bias_ptr + cols, mask=mask, other=0.0).to(tl.float32)).to(dtype).to(tl.float32)
         if RESIDUAL == 2:  # gate(y.float(), g).type_as(x)
             y = (y * tl.load(gate_ptr + per_frame + cols, mask=mask, other=0.0)).to(dtype).to(tl.float32)
         x = (x + y).to(dtype)  # the residual stream, rounded like `x + ...` in x's dtype
@@ -183,6 +188,7 @@ def quantize_rows_triton(
     out_dtype: torch.dtype = torch.float8_e4m3fn,
     bias: torch.Tensor | None = None,
     chunk: int = 0,
+    tuned: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Launch ``_quant_rows_kernel`` on ``x`` ``[rows, n_cols]`` (contiguous). ``prologue``: 0 none, 1 GELU(tanh)
     of ``x + bias`` (``bias`` ``[n_cols]`` in x's dtype or ``None``). ``out_dtype=torch.float32`` stores the
@@ -191,7 +197,8 @@ def quantize_rows_triton(
     default) holds the whole row in registers; a power of two runs the two-pass kernel over chunks of that size
     (same values; for widths far below their power of two, e.g. Wan 1.3B's FFN 8,960 → a 16,384 block, where the
     H100 sweep in docs/bench/h100_row_kernels measured the whole-row kernel at under half the bandwidth; not
-    measured yet, so not used by the model).
+    measured yet, so not used by the model). ``tuned``: the measured warp count of the GELU row where
+    ``triton_util.TUNED_WARPS`` has one (``warps``; same values).
 
     Returns:
         ``(x8 [rows, n_cols] out_dtype, scale [rows, 1] float32)``.
@@ -199,7 +206,7 @@ def quantize_rows_triton(
     rows, n_cols = x.shape
     out = torch.empty((rows, n_cols), dtype=out_dtype, device=x.device)
     out_scale = torch.empty((rows, 1), dtype=torch.float32, device=x.device)
-    block, warps = row_launch_config(chunk or n_cols)
+    block, warps = row_launch_config(chunk or n_cols, "gelu_quant" if prologue == 1 and not chunk else None, tuned)
     # an unread placeholder without a bias: the input (read-only), never an output, so that the compiler's
     # mutation analysis sees no aliasing of what the kernel writes
     wrap_triton(_quant_rows_kernel)[(rows,)](
@@ -222,6 +229,8 @@ def norm_quant_triton(
     scale: torch.Tensor | None = None,
     out_dtype: torch.dtype = torch.float8_e4m3fn,
     quantize: bool = True,
+    residual_bias: torch.Tensor | None = None,
+    tuned: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """Launch ``_norm_quant_kernel`` on ``x`` ``[rows, n_cols]`` (contiguous), ``rows = batch·tokens`` with
     ``tokens = frames·(tokens per frame)``.
@@ -234,6 +243,10 @@ def norm_quant_triton(
         shift, scale: ``[batch, frames, n_cols]`` float32 contiguous modulation (both or neither).
         out_dtype: as in :func:`quantize_rows_triton` (with ``quantize`` only).
         quantize: quantise the normalised rows per row; ``False`` stores them in x's dtype (no scales).
+        residual_bias: ``[n_cols]`` in x's dtype: ``residual`` is a linear's output before its bias, added to it
+            first (rounded to x's dtype, like the linear's ``out + bias``), or ``None``; needs ``residual``.
+        tuned: the measured warp count of this configuration where ``triton_util.TUNED_WARPS`` has one
+            (``warps``; same values).
     Returns:
         ``(out [rows, n_cols], scale [rows, 1] float32 or None, sum [rows, n_cols] x's dtype or None)``: ``out``
         in ``out_dtype`` and ``scale`` with ``quantize``, else ``out`` in x's dtype and no scale.
@@ -242,14 +255,18 @@ def norm_quant_triton(
     out = torch.empty((rows, n_cols), dtype=out_dtype if quantize else x.dtype, device=x.device)
     out_scale = torch.empty((rows, 1), dtype=torch.float32, device=x.device) if quantize else None
     total = None if residual is None else torch.empty_like(x)
-    block, warps = row_launch_config(n_cols)
+    if residual_bias is not None and residual is None:
+        raise ValueError("residual_bias is the residual branch's bias: it needs residual")
+    block, warps = row_launch_config(n_cols, norm_kind(residual is not None, gate is not None, weight is not None,
+                                                       shift is not None, quantize), tuned)
     # unread placeholders: the input for what is read (never an output, so that the compiler's mutation analysis
     # sees no aliasing of what the kernel writes), the normalised output for the sum without a residual and for
     # the scales without quantisation (never written)
     wrap_triton(_norm_quant_kernel)[(rows,)](
-        x, *(x if t is None else t for t in (residual, gate, weight, bias, shift, scale)),
+        x, *(x if t is None else t for t in (residual, residual_bias, gate, weight, bias, shift, scale)),
         out if total is None else total, out, out if out_scale is None else out_scale, n_cols, tokens,
         tokens // frames, frames, eps, RESIDUAL=0 if residual is None else (1 if gate is None else 2),
+        HAS_Y_BIAS=residual_bias is not None,
         HAS_AFFINE=weight is not None, HAS_MODULATION=shift is not None, QUANT=quantize, BLOCK=block,
         num_warps=warps,
     )

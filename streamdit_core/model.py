@@ -172,6 +172,8 @@ class SelfAttention(_Projections):
         # quantised per row for the fp8 output projection in one operator (fp8_quant.window_rows_quantize), under the
         # same condition on the windows
         self.fused_out_quant = False
+        # set by perf (tuned_warps): that operator's kernel launched with its measured warp count
+        self.tuned_warps = False
 
     def fusable_qk(self) -> bool:
         """Whether the fused operator computes this layer's q/k maths: both norms RMS norms with one epsilon, or
@@ -197,13 +199,14 @@ class SelfAttention(_Projections):
         shift: bool,
         backend: str,
         order: tuple[torch.Tensor, torch.Tensor] | None = None,
-    ) -> torch.Tensor:
+    ) -> torch.Tensor | BiasPending:
         """x: ``[b, L, dim]`` (quantised once for q, k and v when they are fp8 with fused quantisation); windows tile
-        ``grid``; returns ``[b, L, dim]``. ``order``: ``(index, inverse)`` of
-        :func:`~streamdit_core.attention.window_index` for this grid, window and shift: partition by one gather
-        instead of roll + reshape (same values). With ``fused_qk_rope`` (inference only) the q/k norms, RoPE and
-        that gather are one operator; with ``fused_out_quant`` (inference only) the inverse gather of the attention
-        output and its quantisation for the output projection are one more."""
+        ``grid``; returns ``[b, L, dim]`` (without the output projection's bias, as ``BiasPending``, when that is an
+        fp8 linear that leaves it to the next residual kernel, ``perf.PerfOptions.fp8_adds_fused``). ``order``:
+        ``(index, inverse)`` of :func:`~streamdit_core.attention.window_index` for this grid, window and shift:
+        partition by one gather instead of roll + reshape (same values). With ``fused_qk_rope`` (inference only) the
+        q/k norms, RoPE and that gather are one operator; with ``fused_out_quant`` (inference only) the inverse
+        gather of the attention output and its quantisation for the output projection are one more."""
         b = (x.data if isinstance(x, QuantizedActivation) else x).shape[0]
         tokens = window[0] * window[1] * window[2]
         outs = (self.q(x), self.k(x), self.v(x))  # [b, L, dim] each (or with the bias pending)
@@ -213,7 +216,7 @@ class SelfAttention(_Projections):
             norms, eps = self._norm_weights()
             index = None if window == grid else cast(tuple[torch.Tensor, torch.Tensor], order)[0]
             # [b·nw, w, h, dh] (or [b, L, h, dh] when the window is the grid)
-            qw, kw, vw = qk_norm_rope(*values, rope, norms, eps, biases, index, tokens)
+            qw, kw, vw = qk_norm_rope(*values, rope, norms, eps, biases, index, tokens, self.tuned_warps)
         else:
             q, k, v = (_with_bias(out) for out in outs)
             q = apply_rope(self.norm_q(q).unflatten(-1, (self.num_heads, -1)), *rope)  # [b, L, h, dh]
@@ -242,9 +245,12 @@ class CrossAttention(_Projections):
     runs: CrossKV | None = None
     cached: bool = False
 
-    def forward(self, x: torch.Tensor | QuantizedActivation, context: torch.Tensor, backend: str) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor | QuantizedActivation, context: torch.Tensor, backend: str
+    ) -> torch.Tensor | BiasPending:
         """x: ``[b, L, dim]`` (or quantised for an fp8 q projection, ``fp8_residual``); context: ``[b, Lt, dim]``
-        (shared) or ``[b, F, Lt, dim]`` (per frame)."""
+        (shared) or ``[b, F, Lt, dim]`` (per frame). Returns ``[b, L, dim]`` (as ``BiasPending`` when the output
+        projection leaves its bias to the next residual kernel, ``perf.PerfOptions.fp8_adds_fused``)."""
         b = (x.data if isinstance(x, QuantizedActivation) else x).shape[0]
         if context.dim() == 4:  # each frame's tokens attend to that frame's prompt
             frames = context.shape[1]
@@ -255,6 +261,8 @@ class CrossAttention(_Projections):
         q = self.norm_q(self.q(xq)).unflatten(-1, (self.num_heads, -1))
         k, v = self.project_context(ctx)
         out = self.o(attention(q, k, v, backend).flatten(2))
+        if isinstance(out, BiasPending):
+            return out._replace(value=out.value.reshape(b, -1, out.value.shape[-1]))
         return out.reshape(b, -1, out.shape[-1])
 
     def project_context(self, ctx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -262,13 +270,16 @@ class CrossAttention(_Projections):
         k = self.norm_k(self.k(ctx)).unflatten(-1, (self.num_heads, -1))
         return k, self.v(ctx).unflatten(-1, (self.num_heads, -1))
 
-    def forward_cached(self, x: torch.Tensor | QuantizedActivation, frames: int, backend: str) -> torch.Tensor:
+    def forward_cached(
+        self, x: torch.Tensor | QuantizedActivation, frames: int, backend: str
+    ) -> torch.Tensor | BiasPending:
         """Cross-attention with the precomputed keys/values in ``self.runs``: the tokens of each run of frames
         (contiguous in ``x`` ``[b, L, dim]``, ``frames`` token-grid frames; quantised for an fp8 q projection with
         ``fp8_residual``) attend to that run's keys/values.
 
         Only the attention over the runs is hidden from ``torch.compile`` (:meth:`attend_runs`); the query and
-        output projections (fp8 quantisation included) and the query norm compile with the rest of the block."""
+        output projections (fp8 quantisation included) and the query norm compile with the rest of the block.
+        Returns ``[b, L, dim]`` (or ``BiasPending``, as :meth:`forward`)."""
         q = self.norm_q(self.q(x)).unflatten(-1, (self.num_heads, -1))  # [b, L, h, dh]
         return self.o(self.attend_runs(q, frames, backend).flatten(2))
 
@@ -290,14 +301,15 @@ class PendingResidual(NamedTuple):
 
     stream: torch.Tensor
     """``[b, L, dim]`` the stream before the add."""
-    branch: torch.Tensor
-    """``[b, L, dim]`` in the stream's dtype: the FFN output."""
+    branch: torch.Tensor | BiasPending
+    """``[b, L, dim]`` in the stream's dtype: the FFN output (without its bias, which the next block's norm1 kernel
+    adds, when the FFN's second linear is an fp8 linear that leaves it there: ``perf.PerfOptions.fp8_adds_fused``)."""
     gate: torch.Tensor
     """``[b, F, dim]`` float32 per-frame gate."""
 
     def resolve(self) -> torch.Tensor:
         """The stream after the add, ``[b, L, dim]``."""
-        return add_residual(self.stream, self.branch, self.gate)
+        return add_residual(self.stream, _with_bias(self.branch), self.gate)
 
 
 class Block(nn.Module):
@@ -324,6 +336,8 @@ class Block(nn.Module):
         # set by perf (norm_fused): the LayerNorms (+ modulation, + the residual add before them) of the bf16 path in
         # single-pass row kernels (``fp8_quant.norm_modulate`` / ``residual_norm``); the fp8 flags above win
         self.fused_norm = False
+        # set by perf (tuned_warps): those row kernels launched with their measured warp counts
+        self.tuned_warps = False
 
     def adaln_input(
         self, norm: nn.Module, x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor
@@ -338,16 +352,16 @@ class Block(nn.Module):
             x: ``[b, L, dim]``; shift, scale: ``[b, F, dim]`` float32 per-frame modulation.
         """
         if self.fused_fp8_input:
-            return norm_modulate_quantize(x, shift, scale, cast(LayerNorm, norm).eps)  # data [b, L, dim] fp8
+            return norm_modulate_quantize(x, shift, scale, cast(LayerNorm, norm).eps, self.tuned_warps)  # fp8 data
         if self.fused_norm:
-            return norm_modulate(x, shift, scale, cast(LayerNorm, norm).eps)  # [b, L, dim]
+            return norm_modulate(x, shift, scale, cast(LayerNorm, norm).eps, self.tuned_warps)  # [b, L, dim]
         return modulate(norm(x).float(), shift, scale).type_as(x)  # [b, L, dim]
 
     def residual_input(
         self,
         norm: nn.Module,
         x: torch.Tensor,
-        y: torch.Tensor,
+        y: torch.Tensor | BiasPending,
         g: torch.Tensor | None,
         shift: torch.Tensor | None = None,
         scale: torch.Tensor | None = None,
@@ -361,7 +375,9 @@ class Block(nn.Module):
 
         Args:
             norm: ``norm3`` (LayerNorm with affine parameters, or ``nn.Identity``), ``norm2`` or ``norm1``.
-            x, y: ``[b, L, dim]`` the stream and the branch output (an attention or FFN output) in x's dtype.
+            x, y: ``[b, L, dim]`` the stream and the branch output (an attention or FFN output) in x's dtype; y may
+                be a linear's output whose bias is pending (``BiasPending``, ``perf.PerfOptions.fp8_adds_fused``):
+                added in the fused kernel with ``quantize``, else here first.
             g, shift, scale: ``[b, F, dim]`` float32 per-frame gate and modulation, or ``None``.
             quantize: whether the consumers are per-row fp8 linears that take their input from the fused kernel
                 (``fused_fp8_input`` for ``norm1``'s, see :meth:`forward`).
@@ -370,11 +386,14 @@ class Block(nn.Module):
         """
         if self.fused_fp8_residual if quantize is None else quantize:
             ln = cast(LayerNorm, norm)
-            return residual_norm_quantize(x, y, ln.eps, g, ln.weight, ln.bias, shift, scale)
+            value, y_bias = (y.value, y.bias) if isinstance(y, BiasPending) else (y, None)
+            return residual_norm_quantize(x, value, ln.eps, g, ln.weight, ln.bias, shift, scale, y_bias,
+                                          self.tuned_warps)
+        y = _with_bias(y)
         adaln = shift is not None and scale is not None
         # norm3 may be an nn.Identity (no cross_attn_norm)
         if self.fused_norm and isinstance(norm, LayerNorm) and not (adaln and self.fused_fp8_input):
-            return residual_norm(x, y, norm.eps, g, norm.weight, norm.bias, shift, scale)
+            return residual_norm(x, y, norm.eps, g, norm.weight, norm.bias, shift, scale, self.tuned_warps)
         x = add_residual(x, y, g)  # [b, L, dim]
         return x, norm(x) if shift is None or scale is None else self.adaln_input(norm, x, shift, scale)
 
@@ -395,7 +414,8 @@ class Block(nn.Module):
         adds in the kernel of ``norm1``); e ``[b, F, 6, dim]`` float32 per-frame modulation; context as in
         CrossAttention (ignored when ``cross_attn.cached``: the context's keys/values were precomputed); ``order``
         as in :meth:`SelfAttention.forward`. Returns the stream ``[b, L, dim]``, or with ``defer_residual`` the
-        stream before the FFN's gated residual add (``perf.PerfOptions.cross_residual``)."""
+        stream before the FFN's gated residual add (``perf.PerfOptions.cross_residual``; with ``fp8_adds_fused`` also
+        before the FFN output's bias)."""
         mod = (self.modulation.float()[:, None] + e).unbind(dim=2)  # 6 × [b, F, dim]
         if isinstance(x, PendingResidual):  # the add and norm1 + modulation in one kernel
             x, h = self.residual_input(self.norm1, *x, mod[0], mod[1], quantize=self.fused_fp8_input)
@@ -411,7 +431,7 @@ class Block(nn.Module):
         y = self.ffn(h)
         if defer_residual:
             return PendingResidual(x, y, mod[5])
-        return add_residual(x, y, mod[5])
+        return add_residual(x, _with_bias(y), mod[5])
 
 
 class Head(nn.Module):

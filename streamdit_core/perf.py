@@ -51,6 +51,15 @@ option             what it does                                                 
                    Triton kernel (``qk_rope``; item ``qkrope``)                              step or two of its
                                                                                              inputs; CPU: bit-
                                                                                              identical
+``fp8_adds_fused``  with ``fp8_fused``: the bias adds of fp8 linears whose output goes        as ``fp8_residual``
+                   straight into a residual kernel, in that kernel: the self-attention's     (the bias add is
+                   and the cross-attention's output projections (with ``fp8_residual``),     rounded like the
+                   and with ``cross_residual`` the FFN's second linear (in the next          linear's); CPU:
+                   block's norm1 kernel); removes one full-size read + write each (item      bit-identical
+                   ``fuseadds``)
+``tuned_warps``    the Triton row kernels launched with the warp counts measured best on     same values (the
+                   an H100 (``triton_util.TUNED_WARPS``, from ``docs/bench/h100_row_``       kernels' maths do
+                   ``kernels/``) instead of the default rule (item ``warps``)                not change)
 =================  ========================================================================  ==================
 
 Levels (:data:`PERF_LEVELS`): ``plain`` (all off, the eager reference), ``safe`` (the default: both caches
@@ -59,12 +68,15 @@ and ``window_gather``), ``fast`` (+ ``compile``, ``cuda_graphs``, ``norm_fused``
 ``qk_fused``). ``fp8_fused`` is in ``fastest`` since the H100 run in ``docs/bench/h100_fp8fuse/`` (−4.7 % per call
 at paper scale, −6.7 % for Wan 1.3B with 4-frame windows, same error against ``plain``), ``fp8_residual`` since the
 one in ``docs/bench/h100_fp8resid/`` (a further −9.6 % and −7.6 %), ``qk_fused`` (both levels), ``norm_fused`` and
-``cross_residual`` (``fast`` only: in ``fastest`` the deferred add cost 0.8–1.9 %) since the one in
+``cross_residual`` (``fast`` only: in ``fastest`` the deferred add cost 0.8–1.9 %: there the FFN's fp8 output
+needs its bias added in a pass of its own, which the compiler had fused into the residual add; ``fp8_adds_fused``
+moves it into the norm kernel) since the one in
 ``docs/bench/h100_fused_rope_norm/`` (``fastest`` −4.2 % and −4.0 %; ``fast`` −7.1 % and −6.2 %, same or lower
 error). On CUDA without Triton the Triton items stay off (the status says why); off CUDA they are dropped (their
 kernels' reference is the unfused maths, better left to the compiler there), ``cross_residual`` with them.
 ``fp8_rows`` gained nothing and is in no level (``fastest,fp8rows``; in ``bench --modes``: ``fastest+fp8rows``);
-``fp8_chunked`` is not measured yet and in no level (``fastest,chunkrows``), nor is ``fp8_out_fused``
+``fp8_chunked`` is not measured yet and in no level (``fastest,chunkrows``); nor are ``fp8_adds_fused``
+(``fastest,fuseadds``), ``tuned_warps`` (``fastest,warps``) and ``fp8_out_fused``
 (``fastest,outquant``; in ``bench --modes``: ``fastest+outquant``), which replaces the two per-row quantisation
 kernels the compiler still generated per block in the H100 profile of ``fastest`` (self-attention output: window
 gather + quantisation; cross-attention output: quantisation; together about 4 % of a call at paper scale in
@@ -105,7 +117,7 @@ from .fp8_quant import (
 )
 from .log import get_logger
 from .qk_rope import triton_problem as qk_rope_problem
-from .triton_util import ROW_CHUNK, row_chunk
+from .triton_util import ROW_CHUNK, TUNED_WARPS, row_chunk
 
 if TYPE_CHECKING:
     from .model import StreamDiT
@@ -160,6 +172,10 @@ class PerfOptions:
         cross_residual: add each block's FFN residual in the next block's first norm (inference only).
         qk_fused: the self-attention's q/k RMS norms, RoPE and window gather (q, k and v; with fp8 linears their
             biases too) in one operator, ``qk_rope.qk_norm_rope`` (inference only; CUDA with Triton).
+        fp8_adds_fused: add the biases of the fp8 linears that feed a residual kernel (the attention output
+            projections with ``fp8_residual``, the FFN's second linear with ``cross_residual``) in that kernel
+            instead of a pass of their own; needs ``fp8_fused``.
+        tuned_warps: launch the Triton row kernels with their measured warp counts (``triton_util.TUNED_WARPS``).
     """
 
     text_kv_cache: bool = True
@@ -176,6 +192,8 @@ class PerfOptions:
     norm_fused: bool = False
     cross_residual: bool = False
     qk_fused: bool = False
+    fp8_adds_fused: bool = False
+    tuned_warps: bool = False
 
     def __post_init__(self) -> None:
         if self.compile not in COMPILE_MODES:
@@ -185,7 +203,7 @@ class PerfOptions:
         if (self.fp8_fused or self.fp8_rows or self.fp8_residual) and self.fp8 != "row":
             raise ValueError(f"fp8_fused, fp8_rows and fp8_residual quantise per row: they need fp8='row' (the items "
                              f"fp8 or fp8=row), got fp8={self.fp8!r}")
-        for name in ("fp8_residual", "fp8_chunked", "fp8_out_fused"):
+        for name in ("fp8_residual", "fp8_chunked", "fp8_out_fused", "fp8_adds_fused"):
             if getattr(self, name) and not self.fp8_fused:
                 raise ValueError(f"{name} extends the fused kernels of fp8_fused: it needs fp8_fused (the item "
                                  "fp8fuse, part of the level 'fastest')")
@@ -201,18 +219,19 @@ class PerfOptions:
     def level(cls, name: str) -> PerfOptions:
         """A named level (:data:`PERF_LEVELS`) or a comma list such as ``"kv,layout,compile=default,graphs,fp8=row"``
         (``kv``/``layout``/``graphs``/``gather``/``fp8fuse``/``fp8rows``/``fp8resid``/``chunkrows``/``outquant``/
-        ``normfuse``/``crossres``/``qkrope`` switch on; ``compile`` alone means ``compile=default``; ``fp8`` alone means
-        ``fp8=row``; a level name as an item, e.g. ``"safe,compile"``, sets every option to that level's at that point
-        of the list; a list starts from everything off, like ``plain``). ``fp8=tensor`` after a level turns off that
-        level's per-row items (``"fastest,fp8=tensor"``); listed together with ``fp8fuse``, ``fp8rows``, ``fp8resid``,
-        ``chunkrows`` or ``outquant`` it is an error."""
+        ``normfuse``/``crossres``/``qkrope``/``fuseadds``/``warps`` switch on; ``compile`` alone means
+        ``compile=default``; ``fp8`` alone means ``fp8=row``; a level name as an item, e.g. ``"safe,compile"``, sets
+        every option to that level's at that point of the list; a list starts from everything off, like ``plain``).
+        ``fp8=tensor`` after a level turns off that level's per-row items (``"fastest,fp8=tensor"``); listed together
+        with ``fp8fuse``, ``fp8rows``, ``fp8resid``, ``chunkrows``, ``outquant`` or ``fuseadds`` it is an error."""
         if name in PERF_LEVELS:
             return PERF_LEVELS[name]
         opts: dict[str, Any] = {f.name: getattr(PERF_LEVELS["plain"], f.name) for f in fields(PERF_LEVELS["plain"])}
         switches = {"kv": "text_kv_cache", "layout": "layout_cache", "graphs": "cuda_graphs", "gather": "window_gather",
                     "fp8fuse": "fp8_fused", "fp8rows": "fp8_rows", "fp8resid": "fp8_residual",
                     "chunkrows": "fp8_chunked", "outquant": "fp8_out_fused", "normfuse": "norm_fused",
-                    "crossres": "cross_residual", "qkrope": "qk_fused"}
+                    "crossres": "cross_residual", "qkrope": "qk_fused", "fuseadds": "fp8_adds_fused",
+                    "warps": "tuned_warps"}
         listed: set[str] = set()  # the per-row items named in the list (not inherited from a level)
         for raw in filter(None, (p.strip() for p in name.split(","))):
             key, _, value = raw.partition("=")
@@ -227,23 +246,24 @@ class PerfOptions:
                 opts["fp8"] = value or "row"
                 if opts["fp8"] != "row":
                     opts.update({k: False for k in ("fp8_fused", "fp8_rows", "fp8_residual", "fp8_chunked",
-                                                    "fp8_out_fused") if k not in listed})
+                                                    "fp8_out_fused", "fp8_adds_fused") if k not in listed})
             else:
                 raise ValueError(
                     f"unknown optimisation {raw!r} in {name!r}; use a level {sorted(PERF_LEVELS)} or items "
                     "kv, layout, compile[=MODE], graphs, fp8[=row|tensor], gather, fp8fuse, fp8rows, fp8resid, "
-                    "chunkrows, outquant, normfuse, crossres, qkrope (a level name may start the list)"
+                    "chunkrows, outquant, normfuse, crossres, qkrope, fuseadds, warps (a level name may start the list)"
                 )
         return cls(**opts)
 
     def for_device(self, device: torch.device) -> PerfOptions:
         """Drop what cannot help on ``device``: CUDA graphs, fp8, the fused norm kernels and the fused q/k kernel
         need CUDA (fp8 would only be emulated, the fused operators' reference hides the unfused maths from the
-        compiler)."""
+        compiler), and so do the fused bias adds and the kernels' warp counts."""
         if device.type == "cuda":
             return self
         return replace(self, cuda_graphs=False, fp8="off", fp8_fused=False, fp8_rows=False, fp8_residual=False,
-                       fp8_chunked=False, fp8_out_fused=False, norm_fused=False, cross_residual=False, qk_fused=False)
+                       fp8_chunked=False, fp8_out_fused=False, norm_fused=False, cross_residual=False, qk_fused=False,
+                       fp8_adds_fused=False, tuned_warps=False)
 
     def describe(self) -> str:
         on = [f.name if isinstance(getattr(self, f.name), bool) else f"{f.name}={getattr(self, f.name)}"
@@ -386,6 +406,7 @@ class Fp8Linear(nn.Module):
         self.prologue: Literal["none", "gelu"] = "none"
         self.gelu_chunk = 0  # with the GELU prologue: the row kernel's chunk (fp8_chunked; 0 = whole rows)
         self.defer_bias = False
+        self.tuned_warps = False  # the GELU prologue's kernel with its measured warp count (tuned_warps)
         with torch.no_grad():
             w8, scale = quantize_fp8(linear.weight.detach(), rowwise)
         self.register_buffer("weight_fp8", w8.view(torch.uint8), persistent=False)
@@ -403,7 +424,7 @@ class Fp8Linear(nn.Module):
             if isinstance(x, QuantizedActivation):
                 raise TypeError("an Fp8Linear with a GELU prologue takes the pre-GELU tensor")
             h, b = x if isinstance(x, BiasPending) else (x, None)
-            x = gelu_quantize(h, b, self.gelu_chunk)
+            x = gelu_quantize(h, b, self.gelu_chunk, self.tuned_warps)
         elif isinstance(x, BiasPending):
             raise TypeError("only an Fp8Linear with a GELU prologue takes an output whose bias is pending")
         elif self.single_pass and not isinstance(x, QuantizedActivation):
@@ -491,21 +512,31 @@ def _fused_kernels(
 
 
 def _fuse_fp8(
-    model: StreamDiT, status: dict[str, str], residual: bool = False, chunked: bool = False, outputs: bool = False
+    model: StreamDiT,
+    status: dict[str, str],
+    residual: bool = False,
+    chunked: bool = False,
+    outputs: bool = False,
+    adds: bool = False,
+    cross_residual: bool = False,
 ) -> None:
     """Quantise per row inside the producers' kernels (``fp8_fused``): each block's adaLN inputs of q/k/v and of
     the FFN (all ``Fp8Linear`` with per-row scales) once, and the FFN's GELU output in the second linear. With
     ``residual`` (``fp8_residual``) the cross-attention's q input and the FFN input come from the kernels that
     also add the residual before their norm. With ``chunked`` (``fp8_chunked``) the GELU kernel runs over chunks
     of ``ROW_CHUNK`` where the FFN width is mostly padding in a whole-row block (``triton_util.row_chunk``). With
-    ``outputs`` (``fp8_out_fused``) the attention outputs too (:func:`_fuse_fp8_outputs`)."""
+    ``outputs`` (``fp8_out_fused``) the attention outputs too (:func:`_fuse_fp8_outputs`). With
+    ``adds`` (``fp8_adds_fused``) the fp8 linears whose output goes into a residual kernel leave their bias to it
+    (``Fp8Linear.defer_bias``): the attention output projections of the blocks with ``residual``, and with
+    ``cross_residual`` the FFN's second linear (added in the next block's norm1 kernel)."""
     kernels = _fused_kernels(model, triton_problem(), "fp8_fused", "fused fp8 quantisation", status)
     if kernels is None:
-        for flag, name in ((residual, "fp8_residual"), (chunked, "fp8_chunked"), (outputs, "fp8_out_fused")):
+        for flag, name in ((residual, "fp8_residual"), (chunked, "fp8_chunked"), (outputs, "fp8_out_fused"),
+                           (adds, "fp8_adds_fused")):
             if flag:
                 status[name] = "off: no Triton kernels"
         return
-    adaln = gelu = resid = 0
+    adaln = gelu = resid = out_biases = ffn_outputs = 0
     block: Any
     for block in model.blocks:
         sa, ffn = block.self_attn, block.ffn
@@ -528,9 +559,21 @@ def _fuse_fp8(
                 isinstance(n, nn.LayerNorm) for n in (block.norm2, block.norm3)):
             block.fused_fp8_residual = True
             resid += 1
+            if adds:  # both attention outputs go straight into this block's residual kernels
+                for linear in (block.self_attn.o, block.cross_attn.o):
+                    if isinstance(linear, Fp8Linear):
+                        linear.defer_bias = True
+                        out_biases += 1
+        if adds and cross_residual and isinstance(ffn[2], Fp8Linear):  # into the next block's norm1 (or the head's add)
+            ffn[2].defer_bias = True
+            ffn_outputs += 1
     status["fp8_fused"] = f"{adaln} adaLN inputs, {gelu} GELUs; {kernels}"
     if residual:
         status["fp8_residual"] = f"{resid} blocks (cross-attention and FFN inputs with their residual add)"
+    if adds:
+        status["fp8_adds_fused"] = (f"{out_biases} attention output biases in the residual kernels"
+                                    + (f", {ffn_outputs} FFN output biases in the next norm1 kernel" if cross_residual
+                                       else " (FFN output biases: only with cross_residual)"))
     if chunked:
         width = model.config.ffn_dim
         status["fp8_chunked"] = (f"{gelu} GELU rows of {width} in chunks of {ROW_CHUNK}"
@@ -591,7 +634,8 @@ def _set_fp8(model: StreamDiT, options: PerfOptions, status: dict[str, str]) -> 
     if single_pass:
         status["fp8_rows"] = "on" if triton_problem() is None else f"reference implementation ({triton_problem()})"
     if options.fp8_fused:
-        _fuse_fp8(model, status, options.fp8_residual, options.fp8_chunked, options.fp8_out_fused)
+        _fuse_fp8(model, status, options.fp8_residual, options.fp8_chunked, options.fp8_out_fused,
+                  options.fp8_adds_fused, options.cross_residual)
         if options.fp8_out_fused and not options.window_gather and not status["fp8_out_fused"].startswith("off"):
             status["fp8_out_fused"] += "; windows smaller than the grid stay unfused (roll path: no gather)"
 
@@ -653,6 +697,31 @@ def _set_qk_fused(model: StreamDiT, options: PerfOptions, status: dict[str, str]
             count += 1
     rolled = "" if options.window_gather else "; windows smaller than the grid stay unfused (roll path: no gather)"
     status["qk_fused"] = f"{count} blocks; {kernel}{rolled}"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# measured warp counts of the row kernels
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _set_tuned_warps(model: StreamDiT, options: PerfOptions, status: dict[str, str]) -> None:
+    """Launch the Triton row kernels (LayerNorm, GELU and q/k kernels) with the warp counts measured on an H100
+    (``tuned_warps``; ``triton_util.TUNED_WARPS``), or with the default rule. Call after :func:`_set_fp8` (it
+    makes new ``Fp8Linear`` s)."""
+    on = options.tuned_warps
+    block: Any
+    for block in model.blocks:
+        block.tuned_warps = block.self_attn.tuned_warps = on
+        for module in block.modules():
+            if isinstance(module, Fp8Linear):
+                module.tuned_warps = on
+    if on:
+        widths = sorted({model.config.dim, model.config.ffn_dim})
+        tuned = sorted({kind for kind, width in TUNED_WARPS if width in widths})
+        runs = "Triton kernels" if triton_problem() is None and qk_rope_problem() is None else (
+            "no effect: the reference implementations run")
+        status["tuned_warps"] = (f"measured warp counts at widths {widths} for {', '.join(tuned) or 'no kernel'} "
+                                 f"(triton_util.TUNED_WARPS); {runs}")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -773,6 +842,7 @@ def apply_perf(model: StreamDiT, options: PerfOptions) -> dict[str, str]:
     _set_fp8(model, options, status)
     _set_norm_fused(model, options, status)
     _set_qk_fused(model, options, status)
+    _set_tuned_warps(model, options, status)
     if options.window_gather:
         status["window_gather"] = "on"
     _set_compile(model, options.compile, status)

@@ -89,6 +89,7 @@ def qk_norm_rope_reference(
     sin: torch.Tensor,
     index: torch.Tensor | None,
     eps: float,
+    tuned: bool = False,
 ) -> list[torch.Tensor]:
     """The unfused maths of ``SelfAttention.forward`` up to the attention: ``out + bias`` in the projection's dtype,
     :func:`rms_norm`, :func:`apply_rope` per head and ``window_partition_indexed``.
@@ -101,6 +102,7 @@ def qk_norm_rope_reference(
         cos, sin: ``[L, head_dim // 2]`` float32; ``D`` is a multiple of ``head_dim``.
         index: ``[L]`` int64 token order (``attention.window_index``) or ``None`` (no gather).
         eps: the RMS norms' epsilon.
+        tuned: the kernel's launch option (``triton_util.TUNED_WARPS``); unused here.
     Returns:
         ``[q', k']`` (``+ [v']`` with v), each ``[b·L, D]``: the rows in the gathered order.
     """
@@ -169,7 +171,7 @@ def _define(launch: Callable[..., list[torch.Tensor]] | None) -> None:
             q: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None, q_bias: torch.Tensor | None,
             k_bias: torch.Tensor | None, v_bias: torch.Tensor | None, q_weight: torch.Tensor | None,
             k_weight: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor, index: torch.Tensor | None,
-            eps: float,
+            eps: float, tuned: bool = False,
         ) -> list[torch.Tensor]:
             if not _kernel_device(q):
                 return qk_norm_rope_reference(q, k, v, q_bias, k_bias, v_bias, q_weight, k_weight, cos, sin, index,
@@ -178,7 +180,7 @@ def _define(launch: Callable[..., list[torch.Tensor]] | None) -> None:
             weights = None if q_weight is None or k_weight is None else (q_weight.contiguous(), k_weight.contiguous())
             return _launch(q.contiguous(), k.contiguous(), None if v is None else v.contiguous(),
                            cos.float().contiguous(), sin.float().contiguous(), eps, biases, weights,
-                           None if index is None else index.contiguous())
+                           None if index is None else index.contiguous(), tuned)
 
         torch.library.triton_op("streamdit::qk_norm_rope", qk_norm_rope_op, mutates_args=())
         return
@@ -205,6 +207,7 @@ def qk_norm_rope(
     biases: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
     index: torch.Tensor | None = None,
     window_tokens: int | None = None,
+    tuned: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The self-attention's q, k and v in the attention layout, q/k normalised and rotated, in one pass.
 
@@ -218,6 +221,7 @@ def qk_norm_rope(
         biases: ``[D]`` the biases of q, k and v, added in their dtype first, or ``None``.
         index: ``[L]`` int64 window token order (``attention.window_index``), or ``None``: no gather.
         window_tokens: tokens per window, with ``index``.
+        tuned: the kernel's measured warp count (``triton_util.TUNED_WARPS``; same values).
     Returns:
         q, k, v ``[b·n_windows, window_tokens, h, dh]`` with ``index`` (contiguous), else ``[b, L, h, dh]``; q and k
         in the dtype of ``norm·weight``.
@@ -241,7 +245,7 @@ def qk_norm_rope(
     q_bias, k_bias, v_bias = biases if biases is not None else (None, None, None)
     q_weight, k_weight = norms if norms is not None else (None, None)
     outs = torch.ops.streamdit.qk_norm_rope(q, k, v if with_v else None, q_bias, k_bias, v_bias, q_weight, k_weight,
-                                            cos, sin, index, eps)
+                                            cos, sin, index, eps, tuned)
     heads = dim // head_dim
     shape = (b, length, heads, head_dim) if window_tokens is None or index is None else (
         -1, window_tokens, heads, head_dim)

@@ -127,6 +127,7 @@ def qkv_rows_triton(
     biases: tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None] = (None, None, None),
     weights: tuple[torch.Tensor, torch.Tensor] | None = None,
     index: torch.Tensor | None = None,
+    tuned: bool = False,
 ) -> list[torch.Tensor]:
     """Launch ``_qkv_rows_kernel`` on ``q``, ``k`` (and ``v``) ``[batch, tokens, n_cols]`` (contiguous, one dtype).
 
@@ -136,6 +137,7 @@ def qkv_rows_triton(
         biases: ``[n_cols]`` in q's dtype, all three (two without ``v``) or none.
         weights: the RMS norms' ``[n_cols]`` weights of q and k (one dtype), or ``None`` (no norm).
         index: ``[tokens]`` int64 source token of each output position, or ``None`` (the rows in their order).
+        tuned: the measured warp count where ``triton_util.TUNED_WARPS`` has one (``warps``; same values).
     Returns:
         ``[q_out, k_out]`` (``+ [v_out]`` with ``v``), each ``[batch·tokens, n_cols]``: q and k in the dtype of
         ``norm·weight`` (q's without weights), v in its own.
@@ -146,7 +148,7 @@ def qkv_rows_triton(
     outs = [torch.empty((rows, n_cols), dtype=out_dtype, device=q.device) for _ in range(2)]
     if v is not None:
         outs.append(torch.empty((rows, n_cols), dtype=v.dtype, device=q.device))
-    block, warps = row_launch_config(n_cols)
+    block, warps = row_launch_config(n_cols, "qkv_rope", tuned)
 
     def read(t: torch.Tensor | None) -> torch.Tensor:
         """An unread placeholder for what is absent: the input q (never an output, so that the compiler's mutation

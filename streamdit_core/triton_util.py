@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["ROW_CHUNK", "import_launchers", "not_loaded", "row_chunk", "row_launch_config"]
+__all__ = ["ROW_CHUNK", "TUNED_WARPS", "import_launchers", "norm_kind", "not_loaded", "row_chunk", "row_launch_config"]
 
 
 def import_launchers(module: str, names: Sequence[str]) -> tuple[tuple[Callable[..., Any], ...] | None, str | None]:
@@ -34,11 +34,55 @@ def not_loaded(*args: Any, **kwargs: Any) -> Any:
     raise RuntimeError("the Triton kernels are not loaded")
 
 
-def row_launch_config(n_cols: int) -> tuple[int, int]:
+# Measured warp counts of the row kernels where they beat the default rule by ≥ 2.5 % (``perf.PerfOptions.tuned_warps``,
+# item ``warps``): {(kernel, row width): num_warps}, from the H100 sweep in docs/bench/h100_row_kernels/row_kernels.md
+# (µs per launch at 16,384 × 3,072 rows, FFN 7,680, for paper-4b; 24,960 × 1,536, FFN 8,960, for Wan 1.3B; the
+# default's in brackets). Only the measured widths: other widths (and the chunked GELU row) keep the default.
+# Kernels (``norm_kind`` names the LayerNorm kernel's configurations):
+#   norm_modulate_quant        LayerNorm + modulation + fp8 (norm1): 3,072 → 4 (90 µs [8: 104]); 1,536 → 2 (69 [4: 75])
+#   residual_gate_affine_quant residual + gate + affine LayerNorm + fp8 (norm3): 3,072 → 4 (126 [137]); 1,536 → 2
+#                              (96 [102])
+#   residual_modulate_quant    residual + LayerNorm + modulation + fp8 (norm2): 1,536 → 2 (104 [109]); at 3,072 the
+#                              default 8 is the best
+#   residual_modulate          the same in bf16 (normfuse): 1,536 → 8 (106 [113]); at 3,072 within 1 % of the default
+#   gelu_quant                 bias + GELU + fp8 (FFN hidden, whole rows): 7,680 → 4 (152 [16: 156]); 8,960 → 8 (461
+#                              [16: 475])
+#   qkv_rope                   q/k RMS norm + RoPE + gather, v gather (qkrope): 3,072 → 4 (219 [8: 235]); 1,536 → 2
+#                              (169 [4: 178])
+# Warps change how a row is spread over the threads, not the maths: the kernels' values are the same (the reductions'
+# order may differ, a float32 rounding; see tests/test_fused_quant.py).
+TUNED_WARPS: dict[tuple[str, int], int] = {
+    ("norm_modulate_quant", 3072): 4,
+    ("norm_modulate_quant", 1536): 2,
+    ("residual_gate_affine_quant", 3072): 4,
+    ("residual_gate_affine_quant", 1536): 2,
+    ("residual_modulate_quant", 1536): 2,
+    ("residual_modulate", 1536): 8,
+    ("gelu_quant", 7680): 4,
+    ("gelu_quant", 8960): 8,
+    ("qkv_rope", 3072): 4,
+    ("qkv_rope", 1536): 2,
+}
+
+
+def norm_kind(residual: bool, gate: bool, affine: bool, modulation: bool, quantize: bool) -> str:
+    """The LayerNorm row kernel's configuration as ``TUNED_WARPS`` names it: ``[residual_][gate_][affine_]``
+    ``[modulate_]quant`` (or without ``_quant``/``quant`` for the bf16 store), e.g. ``norm_modulate_quant`` (norm1),
+    ``residual_gate_affine_quant`` (norm3), ``residual_modulate_quant`` (norm2)."""
+    parts = ["residual"] if residual else ["norm"]
+    parts += [name for name, on in (("gate", gate), ("affine", affine), ("modulate", modulation)) if on]
+    return "_".join(parts + (["quant"] if quantize else []))
+
+
+def row_launch_config(n_cols: int, kind: str | None = None, tuned: bool = False) -> tuple[int, int]:
     """``(BLOCK, num_warps)`` of a kernel that holds a row of ``n_cols`` values in registers: BLOCK the next power
-    of two ≥ ``n_cols``, 16-32 float32 values per thread at the model's widths."""
+    of two ≥ ``n_cols``, by default 16-32 float32 values per thread at the model's widths. With ``tuned`` the
+    warp count measured for the kernel ``kind`` at this width (``TUNED_WARPS``) where there is one."""
     block = 1 << max(0, n_cols - 1).bit_length()
-    return block, min(16, max(4, block // 512))
+    warps = min(16, max(4, block // 512))
+    if tuned and kind is not None:
+        warps = TUNED_WARPS.get((kind, n_cols), warps)
+    return block, warps
 
 
 # The chunk of the two-pass row kernel (``fp8_triton.quantize_rows_triton(..., chunk=)``) and the padding from which

@@ -590,3 +590,257 @@ def test_fused_model_compiled_and_graphed_on_cuda_equals_eager(residual):
     options = replace(PERF_LEVELS["fastest"], fp8_fused=True, fp8_rows=True, fp8_residual=residual)
     assert_compiled_and_graphed_equal(model, options, args, eager)
     assert model.perf_status.get("fp8_residual", "").startswith("2 blocks" if residual else "")
+
+
+# -- the bias adds of the fp8 linears in the residual kernels (fuseadds) and measured warps (warps) -------------
+
+
+def _biased_model(dtype=torch.float32, **config):
+    """``tiny_model`` with non-zero biases on the linears whose bias ``fuseadds`` moves (the attention output
+    projections and the FFN's second linear; Wan's initialisation zeroes them)."""
+    model = tiny_model(dtype, **config)
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for block in model.blocks:
+            for linear in (block.self_attn.o, block.cross_attn.o, block.ffn[2]):
+                linear.bias.copy_(0.3 * torch.randn(linear.bias.shape, generator=g))
+    return model
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("has_gate,affine,modulated", RESIDUAL_CASES)
+def test_residual_reference_with_branch_bias_equals_linear_bias_then_residual(dtype, has_gate, affine, modulated):
+    """With ``y_bias`` the reference is the unfused maths of ``Fp8Linear``'s ``out + bias`` (in out's dtype) followed
+    by the residual kernel's: bit for bit, through the reference, the operator and the wrapper."""
+    b, frames, per, width = 2, 3, 4, 40
+    x, y, g, weight, bias, shift, scale = _residual_args(b, frames, per, width, dtype, has_gate, affine, modulated)
+    y_bias = (0.5 * torch.randn(width, generator=torch.Generator().manual_seed(5))).to(dtype)
+    ref_total, r8, rs = _residual_unfused(x, y + y_bias, g, weight, bias, shift, scale)
+    total, x8, s = residual_norm_quant_reference(x, y, g, weight, bias, shift, scale, 1e-6, y_bias)
+    assert torch.equal(total, ref_total.reshape(-1, width)) and torch.equal(s, rs)
+    assert torch.equal(x8.view(torch.uint8), r8.view(torch.uint8))
+    got_total, qa = residual_norm_quantize(x, y, 1e-6, g, weight, bias, shift, scale, y_bias=y_bias)
+    assert torch.equal(got_total, ref_total) and torch.equal(qa.scale.reshape(-1, 1), rs)
+    assert torch.equal(qa.data.reshape(-1, width).view(torch.uint8), r8.view(torch.uint8))
+    with pytest.raises(ValueError, match=r"branch's bias must be \[40\]"):
+        residual_norm_quantize(x, y, 1e-6, g, weight, bias, shift, scale, y_bias=y_bias[:8])
+
+
+ADDS = replace(RESID, fp8_adds_fused=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_adds_model_equals_fastest_without_them(dtype, monkeypatch):
+    """fastest's fp8 items (fp8 emulated on the CPU, where the kernels' reference runs) with and without fuseadds,
+    also with crossres, qkrope, outquant and warps: the same output bit for bit. The attention output projections leave
+    their bias to the residual kernels (2 per block), with crossres also the FFN's second linear (to the next
+    block's norm1 kernel; the last block's to the model's own add)."""
+    import streamdit_core.model as model_module
+
+    model = _biased_model(dtype, num_layers=3)
+    args = tiny_inputs(model.config, dtype)
+    n = len(model.blocks)
+    biased = []
+    real = model_module.residual_norm_quantize
+    monkeypatch.setattr(model_module, "residual_norm_quantize",
+                        lambda *a, **k: biased.append(a[8] is not None) or real(*a, **k))
+    for extra, per_block, ffn in (({}, 2, 0), ({"cross_residual": True}, 2, 1), ({"qk_fused": True}, 2, 0),
+                                  ({"cross_residual": True, "qk_fused": True, "tuned_warps": True}, 2, 1),
+                                  ({"qk_fused": True, "fp8_out_fused": True}, 2, 0),
+                                  ({"qk_fused": True, "fp8_out_fused": True, "tuned_warps": True}, 2, 0)):
+        base = replace(RESID, **extra)
+        expected = run(model, base, *args)
+        assert not any(isinstance(m, Fp8Linear) and m.defer_bias for b in model.blocks
+                       for m in (b.self_attn.o, b.cross_attn.o, b.ffn[2]))
+        biased.clear()
+        out = run(model, replace(base, fp8_adds_fused=True), *args)
+        assert torch.equal(out, expected), extra
+        assert sum(biased) == per_block * n + ffn * (n - 1), extra
+        assert all(b.self_attn.o.defer_bias and b.cross_attn.o.defer_bias and b.ffn[2].defer_bias is bool(ffn)
+                   for b in model.blocks)
+        status = model.perf_status["fp8_adds_fused"]
+        assert status.startswith(f"{2 * n} attention output biases") and (f"{n} FFN output" in status) is bool(ffn)
+    # off again: every linear adds its own bias
+    model.set_perf(RESID)
+    assert not any(m.defer_bias for b in model.blocks for m in (b.self_attn.o, b.cross_attn.o, b.ffn[2]))
+    assert "fp8_adds_fused" not in model.perf_status
+
+
+def test_fused_adds_with_uncached_per_frame_context_and_without_residual_kernels():
+    """The uncached cross-attention (shared and per-frame context) returns its pending bias reshaped; without
+    fp8_residual (no residual kernels) or without the cross-attention norm the biases stay with their linears."""
+    model = _biased_model()
+    x, sigma, ctx = tiny_inputs(model.config)
+    per_frame = torch.stack([ctx[:, 0], ctx[:, 0], -ctx[:, 0], ctx[:, 0]], dim=1)
+    for context in (ctx, per_frame):
+        options = [replace(o, text_kv_cache=False) for o in (RESID, ADDS)]
+        assert torch.equal(run(model, options[0], x, sigma, context), run(model, options[1], x, sigma, context))
+        assert model.blocks[0].cross_attn.o.defer_bias and not model.blocks[0].cross_attn.cached
+    args = (x, sigma, ctx)
+    expected = run(model, FUSED, *args)
+    assert torch.equal(run(model, replace(FUSED, fp8_adds_fused=True), *args), expected)
+    assert not model.blocks[0].self_attn.o.defer_bias
+    assert model.perf_status["fp8_adds_fused"].startswith("0 attention output biases")
+    bare = _biased_model(cross_attn_norm=False)
+    assert torch.equal(run(bare, ADDS, *args), run(bare, RESID, *args))
+    assert not bare.blocks[0].cross_attn.o.defer_bias
+
+
+def test_options_parse_fuseadds_and_warps():
+    fastest = PERF_LEVELS["fastest"]
+    assert not any(level.fp8_adds_fused or level.tuned_warps for level in PERF_LEVELS.values())  # not measured yet
+    assert PerfOptions.level("fastest,fuseadds") == replace(fastest, fp8_adds_fused=True)
+    assert mode_options("fastest+fuseadds", "default") == replace(fastest, fp8_adds_fused=True)
+    assert mode_options("fastest+fuseadds+warps", "default") == replace(fastest, fp8_adds_fused=True,
+                                                                        tuned_warps=True)
+    assert PerfOptions.level("fast,warps") == replace(PERF_LEVELS["fast"], tuned_warps=True)
+    assert PerfOptions.level("fp8,fp8fuse,fuseadds").describe() == "fp8=row,fp8_fused,fp8_adds_fused"
+    cpu = torch.device("cpu")
+    assert PerfOptions.level("fastest,fuseadds,warps").for_device(cpu) == PerfOptions(compile="default")
+    assert PerfOptions.level("fastest,fp8=tensor").fp8_adds_fused is False
+    for bad in ("fp8,fuseadds", "safe,fuseadds", "fast,fuseadds", "fastest,fuseadds,fp8=tensor"):
+        with pytest.raises(ValueError, match="fp8_adds_fused extends the fused kernels of fp8_fused"):
+            PerfOptions.level(bad)
+    with pytest.raises(ValueError, match="needs fp8_fused"):
+        PerfOptions(fp8="row", fp8_adds_fused=True)
+    with pytest.raises(ValueError, match="unknown optimisation 'fuseadd'"):
+        PerfOptions.level("fastest,fuseadd")
+
+
+def test_tuned_warps_table_and_model_flags():
+    """The measured warp counts (docs/bench/h100_row_kernels/row_kernels.md) replace the default only with
+    ``tuned`` and only at the measured widths; the item sets every fused kernel's flag and changes no value (the
+    CPU runs the references)."""
+    from streamdit_core.triton_util import TUNED_WARPS, norm_kind, row_launch_config
+
+    assert row_launch_config(3072) == row_launch_config(3072, "norm_modulate_quant") == (4096, 8)
+    assert row_launch_config(3072, "norm_modulate_quant", True) == (4096, 4)
+    assert row_launch_config(1536, "norm_modulate_quant", True) == (2048, 2)
+    assert row_launch_config(3072, "residual_gate_affine_quant", True)[1] == 4
+    assert row_launch_config(3072, "qkv_rope", True)[1] == 4
+    assert row_launch_config(7680, "gelu_quant", True) == (8192, 4)
+    assert row_launch_config(8960, "gelu_quant", True) == (16384, 8)
+    assert row_launch_config(3072, "residual_modulate_quant", True) == (4096, 8)  # the default was best
+    assert row_launch_config(5120, "norm_modulate_quant", True) == row_launch_config(5120)  # not measured
+    assert row_launch_config(3072, None, True) == row_launch_config(3072)
+    assert norm_kind(False, False, False, True, True) == "norm_modulate_quant"
+    assert norm_kind(True, True, True, False, True) == "residual_gate_affine_quant"
+    assert norm_kind(True, False, False, True, True) == "residual_modulate_quant"
+    assert norm_kind(True, False, False, True, False) == "residual_modulate"
+    kinds = {"norm_modulate_quant", "residual_gate_affine_quant", "residual_modulate_quant", "residual_modulate",
+             "gelu_quant", "qkv_rope"}
+    assert {kind for kind, _ in TUNED_WARPS} == kinds and all(w in (1, 2, 4, 8, 16) for w in TUNED_WARPS.values())
+    model = _biased_model()
+    args = tiny_inputs(model.config)
+    for base in (RESID, replace(RESID, qk_fused=True), PERF_LEVELS["fast"].for_device(torch.device("cpu"))):
+        expected = run(model, base, *args)
+        assert torch.equal(run(model, replace(base, tuned_warps=True), *args), expected)
+        assert all(b.tuned_warps and b.self_attn.tuned_warps for b in model.blocks)
+        assert all(m.tuned_warps for m in model.modules() if isinstance(m, Fp8Linear))
+        assert "measured warp counts" in model.perf_status["tuned_warps"]
+    model.set_perf(RESID)
+    assert not any(b.tuned_warps or b.self_attn.tuned_warps for b in model.blocks)
+    assert not any(m.tuned_warps for m in model.modules() if isinstance(m, Fp8Linear))
+
+
+def _check_residual_bias_kernel(width, tokens, device, dtype, cast_in_torch=False, min_equal=0.99,
+                                scale_rtol=2.0**-7):
+    """The residual kernel with the branch's bias (``residual_bias``) against the reference with ``y_bias``: the
+    sum within two steps of x's dtype of ``|x| + 2·|gate·(y + bias)|`` (one more rounding than without the bias:
+    ``y + bias``'s, which the interpreter truncates), the quantised norm as in :func:`_check_residual_kernel`."""
+    _, norm_kernel = _kernels(cast_in_torch)
+    step = 2.0**-6 if dtype == torch.bfloat16 else 2.0**-22
+    for has_gate, affine, modulated in ((True, True, False), (False, False, True), (True, False, True)):
+        b, frames = 2, 4
+        x, y, g, weight, bias, shift, scale = _residual_args(b, frames, tokens // frames, width, dtype, has_gate,
+                                                             affine, modulated, seed=width, device=device)
+        y_bias = (torch.linspace(-2, 2, width) ** 3).to(device=device, dtype=dtype)
+        x8, s, total = norm_kernel(
+            x.reshape(-1, width).contiguous(), 1e-6, tokens, frames, residual=y.reshape(-1, width).contiguous(),
+            gate=None if g is None else g.contiguous(), weight=weight, bias=bias,
+            shift=None if shift is None else shift.contiguous(), scale=None if scale is None else scale.contiguous(),
+            residual_bias=y_bias)
+        ref_total, _, _ = residual_norm_quant_reference(x, y, g, weight, bias, shift, scale, 1e-6, y_bias)
+        yb = y.double() + y_bias.double()
+        gy = yb if g is None else gate(yb, g.double())
+        bound = (x.double().abs() + 2 * gy.abs()).reshape(-1, width) * step
+        assert total.dtype == dtype and ((total.double() - ref_total.double()).abs() <= bound).all()
+        own = total.view(b, tokens, width)
+        ref = residual_norm_quant_reference(own, torch.zeros_like(own), None, weight, bias, shift, scale, 1e-6)
+        _assert_norm_matches((x8, s), ref[1:], shift, tokens, min_equal, scale_rtol)
+    with pytest.raises(ValueError, match="needs residual"):
+        norm_kernel(x.reshape(-1, width).contiguous(), 1e-6, tokens, frames, residual_bias=y_bias)
+
+
+def _check_tuned_warps_same_values(device, dtype, widths, tokens, exact):
+    """Each tuned kernel at widths where ``TUNED_WARPS`` has another warp count: the values with ``tuned`` equal
+    the default launch's (``exact``), or are within float32 rounding of them (the reductions' order may change on
+    a GPU)."""
+    from streamdit_core.fp8_triton import norm_quant_triton, quantize_rows_triton
+    from streamdit_core.rope_triton import qkv_rows_triton
+
+    def same(a, b):
+        for t, u in zip(a, b):
+            if t is None:
+                assert u is None
+            elif exact:
+                assert torch.equal(t, u)
+            else:
+                assert torch.allclose(t.float(), u.float(), rtol=2.0**-7, atol=2.0**-7 * t.float().abs().max())
+
+    for width in widths:
+        x, y = (_rows(2 * tokens, width, dtype, seed=s, device=device) for s in (width, width + 1))
+        shift, scale = _modulation(2, 4, width, device=device)
+        w = torch.linspace(0.5, 1.5, width, device=device).to(dtype)
+        for kwargs in ({"shift": shift, "scale": scale}, {"residual": y, "gate": shift, "weight": w, "bias": w},
+                       {"residual": y, "shift": shift, "scale": scale},
+                       {"residual": y, "shift": shift, "scale": scale, "quantize": False}):
+            launch = [norm_quant_triton(x, 1e-6, tokens, 4, out_dtype=torch.float32, tuned=t, **kwargs)
+                      for t in (False, True)]
+            same(*launch)
+        h = _rows(8, 2 * width, dtype, seed=3, device=device)
+        same(*(quantize_rows_triton(h, 1, torch.float32, tuned=t) for t in (False, True)))
+        cos, sin = (torch.rand(tokens, 8, device=device) for _ in range(2))
+        q, k, v = (x.view(2, tokens, width) for _ in range(3))
+        same(*(qkv_rows_triton(q, k, v, cos, sin, 1e-6, weights=(w, w), tuned=t) for t in (False, True)))
+
+
+@pytest.mark.skipif(not INTERPRET, reason="needs triton and TRITON_INTERPRET=1 on a machine without CUDA")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_residual_bias_kernel_in_interpreter_matches_reference(dtype):
+    bf16 = dtype == torch.bfloat16
+    _check_residual_bias_kernel(96, 8, "cpu", dtype, cast_in_torch=True, min_equal=0.9 if bf16 else 0.99,
+                                scale_rtol=2.0**-6 if bf16 else 2.0**-7)
+
+
+@pytest.mark.skipif(not INTERPRET, reason="needs triton and TRITON_INTERPRET=1 on a machine without CUDA")
+def test_tuned_warps_in_interpreter_give_the_same_values():
+    _check_tuned_warps_same_values("cpu", torch.bfloat16, (32,), 8, exact=True)
+
+
+@pytest.mark.skipif(not CUDA, reason="needs CUDA and triton")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_residual_bias_kernel_on_cuda_matches_reference(dtype):
+    for width in (3072, 1536):
+        _check_residual_bias_kernel(width, 256, "cuda", dtype)
+
+
+@pytest.mark.skipif(not CUDA, reason="needs CUDA and triton")
+def test_tuned_warps_on_cuda_give_the_same_values():
+    _check_tuned_warps_same_values("cuda", torch.bfloat16, (3072, 1536), 64, exact=False)
+
+
+@pytest.mark.skipif(not CUDA, reason="needs CUDA and triton")
+@pytest.mark.parametrize("crossres", [False, True], ids=["fuseadds", "fuseadds+crossres"])
+def test_fused_adds_model_compiled_and_graphed_on_cuda_equals_eager(crossres):
+    """fastest + fuseadds + warps (+ crossres): compiled and graphed like the other fused items, close to eager."""
+    model, args = wan_like_cuda()
+    with torch.no_grad():
+        for block in model.blocks:
+            for linear in (block.self_attn.o, block.cross_attn.o, block.ffn[2]):
+                linear.bias.normal_(0.0, 0.3)
+    options = replace(PERF_LEVELS["fastest"], fp8_adds_fused=True, tuned_warps=True, cross_residual=crossres)
+    eager = run(model, replace(options, compile="off", cuda_graphs=False), *args).float()
+    plain = run(model, replace(PERF_LEVELS["fastest"], compile="off", cuda_graphs=False), *args).float()
+    assert ((eager - plain).norm() / plain.norm()).item() < 0.01
+    assert_compiled_and_graphed_equal(model, options, args, eager)
