@@ -64,23 +64,21 @@ option             what it does                                                 
 
 Levels (:data:`PERF_LEVELS`): ``plain`` (all off, the eager reference), ``safe`` (the default: both caches
 and ``window_gather``), ``fast`` (+ ``compile``, ``cuda_graphs``, ``norm_fused``, ``cross_residual`` and
-``qk_fused``), ``fastest`` (+ ``compile``, ``cuda_graphs``, ``fp8=row``, ``fp8_fused``, ``fp8_residual`` and
-``qk_fused``). ``fp8_fused`` is in ``fastest`` since the H100 run in ``docs/bench/h100_fp8fuse/`` (−4.7 % per call
-at paper scale, −6.7 % for Wan 1.3B with 4-frame windows, same error against ``plain``), ``fp8_residual`` since the
-one in ``docs/bench/h100_fp8resid/`` (a further −9.6 % and −7.6 %), ``qk_fused`` (both levels), ``norm_fused`` and
-``cross_residual`` (``fast`` only: in ``fastest`` the deferred add cost 0.8–1.9 %: there the FFN's fp8 output
-needs its bias added in a pass of its own, which the compiler had fused into the residual add; ``fp8_adds_fused``
-moves it into the norm kernel) since the one in
-``docs/bench/h100_fused_rope_norm/`` (``fastest`` −4.2 % and −4.0 %; ``fast`` −7.1 % and −6.2 %, same or lower
-error). On CUDA without Triton the Triton items stay off (the status says why); off CUDA they are dropped (their
-kernels' reference is the unfused maths, better left to the compiler there), ``cross_residual`` with them.
+``qk_fused``), ``fastest`` (+ ``compile``, ``cuda_graphs``, ``fp8=row``, ``fp8_fused``, ``fp8_residual``,
+``qk_fused``, ``fp8_out_fused``, ``fp8_adds_fused``, ``cross_residual`` and ``tuned_warps``). ``fp8_fused`` is in
+``fastest`` since the H100 run in ``docs/bench/h100_fp8fuse/`` (−4.7 % per call at paper scale, −6.7 % for Wan
+1.3B with 4-frame windows, same error against ``plain``), ``fp8_residual`` since the one in
+``docs/bench/h100_fp8resid/`` (a further −9.6 % and −7.6 %), ``qk_fused`` (both levels), ``norm_fused`` and
+``cross_residual`` (``fast``) since the one in ``docs/bench/h100_fused_rope_norm/`` (``fastest`` −4.2 % and
+−4.0 %; ``fast`` −7.1 % and −6.2 %, same or lower error), ``fp8_out_fused``, ``fp8_adds_fused``, ``cross_residual``
+and ``tuned_warps`` (``fastest``) since the one in ``docs/bench/h100_outquant_fuseadds/`` (together −3.7 % and
+−4.5 %: 168.6 → 162.3 ms and 145.9 → 139.3 ms; alone ``fp8_out_fused`` −1.9 % / −1.6 %, ``fp8_adds_fused``
+−2.1 % / −2.0 %; ``cross_residual`` had cost ``fastest`` 0.8–1.9 % before ``fp8_adds_fused``, because the FFN's
+fp8 output then needed its bias added in a pass of its own, and now saves 0.2–0.4 %). On CUDA without Triton the
+Triton items stay off (the status says why); off CUDA they are dropped (their kernels' reference is the unfused
+maths, better left to the compiler there), ``cross_residual`` with them.
 ``fp8_rows`` gained nothing and is in no level (``fastest,fp8rows``; in ``bench --modes``: ``fastest+fp8rows``);
-``fp8_chunked`` is not measured yet and in no level (``fastest,chunkrows``); nor are ``fp8_adds_fused``
-(``fastest,fuseadds``), ``tuned_warps`` (``fastest,warps``) and ``fp8_out_fused``
-(``fastest,outquant``; in ``bench --modes``: ``fastest+outquant``), which replaces the two per-row quantisation
-kernels the compiler still generated per block in the H100 profile of ``fastest`` (self-attention output: window
-gather + quantisation; cross-attention output: quantisation; together about 4 % of a call at paper scale in
-``docs/bench/h100_fused_rope_norm/``, at half the copy bandwidth).
+``fp8_chunked`` made Wan's ``fastest`` 3.5 % slower and is in no level (``docs/bench/h100_chunkrows/``).
 ``fp8_out_fused`` needs ``window_gather`` for windows smaller than the grid, like ``qk_fused``.
 ``qk_fused`` needs ``window_gather`` for windows smaller than the grid (the roll path stays unfused).
 ``window_gather`` is in every level but ``plain`` since the H100 run in ``docs/bench/h100_qkv_gather/``
@@ -281,7 +279,8 @@ PERF_LEVELS: dict[str, PerfOptions] = {
     # + float8 linears (H100/Ada) with fused quantisation kernels: a few % relative change of the model output,
     # measured by `bench`
     "fastest": PerfOptions(
-        compile="default", cuda_graphs=True, fp8="row", fp8_fused=True, fp8_residual=True, qk_fused=True
+        compile="default", cuda_graphs=True, fp8="row", fp8_fused=True, fp8_residual=True, qk_fused=True,
+        fp8_out_fused=True, fp8_adds_fused=True, cross_residual=True, tuned_warps=True,
     ),
 }
 

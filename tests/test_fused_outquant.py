@@ -239,15 +239,15 @@ def test_switching_off_restores_modules_and_state_dict():
 
 def test_options_parse_outquant():
     fastest = PERF_LEVELS["fastest"]
-    assert not any(level.fp8_out_fused for level in PERF_LEVELS.values())  # in no level until measured on a GPU
-    assert PerfOptions.level("fastest,outquant") == replace(fastest, fp8_out_fused=True)
-    assert mode_options("fastest+outquant", "default") == replace(fastest, fp8_out_fused=True)
-    assert mode_options("fastest+outquant", "max-autotune") == replace(fastest, compile="max-autotune",
-                                                                        fp8_out_fused=True)
+    # in `fastest` since the H100 run in docs/bench/h100_outquant_fuseadds
+    assert [name for name, level in PERF_LEVELS.items() if level.fp8_out_fused] == ["fastest"]
+    before = replace(fastest, fp8_out_fused=False)
+    assert PerfOptions.level("fastest,outquant") == fastest == replace(before, fp8_out_fused=True)
+    assert mode_options("fastest+outquant", "default") == fastest
+    assert mode_options("fastest+outquant", "max-autotune") == replace(fastest, compile="max-autotune")
     assert PerfOptions.level("fp8,fp8fuse,outquant").describe() == "fp8=row,fp8_fused,fp8_out_fused"
     assert PerfOptions.level("fastest,outquant").for_device(torch.device("cpu")) == PerfOptions(compile="default")
-    assert PerfOptions.level("fastest,outquant").for_device(torch.device("cuda")) == replace(fastest,
-                                                                                             fp8_out_fused=True)
+    assert PerfOptions.level("fastest,outquant").for_device(torch.device("cuda")) == fastest
     for bad in ("fp8,outquant", "safe,fp8=row,outquant", "fast,outquant", "fastest,outquant,fp8=tensor"):
         with pytest.raises(ValueError, match="fp8_out_fused extends the fused kernels of fp8_fused"):
             PerfOptions.level(bad)
