@@ -106,8 +106,6 @@ def _kernels(case: str) -> dict[str, tuple[Callable[[], object], int, int, str |
             "residual_modulate"),
         "bias + GELU + fp8 (FFN hidden)": (
             lambda: fp8_triton.quantize_rows_triton(h, 1, bias=h_bias), tokens * ffn * 3, ffn, "gelu_quant"),
-        "bias + GELU + fp8, two passes over chunks of 2,048 (chunkrows)": (
-            lambda: fp8_triton.quantize_rows_triton(h, 1, bias=h_bias, chunk=2048), tokens * ffn * 3, 2048, None),
         "q/k RMS norm + RoPE + gather, v gather (qkrope)": (
             lambda: rope_triton.qkv_rows_triton(q, k, v, cos, sin, 1e-6, weights=(w, w), index=index), 6 * row, d,
             "qkv_rope"),

@@ -64,7 +64,7 @@ import torch.nn.functional as F
 from .adaln import add_residual, modulate
 from .attention import window_reverse_indexed
 from .log import get_logger
-from .triton_util import import_launchers, not_loaded, row_chunk
+from .triton_util import import_launchers, not_loaded
 
 __all__ = [
     "FP8_MAX",
@@ -114,12 +114,11 @@ def dequantize_fp8(x8: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
 
 
 def gelu_quant_reference(
-    h: torch.Tensor, bias: torch.Tensor | None = None, chunk: int = 0, tuned: bool = False
+    h: torch.Tensor, bias: torch.Tensor | None = None, tuned: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``quantize_fp8(GELU_tanh(h + bias), rowwise=True)`` for ``h`` ``[M, N]`` and ``bias`` ``[N]`` (or ``None``);
-    the sum and GELU in h's dtype, like the first FFN linear's output and ``nn.GELU``. ``chunk`` and ``tuned``: the
-    Triton kernel's launch options (``triton_util.row_chunk``, ``triton_util.TUNED_WARPS``), which do not change
-    the values; unused here."""
+    the sum and GELU in h's dtype, like the first FFN linear's output and ``nn.GELU``. ``tuned``: the Triton
+    kernel's launch option (``triton_util.TUNED_WARPS``), which does not change the values; unused here."""
     if bias is not None:
         h = h + bias.to(h.dtype)
     return quantize_fp8(F.gelu(h, approximate="tanh"), True)
@@ -327,12 +326,12 @@ def _define(launch: tuple[Callable[..., Any], ...] | None) -> None:
         _launch, _launch_norm, _launch_window = launch  # module-level names: triton_op finds the kernels through them
 
         def gelu_quant(
-            h: torch.Tensor, bias: torch.Tensor | None, chunk: int = 0, tuned: bool = False
+            h: torch.Tensor, bias: torch.Tensor | None, tuned: bool = False
         ) -> tuple[torch.Tensor, torch.Tensor]:
             if h.device.type != "cuda":
                 return gelu_quant_reference(h, bias)
             return _launch(h.contiguous(), _GELU, bias=None if bias is None else bias.to(h.dtype).contiguous(),
-                           chunk=row_chunk(h.shape[1], chunk), tuned=tuned)
+                           tuned=tuned)
 
         def norm_modulate_quant(
             x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float, tuned: bool = False
@@ -398,7 +397,7 @@ def _define(launch: tuple[Callable[..., Any], ...] | None) -> None:
         return (x.new_empty((rows, x.shape[-1])), *fake(rows, x))
 
     ops = (
-        ("gelu_quant", gelu_quant_reference, lambda h, bias, chunk=0, tuned=False: fake(h.shape[0], h)),
+        ("gelu_quant", gelu_quant_reference, lambda h, bias, tuned=False: fake(h.shape[0], h)),
         ("norm_modulate_quant", norm_modulate_quant_reference,
          lambda x, shift, scale, eps, tuned=False: fake(x.shape[0] * x.shape[1], x)),
         ("rows_quant", rows_quant_reference, lambda x: fake(x.shape[0], x)),
@@ -482,14 +481,13 @@ def _check_residual_args(
 
 
 def gelu_quantize(
-    h: torch.Tensor, bias: torch.Tensor | None = None, chunk: int = 0, tuned: bool = False
+    h: torch.Tensor, bias: torch.Tensor | None = None, tuned: bool = False
 ) -> QuantizedActivation:
-    """``GELU_tanh(h + bias)`` quantised per row in one pass (or, with ``chunk`` and rows mostly padding in a
-    whole-row block, two passes over chunks: ``triton_util.row_chunk``; same values). h ``[..., N]``, bias ``[N]``
-    or ``None`` → data ``[..., N]``, scale ``[..., 1]``. ``tuned``: the kernel's measured warp count
+    """``GELU_tanh(h + bias)`` quantised per row in one pass. h ``[..., N]``, bias ``[N]`` or ``None`` → data
+    ``[..., N]``, scale ``[..., 1]``. ``tuned``: the kernel's measured warp count
     (``triton_util.TUNED_WARPS``; same values)."""
     ensure_ops()
-    x8, scale = torch.ops.streamdit.gelu_quant(h.reshape(-1, h.shape[-1]), bias, chunk, tuned)
+    x8, scale = torch.ops.streamdit.gelu_quant(h.reshape(-1, h.shape[-1]), bias, tuned)
     return QuantizedActivation(x8.view(h.shape), scale.view(*h.shape[:-1], 1), h.dtype)
 
 

@@ -60,30 +60,13 @@ def _quant_rows_kernel(
     n_cols,
     PROLOGUE: tl.constexpr,  # 0: none, 1: GELU(tanh)
     HAS_BIAS: tl.constexpr,  # PROLOGUE 1: add the producing linear's bias first (rounded to x's dtype)
-    BLOCK: tl.constexpr,  # next power of two ≥ n_cols (whole row), or the chunk (CHUNKED)
-    CHUNKED: tl.constexpr,  # two passes over chunks of BLOCK: the row's amax, then (re-read, from L2) the values
+    BLOCK: tl.constexpr,  # next power of two ≥ n_cols
 ):
     row = tl.program_id(0).to(tl.int64)
-    if CHUNKED:
-        amax = 0.0
-        for start in range(0, n_cols, BLOCK):
-            cols = start + tl.arange(0, BLOCK)
-            mask = cols < n_cols
-            y = _prologue(x_ptr, bias_ptr, row, cols, mask, n_cols, PROLOGUE, HAS_BIAS)
-            amax = tl.maximum(amax, tl.max(tl.where(mask, tl.abs(y), 0.0), axis=0))
-        s = tl.maximum(amax, 1e-12) / 448.0
-        for start in range(0, n_cols, BLOCK):
-            cols = start + tl.arange(0, BLOCK)
-            mask = cols < n_cols
-            y = _prologue(x_ptr, bias_ptr, row, cols, mask, n_cols, PROLOGUE, HAS_BIAS)
-            q = tl.minimum(tl.maximum(y / s, -448.0), 448.0)
-            tl.store(out_ptr + row * n_cols + cols, q.to(out_ptr.dtype.element_ty), mask=mask)
-        tl.store(out_scale_ptr + row, s)
-    else:
-        cols = tl.arange(0, BLOCK)
-        mask = cols < n_cols
-        y = _prologue(x_ptr, bias_ptr, row, cols, mask, n_cols, PROLOGUE, HAS_BIAS)
-        _quantise_store(y, cols, mask, out_ptr, out_scale_ptr, row, n_cols)
+    cols = tl.arange(0, BLOCK)
+    mask = cols < n_cols
+    y = _prologue(x_ptr, bias_ptr, row, cols, mask, n_cols, PROLOGUE, HAS_BIAS)
+    _quantise_store(y, cols, mask, out_ptr, out_scale_ptr, row, n_cols)
 
 
 @triton.jit
@@ -187,18 +170,14 @@ def quantize_rows_triton(
     prologue: int,
     out_dtype: torch.dtype = torch.float8_e4m3fn,
     bias: torch.Tensor | None = None,
-    chunk: int = 0,
     tuned: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Launch ``_quant_rows_kernel`` on ``x`` ``[rows, n_cols]`` (contiguous). ``prologue``: 0 none, 1 GELU(tanh)
     of ``x + bias`` (``bias`` ``[n_cols]`` in x's dtype or ``None``). ``out_dtype=torch.float32`` stores the
     scaled values before their cast to fp8 (a test of the maths where the fp8 cast is not trusted: Triton's
-    interpreter rounds values just below a power of two to the lower one, e.g. 124.3 → 64). ``chunk``: 0 (the
-    default) holds the whole row in registers; a power of two runs the two-pass kernel over chunks of that size
-    (same values; for widths far below their power of two, e.g. Wan 1.3B's FFN 8,960 → a 16,384 block, where the
-    H100 sweep in docs/bench/h100_row_kernels measured the whole-row kernel at under half the bandwidth; not
-    measured yet, so not used by the model). ``tuned``: the measured warp count of the GELU row where
-    ``triton_util.TUNED_WARPS`` has one (``warps``; same values).
+    interpreter rounds values just below a power of two to the lower one, e.g. 124.3 → 64). The whole row is held
+    in registers. ``tuned``: the measured warp count of the GELU row where ``triton_util.TUNED_WARPS`` has one
+    (``warps``; same values).
 
     Returns:
         ``(x8 [rows, n_cols] out_dtype, scale [rows, 1] float32)``.
@@ -206,12 +185,12 @@ def quantize_rows_triton(
     rows, n_cols = x.shape
     out = torch.empty((rows, n_cols), dtype=out_dtype, device=x.device)
     out_scale = torch.empty((rows, 1), dtype=torch.float32, device=x.device)
-    block, warps = row_launch_config(chunk or n_cols, "gelu_quant" if prologue == 1 and not chunk else None, tuned)
+    block, warps = row_launch_config(n_cols, "gelu_quant" if prologue == 1 else None, tuned)
     # an unread placeholder without a bias: the input (read-only), never an output, so that the compiler's
     # mutation analysis sees no aliasing of what the kernel writes
     wrap_triton(_quant_rows_kernel)[(rows,)](
         x, x if bias is None else bias, out, out_scale, n_cols,
-        PROLOGUE=prologue, HAS_BIAS=bias is not None, BLOCK=block, CHUNKED=chunk > 0, num_warps=warps,
+        PROLOGUE=prologue, HAS_BIAS=bias is not None, BLOCK=block, num_warps=warps,
     )
     return out, out_scale
 

@@ -28,9 +28,6 @@ option             what it does                                                 
                    self-attention output + ``norm3``) and before the FFN (cross-attention    the residual stream
                    output + ``norm2`` + modulation) in the kernel that normalises and        itself bit-
                    quantises the next input (item ``fp8resid``)                              identical
-``fp8_chunked``    with ``fp8_fused``: the GELU kernel in two passes over chunks where the   same values
-                   FFN width is mostly padding in a whole-row block (Wan 1.3B's 8,960;
-                   ``triton_util.row_chunk``; item ``chunkrows``)
 ``fp8_out_fused`` with ``fp8_fused``, without autograd: the self-attention output's window      vs ``fp8_fused``:
                    reverse gather (tokens back in order, across heads, from the attention's   the same scale
                    layout in any strides) and its per-row quantisation for the output         formula; CUDA: a
@@ -78,7 +75,8 @@ fp8 output then needed its bias added in a pass of its own, and now saves 0.2–
 Triton items stay off (the status says why); off CUDA they are dropped (their kernels' reference is the unfused
 maths, better left to the compiler there), ``cross_residual`` with them.
 ``fp8_rows`` gained nothing and is in no level (``fastest,fp8rows``; in ``bench --modes``: ``fastest+fp8rows``);
-``fp8_chunked`` made Wan's ``fastest`` 3.5 % slower and is in no level (``docs/bench/h100_chunkrows/``).
+A GELU row kernel in two passes over chunks of the row was measured (Wan's ``fastest`` 3.5 % slower, see
+``docs/BENCHMARKS.md``) and removed.
 ``fp8_out_fused`` needs ``window_gather`` for windows smaller than the grid, like ``qk_fused``.
 ``qk_fused`` needs ``window_gather`` for windows smaller than the grid (the roll path stays unfused).
 ``window_gather`` is in every level but ``plain`` since the H100 run in ``docs/bench/h100_qkv_gather/``
@@ -115,7 +113,7 @@ from .fp8_quant import (
 )
 from .log import get_logger
 from .qk_rope import triton_problem as qk_rope_problem
-from .triton_util import ROW_CHUNK, TUNED_WARPS, row_chunk
+from .triton_util import TUNED_WARPS
 
 if TYPE_CHECKING:
     from .model import StreamDiT
@@ -161,8 +159,6 @@ class PerfOptions:
             output) with a single-pass kernel instead of the compiler's; needs ``fp8="row"``.
         fp8_residual: also fuse the residual adds before the cross-attention and the FFN into the kernels that
             normalise and quantise their inputs (the cross-attention query's input too); needs ``fp8_fused``.
-        fp8_chunked: run the GELU + quantisation kernel over chunks where the FFN width is mostly padding in a
-            whole-row block; needs ``fp8_fused``.
         fp8_out_fused: the self-attention output's inverse window gather and per-row quantisation in one operator
             (``fp8_quant.window_rows_quantize``), the cross-attention output quantised by the single-pass row
             kernel; inference only, needs ``fp8_fused``.
@@ -185,7 +181,6 @@ class PerfOptions:
     fp8_fused: bool = False
     fp8_rows: bool = False
     fp8_residual: bool = False
-    fp8_chunked: bool = False
     fp8_out_fused: bool = False
     norm_fused: bool = False
     cross_residual: bool = False
@@ -201,7 +196,7 @@ class PerfOptions:
         if (self.fp8_fused or self.fp8_rows or self.fp8_residual) and self.fp8 != "row":
             raise ValueError(f"fp8_fused, fp8_rows and fp8_residual quantise per row: they need fp8='row' (the items "
                              f"fp8 or fp8=row), got fp8={self.fp8!r}")
-        for name in ("fp8_residual", "fp8_chunked", "fp8_out_fused", "fp8_adds_fused"):
+        for name in ("fp8_residual", "fp8_out_fused", "fp8_adds_fused"):
             if getattr(self, name) and not self.fp8_fused:
                 raise ValueError(f"{name} extends the fused kernels of fp8_fused: it needs fp8_fused (the item "
                                  "fp8fuse, part of the level 'fastest')")
@@ -216,20 +211,19 @@ class PerfOptions:
     @classmethod
     def level(cls, name: str) -> PerfOptions:
         """A named level (:data:`PERF_LEVELS`) or a comma list such as ``"kv,layout,compile=default,graphs,fp8=row"``
-        (``kv``/``layout``/``graphs``/``gather``/``fp8fuse``/``fp8rows``/``fp8resid``/``chunkrows``/``outquant``/
-        ``normfuse``/``crossres``/``qkrope``/``fuseadds``/``warps`` switch on; ``compile`` alone means
+        (``kv``/``layout``/``graphs``/``gather``/``fp8fuse``/``fp8rows``/``fp8resid``/``outquant``/``normfuse``/
+        ``crossres``/``qkrope``/``fuseadds``/``warps`` switch on; ``compile`` alone means
         ``compile=default``; ``fp8`` alone means ``fp8=row``; a level name as an item, e.g. ``"safe,compile"``, sets
         every option to that level's at that point of the list; a list starts from everything off, like ``plain``).
         ``fp8=tensor`` after a level turns off that level's per-row items (``"fastest,fp8=tensor"``); listed together
-        with ``fp8fuse``, ``fp8rows``, ``fp8resid``, ``chunkrows``, ``outquant`` or ``fuseadds`` it is an error."""
+        with ``fp8fuse``, ``fp8rows``, ``fp8resid``, ``outquant`` or ``fuseadds`` it is an error."""
         if name in PERF_LEVELS:
             return PERF_LEVELS[name]
         opts: dict[str, Any] = {f.name: getattr(PERF_LEVELS["plain"], f.name) for f in fields(PERF_LEVELS["plain"])}
         switches = {"kv": "text_kv_cache", "layout": "layout_cache", "graphs": "cuda_graphs", "gather": "window_gather",
                     "fp8fuse": "fp8_fused", "fp8rows": "fp8_rows", "fp8resid": "fp8_residual",
-                    "chunkrows": "fp8_chunked", "outquant": "fp8_out_fused", "normfuse": "norm_fused",
-                    "crossres": "cross_residual", "qkrope": "qk_fused", "fuseadds": "fp8_adds_fused",
-                    "warps": "tuned_warps"}
+                    "outquant": "fp8_out_fused", "normfuse": "norm_fused", "crossres": "cross_residual",
+                    "qkrope": "qk_fused", "fuseadds": "fp8_adds_fused", "warps": "tuned_warps"}
         listed: set[str] = set()  # the per-row items named in the list (not inherited from a level)
         for raw in filter(None, (p.strip() for p in name.split(","))):
             key, _, value = raw.partition("=")
@@ -243,13 +237,13 @@ class PerfOptions:
             elif key == "fp8":
                 opts["fp8"] = value or "row"
                 if opts["fp8"] != "row":
-                    opts.update({k: False for k in ("fp8_fused", "fp8_rows", "fp8_residual", "fp8_chunked",
-                                                    "fp8_out_fused", "fp8_adds_fused") if k not in listed})
+                    opts.update({k: False for k in ("fp8_fused", "fp8_rows", "fp8_residual", "fp8_out_fused",
+                                                    "fp8_adds_fused") if k not in listed})
             else:
                 raise ValueError(
                     f"unknown optimisation {raw!r} in {name!r}; use a level {sorted(PERF_LEVELS)} or items "
                     "kv, layout, compile[=MODE], graphs, fp8[=row|tensor], gather, fp8fuse, fp8rows, fp8resid, "
-                    "chunkrows, outquant, normfuse, crossres, qkrope, fuseadds, warps (a level name may start the list)"
+                    "outquant, normfuse, crossres, qkrope, fuseadds, warps (a level name may start the list)"
                 )
         return cls(**opts)
 
@@ -260,7 +254,7 @@ class PerfOptions:
         if device.type == "cuda":
             return self
         return replace(self, cuda_graphs=False, fp8="off", fp8_fused=False, fp8_rows=False, fp8_residual=False,
-                       fp8_chunked=False, fp8_out_fused=False, norm_fused=False, cross_residual=False, qk_fused=False,
+                       fp8_out_fused=False, norm_fused=False, cross_residual=False, qk_fused=False,
                        fp8_adds_fused=False, tuned_warps=False)
 
     def describe(self) -> str:
@@ -403,7 +397,6 @@ class Fp8Linear(nn.Module):
         self.use_scaled_mm = use_scaled_mm
         self.single_pass = single_pass and rowwise
         self.prologue: Literal["none", "gelu"] = "none"
-        self.gelu_chunk = 0  # with the GELU prologue: the row kernel's chunk (fp8_chunked; 0 = whole rows)
         self.defer_bias = False
         self.tuned_warps = False  # the GELU prologue's kernel with its measured warp count (tuned_warps)
         with torch.no_grad():
@@ -423,7 +416,7 @@ class Fp8Linear(nn.Module):
             if isinstance(x, QuantizedActivation):
                 raise TypeError("an Fp8Linear with a GELU prologue takes the pre-GELU tensor")
             h, b = x if isinstance(x, BiasPending) else (x, None)
-            x = gelu_quantize(h, b, self.gelu_chunk, self.tuned_warps)
+            x = gelu_quantize(h, b, self.tuned_warps)
         elif isinstance(x, BiasPending):
             raise TypeError("only an Fp8Linear with a GELU prologue takes an output whose bias is pending")
         elif self.single_pass and not isinstance(x, QuantizedActivation):
@@ -441,7 +434,6 @@ class Fp8Linear(nn.Module):
 
     def extra_repr(self) -> str:
         extra = ((", single_pass" if self.single_pass else "") + (", prologue=gelu" if self.prologue == "gelu" else "")
-                 + (f", gelu_chunk={self.gelu_chunk}" if self.gelu_chunk else "")
                  + (", defer_bias" if self.defer_bias else ""))
         return (f"{self.in_features}, {self.out_features}, rowwise={self.rowwise}, scaled_mm={self.use_scaled_mm}"
                 + extra)
@@ -514,7 +506,6 @@ def _fuse_fp8(
     model: StreamDiT,
     status: dict[str, str],
     residual: bool = False,
-    chunked: bool = False,
     outputs: bool = False,
     adds: bool = False,
     cross_residual: bool = False,
@@ -522,16 +513,14 @@ def _fuse_fp8(
     """Quantise per row inside the producers' kernels (``fp8_fused``): each block's adaLN inputs of q/k/v and of
     the FFN (all ``Fp8Linear`` with per-row scales) once, and the FFN's GELU output in the second linear. With
     ``residual`` (``fp8_residual``) the cross-attention's q input and the FFN input come from the kernels that
-    also add the residual before their norm. With ``chunked`` (``fp8_chunked``) the GELU kernel runs over chunks
-    of ``ROW_CHUNK`` where the FFN width is mostly padding in a whole-row block (``triton_util.row_chunk``). With
-    ``outputs`` (``fp8_out_fused``) the attention outputs too (:func:`_fuse_fp8_outputs`). With
-    ``adds`` (``fp8_adds_fused``) the fp8 linears whose output goes into a residual kernel leave their bias to it
-    (``Fp8Linear.defer_bias``): the attention output projections of the blocks with ``residual``, and with
-    ``cross_residual`` the FFN's second linear (added in the next block's norm1 kernel)."""
+    also add the residual before their norm. With ``outputs`` (``fp8_out_fused``) the attention outputs too
+    (:func:`_fuse_fp8_outputs`). With ``adds`` (``fp8_adds_fused``) the fp8 linears whose output goes into a
+    residual kernel leave their bias to it (``Fp8Linear.defer_bias``): the attention output projections of the
+    blocks with ``residual``, and with ``cross_residual`` the FFN's second linear (added in the next block's norm1
+    kernel)."""
     kernels = _fused_kernels(model, triton_problem(), "fp8_fused", "fused fp8 quantisation", status)
     if kernels is None:
-        for flag, name in ((residual, "fp8_residual"), (chunked, "fp8_chunked"), (outputs, "fp8_out_fused"),
-                           (adds, "fp8_adds_fused")):
+        for flag, name in ((residual, "fp8_residual"), (outputs, "fp8_out_fused"), (adds, "fp8_adds_fused")):
             if flag:
                 status[name] = "off: no Triton kernels"
         return
@@ -548,7 +537,6 @@ def _fuse_fp8(
                 and ffn[1].approximate == "tanh"):
             ffn[1] = GeluInNextLinear(ffn[1].approximate)
             ffn[2].prologue = "gelu"
-            ffn[2].gelu_chunk = ROW_CHUNK if chunked else 0
             if isinstance(ffn[0], Fp8Linear):  # its bias is added in the GELU kernel
                 ffn[0].defer_bias = True
             gelu += 1
@@ -573,10 +561,6 @@ def _fuse_fp8(
         status["fp8_adds_fused"] = (f"{out_biases} attention output biases in the residual kernels"
                                     + (f", {ffn_outputs} FFN output biases in the next norm1 kernel" if cross_residual
                                        else " (FFN output biases: only with cross_residual)"))
-    if chunked:
-        width = model.config.ffn_dim
-        status["fp8_chunked"] = (f"{gelu} GELU rows of {width} in chunks of {ROW_CHUNK}"
-                                 if row_chunk(width, ROW_CHUNK) else f"no effect: rows of {width} stay whole")
     if outputs:
         _fuse_fp8_outputs(model, status)
 
@@ -633,7 +617,7 @@ def _set_fp8(model: StreamDiT, options: PerfOptions, status: dict[str, str]) -> 
     if single_pass:
         status["fp8_rows"] = "on" if triton_problem() is None else f"reference implementation ({triton_problem()})"
     if options.fp8_fused:
-        _fuse_fp8(model, status, options.fp8_residual, options.fp8_chunked, options.fp8_out_fused,
+        _fuse_fp8(model, status, options.fp8_residual, options.fp8_out_fused,
                   options.fp8_adds_fused, options.cross_residual)
         if options.fp8_out_fused and not options.window_gather and not status["fp8_out_fused"].startswith("off"):
             status["fp8_out_fused"] += "; windows smaller than the grid stay unfused (roll path: no gather)"

@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["ROW_CHUNK", "TUNED_WARPS", "import_launchers", "norm_kind", "not_loaded", "row_chunk", "row_launch_config"]
+__all__ = ["TUNED_WARPS", "import_launchers", "norm_kind", "not_loaded", "row_launch_config"]
 
 
 def import_launchers(module: str, names: Sequence[str]) -> tuple[tuple[Callable[..., Any], ...] | None, str | None]:
@@ -37,7 +37,7 @@ def not_loaded(*args: Any, **kwargs: Any) -> Any:
 # Measured warp counts of the row kernels where they beat the default rule by ≥ 2.5 % (``perf.PerfOptions.tuned_warps``,
 # item ``warps``): {(kernel, row width): num_warps}, from the H100 sweep in docs/bench/h100_row_kernels/row_kernels.md
 # (µs per launch at 16,384 × 3,072 rows, FFN 7,680, for paper-4b; 24,960 × 1,536, FFN 8,960, for Wan 1.3B; the
-# default's in brackets). Only the measured widths: other widths (and the chunked GELU row) keep the default.
+# default's in brackets). Only the measured widths: other widths keep the default.
 # Kernels (``norm_kind`` names the LayerNorm kernel's configurations):
 #   norm_modulate_quant        LayerNorm + modulation + fp8 (norm1): 3,072 → 4 (90 µs [8: 104]); 1,536 → 2 (69 [4: 75])
 #   residual_gate_affine_quant residual + gate + affine LayerNorm + fp8 (norm3): 3,072 → 4 (126 [137]); 1,536 → 2
@@ -83,17 +83,3 @@ def row_launch_config(n_cols: int, kind: str | None = None, tuned: bool = False)
     if tuned and kind is not None:
         warps = TUNED_WARPS.get((kind, n_cols), warps)
     return block, warps
-
-
-# The chunk of the two-pass row kernel (``fp8_triton.quantize_rows_triton(..., chunk=)``) and the padding from which
-# a row uses it.
-ROW_CHUNK = 2048
-CHUNK_PADDING = 1.5
-
-
-def row_chunk(n_cols: int, chunk: int) -> int:
-    """``chunk`` where rows of ``n_cols`` would be mostly padding in a whole-row block (the next power of two at least
-    ``CHUNK_PADDING`` times wider, and wider than one chunk: Wan 1.3B's FFN hidden, 8,960 in a 16,384 block), else 0
-    (the whole row in registers)."""
-    block = row_launch_config(n_cols)[0]
-    return chunk if chunk > 0 and n_cols > chunk and block >= CHUNK_PADDING * n_cols else 0

@@ -378,33 +378,6 @@ def test_options_parse_fp8resid():
         PerfOptions(fp8="row", fp8_residual=True)
 
 
-def test_chunked_gelu_rows_item_and_policy():
-    """``chunkrows`` (in no level: not measured yet) runs the GELU kernel over chunks where the FFN width is mostly
-    padding in a whole-row block; the values do not change (bit-identical on the CPU, where the reference runs)."""
-    from streamdit_core.triton_util import ROW_CHUNK, row_chunk
-
-    # Wan 1.3B's FFN hidden (8,960 in a 16,384 block) is chunked; the paper's 7,680, Wan 14B's 13,824, the model
-    # widths and rows within one chunk are not; chunk 0 never
-    assert [row_chunk(n, ROW_CHUNK) for n in (8960, 2240, 7680, 13824, 3072, 1100)] == [ROW_CHUNK] * 2 + [0] * 4
-    assert row_chunk(8960, 0) == 0
-    fastest = PERF_LEVELS["fastest"]
-    assert not any(level.fp8_chunked for level in PERF_LEVELS.values())
-    assert PerfOptions.level("fastest,chunkrows") == replace(fastest, fp8_chunked=True)
-    assert mode_options("fastest+chunkrows", "default") == replace(fastest, fp8_chunked=True)
-    assert PerfOptions.level("fastest,chunkrows").for_device(torch.device("cpu")) == PerfOptions(compile="default")
-    with pytest.raises(ValueError, match="fp8_chunked extends the fused kernels of fp8_fused"):
-        PerfOptions.level("fp8,chunkrows")
-    for config, status in (({"ffn_dim": 2240}, "rows of 2240 in chunks of 2048"), ({}, "stay whole")):
-        model = tiny_model(**config)
-        args = tiny_inputs(model.config)
-        expected = run(model, FUSED, *args)
-        assert all(b.ffn[2].gelu_chunk == 0 for b in model.blocks)
-        out = run(model, replace(FUSED, fp8_chunked=True), *args)
-        assert torch.equal(out, expected)
-        assert status in model.perf_status["fp8_chunked"]
-        assert all(b.ffn[2].gelu_chunk == ROW_CHUNK for b in model.blocks)
-
-
 # -- the Triton kernel ----------------------------------------------------------------------------------------
 
 
@@ -523,24 +496,6 @@ def test_residual_kernel_in_interpreter_matches_reference(dtype):
                            scale_rtol=2.0**-6 if bf16 else 2.0**-7)
     _check_residual_kernel((96,), 8, "cpu", dtype, cases=[(True, True, False), (False, False, True)],
                            cast_in_torch=True, min_equal=0.9 if bf16 else 0.99, scale_rtol=2.0**-6 if bf16 else 2.0**-7)
-
-
-@pytest.mark.skipif(not (CUDA or INTERPRET), reason="needs CUDA and triton, or TRITON_INTERPRET=1 with triton")
-def test_chunked_rows_kernel_equals_whole_row():
-    """The two-pass chunked row kernel stores the same values and scales as the whole row in registers (the same
-    maths; float32 outputs, so the interpreter's fp8 cast plays no part)."""
-    from streamdit_core.fp8_triton import quantize_rows_triton
-
-    device = "cuda" if CUDA else "cpu"
-    cases = ((8960, 2048), (7680, 1024)) if CUDA else ((200, 16), (72, 32))
-    for dtype in (torch.bfloat16, torch.float32):
-        for width, chunk in cases:
-            h = _rows(64 if CUDA else 8, width, dtype, seed=width, device=device)
-            bias = torch.randn(width, generator=torch.Generator().manual_seed(1)).to(dtype).to(device)
-            for prologue, b in ((0, None), (1, None), (1, bias)):
-                whole = quantize_rows_triton(h, prologue, torch.float32, bias=b, chunk=0)
-                chunked = quantize_rows_triton(h, prologue, torch.float32, bias=b, chunk=chunk)
-                assert torch.equal(whole[0], chunked[0]) and torch.equal(whole[1], chunked[1])
 
 
 @pytest.mark.skipif(not CUDA, reason="needs CUDA and triton")
