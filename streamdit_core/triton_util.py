@@ -49,6 +49,9 @@ def not_loaded(*args: Any, **kwargs: Any) -> Any:
 #                              [16: 475])
 #   qkv_rope                   q/k RMS norm + RoPE + gather, v gather (qkrope): 3,072 → 4 (219 [8: 235]); 1,536 → 2
 #                              (169 [4: 178])
+#   residual_gate_modulate_quant  residual + gate + LayerNorm + modulation + fp8 (norm1 with crossres): 3,072 → 2 (158
+#                              [8: 166]); 1,536 → 2 (115 [4: 119]); from the later sweep in
+#                              docs/bench/h100_outquant_fuseadds/row_kernels.md
 # Warps change how a row is spread over the threads, not the maths: the kernels' values are the same (the reductions'
 # order may differ, a float32 rounding; see tests/test_fused_quant.py).
 TUNED_WARPS: dict[tuple[str, int], int] = {
@@ -62,6 +65,8 @@ TUNED_WARPS: dict[tuple[str, int], int] = {
     ("gelu_quant", 8960): 8,
     ("qkv_rope", 3072): 4,
     ("qkv_rope", 1536): 2,
+    ("residual_gate_modulate_quant", 3072): 2,
+    ("residual_gate_modulate_quant", 1536): 2,
 }
 
 

@@ -679,6 +679,7 @@ def test_tuned_warps_table_and_model_flags():
     assert row_launch_config(1536, "norm_modulate_quant", True) == (2048, 2)
     assert row_launch_config(3072, "residual_gate_affine_quant", True)[1] == 4
     assert row_launch_config(3072, "qkv_rope", True)[1] == 4
+    assert row_launch_config(3072, "residual_gate_modulate_quant", True)[1] == 2  # norm1 with crossres
     assert row_launch_config(7680, "gelu_quant", True) == (8192, 4)
     assert row_launch_config(8960, "gelu_quant", True) == (16384, 8)
     assert row_launch_config(3072, "residual_modulate_quant", True) == (4096, 8)  # the default was best
@@ -688,8 +689,9 @@ def test_tuned_warps_table_and_model_flags():
     assert norm_kind(True, True, True, False, True) == "residual_gate_affine_quant"
     assert norm_kind(True, False, False, True, True) == "residual_modulate_quant"
     assert norm_kind(True, False, False, True, False) == "residual_modulate"
+    assert norm_kind(True, True, False, True, True) == "residual_gate_modulate_quant"
     kinds = {"norm_modulate_quant", "residual_gate_affine_quant", "residual_modulate_quant", "residual_modulate",
-             "gelu_quant", "qkv_rope"}
+             "gelu_quant", "qkv_rope", "residual_gate_modulate_quant"}
     assert {kind for kind, _ in TUNED_WARPS} == kinds and all(w in (1, 2, 4, 8, 16) for w in TUNED_WARPS.values())
     model = _biased_model()
     args = tiny_inputs(model.config)
@@ -755,6 +757,7 @@ def _check_tuned_warps_same_values(device, dtype, widths, tokens, exact):
         w = torch.linspace(0.5, 1.5, width, device=device).to(dtype)
         for kwargs in ({"shift": shift, "scale": scale}, {"residual": y, "gate": shift, "weight": w, "bias": w},
                        {"residual": y, "shift": shift, "scale": scale},
+                       {"residual": y, "gate": shift, "shift": shift, "scale": scale},
                        {"residual": y, "shift": shift, "scale": scale, "quantize": False}):
             launch = [norm_quant_triton(x, 1e-6, tokens, 4, out_dtype=torch.float32, tuned=t, **kwargs)
                       for t in (False, True)]
