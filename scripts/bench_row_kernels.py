@@ -7,7 +7,10 @@ Usage (on a CUDA machine with Triton): ``python scripts/bench_row_kernels.py --o
 12 heads; 16 token frames), timed with CUDA events (20 launches in one CUDA graph, median of 10 replays).
 Bytes = what the kernel must read and write once. The ``outquant`` rows replace the compiler's window gather +
 quantisation of the self-attention output and its quantisation of the cross-attention output (``PerfOptions.
-fp8_out_fused``). The column "warps item" is the warp count the item ``warps``
+fp8_out_fused``). The ``(splitrows)`` rows hold the GELU row as two power-of-two pieces (``PerfOptions.
+fp8_split_rows``, ``triton_util.split_blocks``: Wan's 8,960 as 8,192 + 1,024); at the paper's 7,680, where the item
+keeps the whole row (4,096 + 4,096 is no smaller than 8,192), the split is forced, as a control of what two pieces
+cost at the same share of active lanes. The column "warps item" is the warp count the item ``warps``
 (``PerfOptions.tuned_warps``, ``triton_util.TUNED_WARPS``) launches the kernel with.
 """
 
@@ -24,6 +27,7 @@ import torch
 
 from streamdit_core import fp8_triton, rope_triton
 from streamdit_core.attention import window_index
+from streamdit_core.triton_util import default_warps, split_blocks
 
 log = logging.getLogger("StreamDiT.bench_row_kernels")
 
@@ -33,6 +37,15 @@ CASES = {
     "wan2.1-1.3b-w4": (24960, 1536, 8960, 12, (16, 30, 52), (4, 30, 52)),
 }
 WARPS = (1, 2, 4, 8, 16)
+SPLIT = "(splitrows)"  # the label of the split-row kernels' rows
+
+
+def _split_pieces(n_cols: int) -> tuple[int, int]:
+    """The split row's two pieces (``triton_util.split_blocks``), forced where the item would keep the row whole:
+    the largest power of two ≤ ``n_cols`` and the next one ≥ the rest."""
+    block = 1 << (n_cols.bit_length() - 1)
+    rest = n_cols - block
+    return split_blocks(n_cols) if split_blocks(n_cols)[1] else (block, 1 << (rest - 1).bit_length() if rest else 0)
 
 
 def _time_ms(fn: Callable[[], object], repeats: int = 10, launches: int = 20) -> float:
@@ -106,6 +119,10 @@ def _kernels(case: str) -> dict[str, tuple[Callable[[], object], int, int, str |
             "residual_modulate"),
         "bias + GELU + fp8 (FFN hidden)": (
             lambda: fp8_triton.quantize_rows_triton(h, 1, bias=h_bias), tokens * ffn * 3, ffn, "gelu_quant"),
+        f"bias + GELU + fp8, row as {' + '.join(f'{b:,}' for b in _split_pieces(ffn))}"
+        f"{'' if split_blocks(ffn)[1] else ' (forced)'} {SPLIT}": (
+            lambda: fp8_triton.quantize_rows_triton(h, 1, bias=h_bias, split=True), tokens * ffn * 3, ffn,
+            "gelu_quant"),
         "q/k RMS norm + RoPE + gather, v gather (qkrope)": (
             lambda: rope_triton.qkv_rows_triton(q, k, v, cos, sin, 1e-6, weights=(w, w), index=index), 6 * row, d,
             "qkv_rope"),
@@ -123,7 +140,7 @@ def main() -> None:
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s: %(message)s")
     args.out.mkdir(parents=True, exist_ok=True)
-    default = fp8_triton.row_launch_config
+    default, default_split = fp8_triton.row_launch_config, fp8_triton.split_launch_config
     copy = torch.empty(256 << 20, dtype=torch.uint8, device="cuda")
     bandwidth = 2 * copy.numel() / _time_ms(lambda: copy.clone()) / 1e9  # TB/s (bytes per ms / 1e9)
     results: dict[str, object] = {"gpu": torch.cuda.get_device_name(), "copy_tbs": round(bandwidth, 2), "rows": []}
@@ -137,7 +154,11 @@ def main() -> None:
                 def config(n_cols: int, kind: str | None = None, tuned: bool = False,
                            warps: int = warps) -> tuple[int, int]:
                     return default(n_cols)[0], warps
+                def split_config(n_cols: int, kind: str | None = None, tuned: bool = False,
+                                 warps: int = warps) -> tuple[int, int, int]:
+                    return (*_split_pieces(n_cols), warps)
                 fp8_triton.row_launch_config = rope_triton.row_launch_config = config
+                fp8_triton.split_launch_config = split_config
                 try:
                     us = _time_ms(launch) * 1e3
                 except Exception as exc:  # a configuration the kernel cannot run with: record it, go on
@@ -147,7 +168,13 @@ def main() -> None:
                 row["us"][warps] = round(us, 1)
                 cells.append(f"{us:.0f} ({nbytes / us / 1e6 / bandwidth:.0%})")  # bytes per µs / 1e6 = TB/s
             fp8_triton.row_launch_config = rope_triton.row_launch_config = default
-            warps, tuned = default(cols)[1], default(cols, kind, True)[1]
+            fp8_triton.split_launch_config = default_split
+            if name.endswith(SPLIT):  # the split layout's own defaults (a forced split: the rule for its lanes)
+                split = split_blocks(cols)[1] > 0
+                warps = default_split(cols)[2] if split else default_warps(sum(_split_pieces(cols)))
+                tuned = default_split(cols, kind, True)[2] if split else warps
+            else:
+                warps, tuned = default(cols)[1], default(cols, kind, True)[1]
             row["default_warps"], row["tuned_warps"] = warps, tuned
             results["rows"].append(row)  # type: ignore[attr-defined]
             lines.append(f"| {case} | {name} | {warps} | {tuned} | " + " | ".join(cells) + " |")

@@ -8,7 +8,8 @@ activation is read once and written once as fp8 (``perf.PerfOptions.fp8_fused`` 
 operator (``torch.ops.streamdit.*``)    computes, then quantises per row
 =====================================  ===========================================================================
 ``gelu_quant(h, b)``                   ``GELU_tanh(h + b)`` rounded to h's dtype (the FFN hidden ``[M, ffn]`` before
-                                       the first linear's bias ``b`` ``[ffn]`` or ``None``)
+                                       the first linear's bias ``b`` ``[ffn]`` or ``None``; launch options
+                                       ``tuned``, ``split``)
 ``norm_modulate_quant(x, sh, sc, e)``  ``LayerNorm(x)·(1 + sc) + sh`` with per-frame ``sh``/``sc`` ``[b, F, D]`` over
                                        ``x`` ``[b, L, D]`` (fp32 statistics, no affine; rounded to x's dtype twice,
                                        like ``model.LayerNorm`` + ``model.modulate``)
@@ -114,11 +115,12 @@ def dequantize_fp8(x8: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
 
 
 def gelu_quant_reference(
-    h: torch.Tensor, bias: torch.Tensor | None = None, tuned: bool = False
+    h: torch.Tensor, bias: torch.Tensor | None = None, tuned: bool = False, split: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``quantize_fp8(GELU_tanh(h + bias), rowwise=True)`` for ``h`` ``[M, N]`` and ``bias`` ``[N]`` (or ``None``);
-    the sum and GELU in h's dtype, like the first FFN linear's output and ``nn.GELU``. ``tuned``: the Triton
-    kernel's launch option (``triton_util.TUNED_WARPS``), which does not change the values; unused here."""
+    the sum and GELU in h's dtype, like the first FFN linear's output and ``nn.GELU``. ``tuned`` and ``split``: the
+    Triton kernel's launch options (``triton_util.TUNED_WARPS``, ``triton_util.split_blocks``), which do not change
+    the values; unused here."""
     if bias is not None:
         h = h + bias.to(h.dtype)
     return quantize_fp8(F.gelu(h, approximate="tanh"), True)
@@ -326,12 +328,12 @@ def _define(launch: tuple[Callable[..., Any], ...] | None) -> None:
         _launch, _launch_norm, _launch_window = launch  # module-level names: triton_op finds the kernels through them
 
         def gelu_quant(
-            h: torch.Tensor, bias: torch.Tensor | None, tuned: bool = False
+            h: torch.Tensor, bias: torch.Tensor | None, tuned: bool = False, split: bool = False
         ) -> tuple[torch.Tensor, torch.Tensor]:
             if h.device.type != "cuda":
                 return gelu_quant_reference(h, bias)
             return _launch(h.contiguous(), _GELU, bias=None if bias is None else bias.to(h.dtype).contiguous(),
-                           tuned=tuned)
+                           tuned=tuned, split=split)
 
         def norm_modulate_quant(
             x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float, tuned: bool = False
@@ -397,7 +399,7 @@ def _define(launch: tuple[Callable[..., Any], ...] | None) -> None:
         return (x.new_empty((rows, x.shape[-1])), *fake(rows, x))
 
     ops = (
-        ("gelu_quant", gelu_quant_reference, lambda h, bias, tuned=False: fake(h.shape[0], h)),
+        ("gelu_quant", gelu_quant_reference, lambda h, bias, tuned=False, split=False: fake(h.shape[0], h)),
         ("norm_modulate_quant", norm_modulate_quant_reference,
          lambda x, shift, scale, eps, tuned=False: fake(x.shape[0] * x.shape[1], x)),
         ("rows_quant", rows_quant_reference, lambda x: fake(x.shape[0], x)),
@@ -481,13 +483,15 @@ def _check_residual_args(
 
 
 def gelu_quantize(
-    h: torch.Tensor, bias: torch.Tensor | None = None, tuned: bool = False
+    h: torch.Tensor, bias: torch.Tensor | None = None, tuned: bool = False, split: bool = False
 ) -> QuantizedActivation:
     """``GELU_tanh(h + bias)`` quantised per row in one pass. h ``[..., N]``, bias ``[N]`` or ``None`` → data
     ``[..., N]``, scale ``[..., 1]``. ``tuned``: the kernel's measured warp count
-    (``triton_util.TUNED_WARPS``; same values)."""
+    (``triton_util.TUNED_WARPS``; same values). ``split``: the row held in registers as two power-of-two pieces
+    where they are smaller than its whole block (``triton_util.split_blocks``, ``perf.PerfOptions.
+    fp8_split_rows``; same values)."""
     ensure_ops()
-    x8, scale = torch.ops.streamdit.gelu_quant(h.reshape(-1, h.shape[-1]), bias, tuned)
+    x8, scale = torch.ops.streamdit.gelu_quant(h.reshape(-1, h.shape[-1]), bias, tuned, split)
     return QuantizedActivation(x8.view(h.shape), scale.view(*h.shape[:-1], 1), h.dtype)
 
 

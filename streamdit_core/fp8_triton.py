@@ -2,7 +2,8 @@
 so each activation is read once and written once (as float8 e4m3 plus one float32 scale per row, or in its own
 dtype).
 
-* ``_quant_rows_kernel``: an element-wise prologue (none, or bias + GELU) and the quantisation.
+* ``_quant_rows_kernel``: an element-wise prologue (none, or bias + GELU) and the quantisation; the row in one
+  block, or as two power-of-two pieces where they are smaller (``split``, item ``splitrows``).
 * ``_window_rows_quant_kernel``: the attention output read in its window layout (any strides), each token's row
   gathered across heads in token order (the inverse of the window partition), and the quantisation.
 * ``_norm_quant_kernel``: an optional residual prologue (``x + y`` or ``x + gate·y``, the sum stored in x's dtype;
@@ -21,7 +22,7 @@ import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
-from .triton_util import norm_kind, row_launch_config
+from .triton_util import norm_kind, row_launch_config, split_launch_config
 
 __all__ = ["norm_quant_triton", "quantize_rows_triton", "window_rows_quant_triton"]
 
@@ -38,17 +39,26 @@ def _quantise_store(y, cols, mask, out_ptr, out_scale_ptr, row, n_cols):
 
 
 @triton.jit
-def _prologue(x_ptr, bias_ptr, row, cols, mask, n_cols, PROLOGUE: tl.constexpr, HAS_BIAS: tl.constexpr):
-    """Load ``x[row, cols]`` and apply the element-wise prologue; float32 values rounded as the unfused maths."""
-    x = tl.load(x_ptr + row * n_cols + cols, mask=mask, other=0.0).to(tl.float32)
+def _prologue_values(x, b, x_ptr, PROLOGUE: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """The element-wise prologue on loaded float32 values ``x`` (``b``: the bias at the same columns, read with
+    ``HAS_BIAS`` only); float32 values rounded to x's dtype as the unfused maths."""
     if PROLOGUE == 1:
         if HAS_BIAS:  # the producing matmul's `out + bias` in x's dtype
-            x = (x + tl.load(bias_ptr + cols, mask=mask, other=0.0).to(tl.float32)).to(x_ptr.dtype.element_ty)
-            x = x.to(tl.float32)
+            x = (x + b).to(x_ptr.dtype.element_ty).to(tl.float32)
         # ½x(1 + tanh u) = x·sigmoid(2u), u = √(2/π)(x + 0.044715x³); rounded to x's dtype like nn.GELU's output
         u = 0.7978845608028654 * (x + 0.044715 * x * x * x)
         x = (x / (1.0 + tl.exp(-2.0 * u))).to(x_ptr.dtype.element_ty).to(tl.float32)
     return x
+
+
+@triton.jit
+def _prologue(x_ptr, bias_ptr, row, cols, mask, n_cols, PROLOGUE: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """Load ``x[row, cols]`` and apply the element-wise prologue; float32 values rounded as the unfused maths."""
+    x = tl.load(x_ptr + row * n_cols + cols, mask=mask, other=0.0).to(tl.float32)
+    b = x
+    if PROLOGUE == 1 and HAS_BIAS:
+        b = tl.load(bias_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    return _prologue_values(x, b, x_ptr, PROLOGUE, HAS_BIAS)
 
 
 @triton.jit
@@ -60,13 +70,37 @@ def _quant_rows_kernel(
     n_cols,
     PROLOGUE: tl.constexpr,  # 0: none, 1: GELU(tanh)
     HAS_BIAS: tl.constexpr,  # PROLOGUE 1: add the producing linear's bias first (rounded to x's dtype)
-    BLOCK: tl.constexpr,  # next power of two ≥ n_cols
+    BLOCK: tl.constexpr,  # next power of two ≥ n_cols (whole row), or the largest ≤ n_cols (split row, BLOCK2 > 0)
+    BLOCK2: tl.constexpr,  # 0: the whole row in one block; else the split row's second piece, columns
+    # [BLOCK, BLOCK + BLOCK2), BLOCK2 the next power of two ≥ n_cols - BLOCK (triton_util.split_blocks)
 ):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
-    mask = cols < n_cols
-    y = _prologue(x_ptr, bias_ptr, row, cols, mask, n_cols, PROLOGUE, HAS_BIAS)
-    _quantise_store(y, cols, mask, out_ptr, out_scale_ptr, row, n_cols)
+    if BLOCK2 == 0:
+        mask = cols < n_cols
+        y = _prologue(x_ptr, bias_ptr, row, cols, mask, n_cols, PROLOGUE, HAS_BIAS)
+        _quantise_store(y, cols, mask, out_ptr, out_scale_ptr, row, n_cols)
+    else:
+        # the row as two pieces in registers: the first all in the row (unmasked), the second masked; every load
+        # issued before the maths and the reductions; the same values, amax and scale as the whole row
+        cols2 = BLOCK + tl.arange(0, BLOCK2)
+        mask2 = cols2 < n_cols
+        x = tl.load(x_ptr + row * n_cols + cols).to(tl.float32)
+        x2 = tl.load(x_ptr + row * n_cols + cols2, mask=mask2, other=0.0).to(tl.float32)
+        b = x
+        b2 = x2
+        if PROLOGUE == 1 and HAS_BIAS:
+            b = tl.load(bias_ptr + cols).to(tl.float32)
+            b2 = tl.load(bias_ptr + cols2, mask=mask2, other=0.0).to(tl.float32)
+        y = _prologue_values(x, b, x_ptr, PROLOGUE, HAS_BIAS)
+        y2 = _prologue_values(x2, b2, x_ptr, PROLOGUE, HAS_BIAS)
+        amax = tl.maximum(tl.max(tl.abs(y), axis=0), tl.max(tl.where(mask2, tl.abs(y2), 0.0), axis=0))
+        s = tl.maximum(amax, 1e-12) / 448.0
+        q = tl.minimum(tl.maximum(y / s, -448.0), 448.0)
+        q2 = tl.minimum(tl.maximum(y2 / s, -448.0), 448.0)
+        tl.store(out_ptr + row * n_cols + cols, q.to(out_ptr.dtype.element_ty))
+        tl.store(out_ptr + row * n_cols + cols2, q2.to(out_ptr.dtype.element_ty), mask=mask2)
+        tl.store(out_scale_ptr + row, s)
 
 
 @triton.jit
@@ -171,13 +205,16 @@ def quantize_rows_triton(
     out_dtype: torch.dtype = torch.float8_e4m3fn,
     bias: torch.Tensor | None = None,
     tuned: bool = False,
+    split: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Launch ``_quant_rows_kernel`` on ``x`` ``[rows, n_cols]`` (contiguous). ``prologue``: 0 none, 1 GELU(tanh)
     of ``x + bias`` (``bias`` ``[n_cols]`` in x's dtype or ``None``). ``out_dtype=torch.float32`` stores the
     scaled values before their cast to fp8 (a test of the maths where the fp8 cast is not trusted: Triton's
     interpreter rounds values just below a power of two to the lower one, e.g. 124.3 → 64). The whole row is held
-    in registers. ``tuned``: the measured warp count of the GELU row where ``triton_util.TUNED_WARPS`` has one
-    (``warps``; same values).
+    in registers: in one block of the next power of two ≥ ``n_cols``, or with ``split`` (item ``splitrows``) in
+    two power-of-two pieces where they are smaller together (``triton_util.split_blocks``: 8,960 → 8,192 +
+    1,024; same values and scales). ``tuned``: the measured warp count of the GELU row where
+    ``triton_util.TUNED_WARPS`` has one for the layout (``warps``; same values).
 
     Returns:
         ``(x8 [rows, n_cols] out_dtype, scale [rows, 1] float32)``.
@@ -185,12 +222,16 @@ def quantize_rows_triton(
     rows, n_cols = x.shape
     out = torch.empty((rows, n_cols), dtype=out_dtype, device=x.device)
     out_scale = torch.empty((rows, 1), dtype=torch.float32, device=x.device)
-    block, warps = row_launch_config(n_cols, "gelu_quant" if prologue == 1 else None, tuned)
+    kind = "gelu_quant" if prologue == 1 else None
+    if split:
+        block, block2, warps = split_launch_config(n_cols, kind, tuned)
+    else:
+        (block, warps), block2 = row_launch_config(n_cols, kind, tuned), 0
     # an unread placeholder without a bias: the input (read-only), never an output, so that the compiler's
     # mutation analysis sees no aliasing of what the kernel writes
     wrap_triton(_quant_rows_kernel)[(rows,)](
         x, x if bias is None else bias, out, out_scale, n_cols,
-        PROLOGUE=prologue, HAS_BIAS=bias is not None, BLOCK=block, num_warps=warps,
+        PROLOGUE=prologue, HAS_BIAS=bias is not None, BLOCK=block, BLOCK2=block2, num_warps=warps,
     )
     return out, out_scale
 

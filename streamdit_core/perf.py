@@ -54,6 +54,10 @@ option             what it does                                                 
                    and with ``cross_residual`` the FFN's second linear (in the next          linear's); CPU:
                    block's norm1 kernel); removes one full-size read + write each (item      bit-identical
                    ``fuseadds``)
+``fp8_split_rows`` with ``fp8_fused``: the GELU kernel holds each FFN hidden row in two      same values and
+                   power-of-two pieces where they are smaller than its whole block (Wan      scales as the
+                   1.3B's 8,960: 8,192 + 1,024 lanes, not 16,384; ``triton_util.``           whole-row kernel
+                   ``split_blocks``; item ``splitrows``; unmeasured, in no level)
 ``tuned_warps``    the Triton row kernels launched with the warp counts measured best on     same values (the
                    an H100 (``triton_util.TUNED_WARPS``, from ``docs/bench/h100_row_``       kernels' maths do
                    ``kernels/``) instead of the default rule (item ``warps``)                not change)
@@ -75,6 +79,7 @@ fp8 output then needed its bias added in a pass of its own, and now saves 0.2–
 Triton items stay off (the status says why); off CUDA they are dropped (their kernels' reference is the unfused
 maths, better left to the compiler there), ``cross_residual`` with them.
 ``fp8_rows`` gained nothing and is in no level (``fastest,fp8rows``; in ``bench --modes``: ``fastest+fp8rows``);
+``fp8_split_rows`` is not measured yet and is in no level (``fastest,splitrows``; ``fastest+splitrows``).
 A GELU row kernel in two passes over chunks of the row was measured (Wan's ``fastest`` 3.5 % slower, see
 ``docs/BENCHMARKS.md``) and removed.
 ``fp8_out_fused`` needs ``window_gather`` for windows smaller than the grid, like ``qk_fused``.
@@ -113,7 +118,7 @@ from .fp8_quant import (
 )
 from .log import get_logger
 from .qk_rope import triton_problem as qk_rope_problem
-from .triton_util import TUNED_WARPS
+from .triton_util import TUNED_WARPS, row_launch_config, split_blocks
 
 if TYPE_CHECKING:
     from .model import StreamDiT
@@ -169,6 +174,9 @@ class PerfOptions:
         fp8_adds_fused: add the biases of the fp8 linears that feed a residual kernel (the attention output
             projections with ``fp8_residual``, the FFN's second linear with ``cross_residual``) in that kernel
             instead of a pass of their own; needs ``fp8_fused``.
+        fp8_split_rows: the GELU + quantisation kernel holds each row of the FFN hidden as two power-of-two pieces
+            where they are smaller together than the row's whole block (``triton_util.split_blocks``); needs
+            ``fp8_fused``.
         tuned_warps: launch the Triton row kernels with their measured warp counts (``triton_util.TUNED_WARPS``).
     """
 
@@ -187,6 +195,7 @@ class PerfOptions:
     qk_fused: bool = False
     fp8_adds_fused: bool = False
     tuned_warps: bool = False
+    fp8_split_rows: bool = False
 
     def __post_init__(self) -> None:
         if self.compile not in COMPILE_MODES:
@@ -196,7 +205,7 @@ class PerfOptions:
         if (self.fp8_fused or self.fp8_rows or self.fp8_residual) and self.fp8 != "row":
             raise ValueError(f"fp8_fused, fp8_rows and fp8_residual quantise per row: they need fp8='row' (the items "
                              f"fp8 or fp8=row), got fp8={self.fp8!r}")
-        for name in ("fp8_residual", "fp8_out_fused", "fp8_adds_fused"):
+        for name in ("fp8_residual", "fp8_out_fused", "fp8_adds_fused", "fp8_split_rows"):
             if getattr(self, name) and not self.fp8_fused:
                 raise ValueError(f"{name} extends the fused kernels of fp8_fused: it needs fp8_fused (the item "
                                  "fp8fuse, part of the level 'fastest')")
@@ -212,18 +221,19 @@ class PerfOptions:
     def level(cls, name: str) -> PerfOptions:
         """A named level (:data:`PERF_LEVELS`) or a comma list such as ``"kv,layout,compile=default,graphs,fp8=row"``
         (``kv``/``layout``/``graphs``/``gather``/``fp8fuse``/``fp8rows``/``fp8resid``/``outquant``/``normfuse``/
-        ``crossres``/``qkrope``/``fuseadds``/``warps`` switch on; ``compile`` alone means
+        ``crossres``/``qkrope``/``fuseadds``/``warps``/``splitrows`` switch on; ``compile`` alone means
         ``compile=default``; ``fp8`` alone means ``fp8=row``; a level name as an item, e.g. ``"safe,compile"``, sets
         every option to that level's at that point of the list; a list starts from everything off, like ``plain``).
         ``fp8=tensor`` after a level turns off that level's per-row items (``"fastest,fp8=tensor"``); listed together
-        with ``fp8fuse``, ``fp8rows``, ``fp8resid``, ``outquant`` or ``fuseadds`` it is an error."""
+        with ``fp8fuse``, ``fp8rows``, ``fp8resid``, ``outquant``, ``fuseadds`` or ``splitrows`` it is an error."""
         if name in PERF_LEVELS:
             return PERF_LEVELS[name]
         opts: dict[str, Any] = {f.name: getattr(PERF_LEVELS["plain"], f.name) for f in fields(PERF_LEVELS["plain"])}
         switches = {"kv": "text_kv_cache", "layout": "layout_cache", "graphs": "cuda_graphs", "gather": "window_gather",
                     "fp8fuse": "fp8_fused", "fp8rows": "fp8_rows", "fp8resid": "fp8_residual",
                     "outquant": "fp8_out_fused", "normfuse": "norm_fused", "crossres": "cross_residual",
-                    "qkrope": "qk_fused", "fuseadds": "fp8_adds_fused", "warps": "tuned_warps"}
+                    "qkrope": "qk_fused", "fuseadds": "fp8_adds_fused", "warps": "tuned_warps",
+                    "splitrows": "fp8_split_rows"}
         listed: set[str] = set()  # the per-row items named in the list (not inherited from a level)
         for raw in filter(None, (p.strip() for p in name.split(","))):
             key, _, value = raw.partition("=")
@@ -238,24 +248,25 @@ class PerfOptions:
                 opts["fp8"] = value or "row"
                 if opts["fp8"] != "row":
                     opts.update({k: False for k in ("fp8_fused", "fp8_rows", "fp8_residual", "fp8_out_fused",
-                                                    "fp8_adds_fused") if k not in listed})
+                                                    "fp8_adds_fused", "fp8_split_rows") if k not in listed})
             else:
                 raise ValueError(
                     f"unknown optimisation {raw!r} in {name!r}; use a level {sorted(PERF_LEVELS)} or items "
                     "kv, layout, compile[=MODE], graphs, fp8[=row|tensor], gather, fp8fuse, fp8rows, fp8resid, "
-                    "outquant, normfuse, crossres, qkrope, fuseadds, warps (a level name may start the list)"
+                    "outquant, normfuse, crossres, qkrope, fuseadds, warps, splitrows (a level name may start the "
+                    "list)"
                 )
         return cls(**opts)
 
     def for_device(self, device: torch.device) -> PerfOptions:
         """Drop what cannot help on ``device``: CUDA graphs, fp8, the fused norm kernels and the fused q/k kernel
         need CUDA (fp8 would only be emulated, the fused operators' reference hides the unfused maths from the
-        compiler), and so do the fused bias adds and the kernels' warp counts."""
+        compiler), and so do the fused bias adds, the kernels' warp counts and the split GELU rows."""
         if device.type == "cuda":
             return self
         return replace(self, cuda_graphs=False, fp8="off", fp8_fused=False, fp8_rows=False, fp8_residual=False,
                        fp8_out_fused=False, norm_fused=False, cross_residual=False, qk_fused=False,
-                       fp8_adds_fused=False, tuned_warps=False)
+                       fp8_adds_fused=False, tuned_warps=False, fp8_split_rows=False)
 
     def describe(self) -> str:
         on = [f.name if isinstance(getattr(self, f.name), bool) else f"{f.name}={getattr(self, f.name)}"
@@ -399,6 +410,7 @@ class Fp8Linear(nn.Module):
         self.prologue: Literal["none", "gelu"] = "none"
         self.defer_bias = False
         self.tuned_warps = False  # the GELU prologue's kernel with its measured warp count (tuned_warps)
+        self.split_rows = False  # the GELU prologue's kernel with rows in two pieces where smaller (fp8_split_rows)
         with torch.no_grad():
             w8, scale = quantize_fp8(linear.weight.detach(), rowwise)
         self.register_buffer("weight_fp8", w8.view(torch.uint8), persistent=False)
@@ -416,7 +428,7 @@ class Fp8Linear(nn.Module):
             if isinstance(x, QuantizedActivation):
                 raise TypeError("an Fp8Linear with a GELU prologue takes the pre-GELU tensor")
             h, b = x if isinstance(x, BiasPending) else (x, None)
-            x = gelu_quantize(h, b, self.tuned_warps)
+            x = gelu_quantize(h, b, self.tuned_warps, self.split_rows)
         elif isinstance(x, BiasPending):
             raise TypeError("only an Fp8Linear with a GELU prologue takes an output whose bias is pending")
         elif self.single_pass and not isinstance(x, QuantizedActivation):
@@ -434,7 +446,7 @@ class Fp8Linear(nn.Module):
 
     def extra_repr(self) -> str:
         extra = ((", single_pass" if self.single_pass else "") + (", prologue=gelu" if self.prologue == "gelu" else "")
-                 + (", defer_bias" if self.defer_bias else ""))
+                 + (", split_rows" if self.split_rows else "") + (", defer_bias" if self.defer_bias else ""))
         return (f"{self.in_features}, {self.out_features}, rowwise={self.rowwise}, scaled_mm={self.use_scaled_mm}"
                 + extra)
 
@@ -509,6 +521,7 @@ def _fuse_fp8(
     outputs: bool = False,
     adds: bool = False,
     cross_residual: bool = False,
+    split: bool = False,
 ) -> None:
     """Quantise per row inside the producers' kernels (``fp8_fused``): each block's adaLN inputs of q/k/v and of
     the FFN (all ``Fp8Linear`` with per-row scales) once, and the FFN's GELU output in the second linear. With
@@ -517,10 +530,12 @@ def _fuse_fp8(
     (:func:`_fuse_fp8_outputs`). With ``adds`` (``fp8_adds_fused``) the fp8 linears whose output goes into a
     residual kernel leave their bias to it (``Fp8Linear.defer_bias``): the attention output projections of the
     blocks with ``residual``, and with ``cross_residual`` the FFN's second linear (added in the next block's norm1
-    kernel)."""
+    kernel). With ``split`` (``fp8_split_rows``) the GELU kernel holds the FFN hidden's rows as two power-of-two
+    pieces where they are smaller than the whole row's block (``triton_util.split_blocks``)."""
     kernels = _fused_kernels(model, triton_problem(), "fp8_fused", "fused fp8 quantisation", status)
     if kernels is None:
-        for flag, name in ((residual, "fp8_residual"), (outputs, "fp8_out_fused"), (adds, "fp8_adds_fused")):
+        for flag, name in ((residual, "fp8_residual"), (outputs, "fp8_out_fused"), (adds, "fp8_adds_fused"),
+                           (split, "fp8_split_rows")):
             if flag:
                 status[name] = "off: no Triton kernels"
         return
@@ -537,6 +552,7 @@ def _fuse_fp8(
                 and ffn[1].approximate == "tanh"):
             ffn[1] = GeluInNextLinear(ffn[1].approximate)
             ffn[2].prologue = "gelu"
+            ffn[2].split_rows = split
             if isinstance(ffn[0], Fp8Linear):  # its bias is added in the GELU kernel
                 ffn[0].defer_bias = True
             gelu += 1
@@ -561,6 +577,12 @@ def _fuse_fp8(
         status["fp8_adds_fused"] = (f"{out_biases} attention output biases in the residual kernels"
                                     + (f", {ffn_outputs} FFN output biases in the next norm1 kernel" if cross_residual
                                        else " (FFN output biases: only with cross_residual)"))
+    if split:
+        width = model.config.ffn_dim
+        block, block2 = split_blocks(width)
+        status["fp8_split_rows"] = (f"{gelu} GELU rows of {width} split into blocks of {block} + {block2} (instead of "
+                                    f"{row_launch_config(width)[0]}); {kernels}" if block2
+                                    else f"no effect: rows of {width} stay whole (a split gains nothing)")
     if outputs:
         _fuse_fp8_outputs(model, status)
 
@@ -618,7 +640,7 @@ def _set_fp8(model: StreamDiT, options: PerfOptions, status: dict[str, str]) -> 
         status["fp8_rows"] = "on" if triton_problem() is None else f"reference implementation ({triton_problem()})"
     if options.fp8_fused:
         _fuse_fp8(model, status, options.fp8_residual, options.fp8_out_fused,
-                  options.fp8_adds_fused, options.cross_residual)
+                  options.fp8_adds_fused, options.cross_residual, options.fp8_split_rows)
         if options.fp8_out_fused and not options.window_gather and not status["fp8_out_fused"].startswith("off"):
             status["fp8_out_fused"] += "; windows smaller than the grid stay unfused (roll path: no gather)"
 

@@ -10,7 +10,16 @@ from typing import Any
 
 import torch
 
-__all__ = ["TUNED_WARPS", "import_launchers", "norm_kind", "not_loaded", "row_launch_config"]
+__all__ = [
+    "TUNED_WARPS",
+    "default_warps",
+    "import_launchers",
+    "norm_kind",
+    "not_loaded",
+    "row_launch_config",
+    "split_blocks",
+    "split_launch_config",
+]
 
 
 def import_launchers(module: str, names: Sequence[str]) -> tuple[tuple[Callable[..., Any], ...] | None, str | None]:
@@ -52,6 +61,8 @@ def not_loaded(*args: Any, **kwargs: Any) -> Any:
 #   residual_gate_modulate_quant  residual + gate + LayerNorm + modulation + fp8 (norm1 with crossres): 3,072 → 2 (158
 #                              [8: 166]); 1,536 → 2 (115 [4: 119]); from the later sweep in
 #                              docs/bench/h100_outquant_fuseadds/row_kernels.md
+#   gelu_quant_split           the GELU row held as two pieces (``split_launch_config``, item ``splitrows``): none
+#                              measured yet (the whole row's entries do not apply to the split layout)
 # Warps change how a row is spread over the threads, not the maths: the kernels' values are the same (the reductions'
 # order may differ, a float32 rounding; see tests/test_fused_quant.py).
 TUNED_WARPS: dict[tuple[str, int], int] = {
@@ -79,12 +90,50 @@ def norm_kind(residual: bool, gate: bool, affine: bool, modulation: bool, quanti
     return "_".join(parts + (["quant"] if quantize else []))
 
 
+def default_warps(values: int) -> int:
+    """The default warp count of a row kernel holding ``values`` lanes in registers (a block, or the two pieces of a
+    split row together): ``values // 512`` rounded down to a power of two, within 4-16, so 16-32 float32 values
+    per thread at the model's widths (for a power-of-two block, ``min(16, max(4, block // 512))``)."""
+    per_512 = max(1, values // 512)
+    return min(16, max(4, 1 << (per_512.bit_length() - 1)))
+
+
 def row_launch_config(n_cols: int, kind: str | None = None, tuned: bool = False) -> tuple[int, int]:
     """``(BLOCK, num_warps)`` of a kernel that holds a row of ``n_cols`` values in registers: BLOCK the next power
     of two ≥ ``n_cols``, by default 16-32 float32 values per thread at the model's widths. With ``tuned`` the
     warp count measured for the kernel ``kind`` at this width (``TUNED_WARPS``) where there is one."""
     block = 1 << max(0, n_cols - 1).bit_length()
-    warps = min(16, max(4, block // 512))
+    warps = default_warps(block)
     if tuned and kind is not None:
         warps = TUNED_WARPS.get((kind, n_cols), warps)
     return block, warps
+
+
+def split_blocks(n_cols: int) -> tuple[int, int]:
+    """``(BLOCK, BLOCK2)`` of a row of ``n_cols`` values held in registers as two power-of-two pieces (item
+    ``splitrows``): ``BLOCK`` the largest power of two ≤ ``n_cols`` (every lane in the row), ``BLOCK2`` the next
+    power of two ≥ the rest ``n_cols - BLOCK`` (0 without a rest) — but only where the two pieces together are
+    smaller than the whole row's block (the next power of two ≥ ``n_cols``); elsewhere ``(that block, 0)``, the
+    whole row. E.g. Wan 1.3B's FFN 8,960 → (8,192, 1,024): 9,216 lanes, 97 % active, instead of 16,384, 55 %;
+    the paper's 7,680 → (8,192, 0) (4,096 + 4,096 would gain nothing); 3,072 → (2,048, 1,024); powers of two
+    whole."""
+    whole = 1 << max(0, n_cols - 1).bit_length()
+    block = 1 << (max(1, n_cols).bit_length() - 1)
+    rest = n_cols - block
+    block2 = 1 << (rest - 1).bit_length() if rest > 0 else 0
+    return (block, block2) if block2 and block + block2 < whole else (whole, 0)
+
+
+def split_launch_config(n_cols: int, kind: str | None = None, tuned: bool = False) -> tuple[int, int, int]:
+    """``(BLOCK, BLOCK2, num_warps)`` of a row kernel that may hold its row as two pieces (``split_blocks``):
+    where it splits, the warp count of :func:`default_warps` for ``BLOCK + BLOCK2`` lanes, or with ``tuned`` the
+    one measured for ``f"{kind}_split"`` at this width where ``TUNED_WARPS`` has one (none yet; the whole row's
+    entry is not used); where it does not, :func:`row_launch_config`'s ``(BLOCK, num_warps)`` with ``BLOCK2 = 0``."""
+    block, block2 = split_blocks(n_cols)
+    if not block2:
+        block, warps = row_launch_config(n_cols, kind, tuned)
+        return block, 0, warps
+    warps = default_warps(block + block2)
+    if tuned and kind is not None:
+        warps = TUNED_WARPS.get((f"{kind}_split", n_cols), warps)
+    return block, block2, warps

@@ -808,3 +808,122 @@ def test_fused_adds_model_compiled_and_graphed_on_cuda_equals_eager(crossres):
     plain = run(model, replace(PERF_LEVELS["fastest"], compile="off", cuda_graphs=False), *args).float()
     assert ((eager - plain).norm() / plain.norm()).item() < 0.01
     assert_compiled_and_graphed_equal(model, options, args, eager)
+
+
+# -- the GELU row held as two power-of-two pieces (splitrows) ---------------------------------------------------
+
+
+def test_split_blocks_rule_and_launch_config():
+    """The row splits into the largest power of two ≤ its width and the next one ≥ the rest only where the two are
+    smaller together than the whole row's block; the split layout's warps follow the default rule for its lanes and
+    never take the whole row's measured entry."""
+    from streamdit_core.triton_util import (
+        TUNED_WARPS,
+        default_warps,
+        row_launch_config,
+        split_blocks,
+        split_launch_config,
+    )
+
+    assert split_blocks(8960) == (8192, 1024)  # Wan 1.3B's FFN: 9,216 lanes instead of 16,384
+    assert split_blocks(7680) == (8192, 0)  # the paper's: 4,096 + 4,096 is no smaller
+    assert split_blocks(3072) == (2048, 1024)
+    assert split_blocks(1536) == (1024, 512)
+    assert split_blocks(5120) == (4096, 1024)
+    assert split_blocks(13824) == (16384, 0)  # Wan 14B's FFN: 8,192 + 8,192
+    assert split_blocks(1000) == (1024, 0) and split_blocks(96) == (64, 32) and split_blocks(112) == (128, 0)
+    for k in range(15):
+        assert split_blocks(1 << k) == (1 << k, 0)
+    for n in range(1, 3000):
+        block, block2 = split_blocks(n)
+        whole = row_launch_config(n)[0]
+        assert (block, block2) == (whole, 0) or (block < n <= block + block2 < whole and block2 < 2 * (n - block))
+    assert [default_warps(1 << k) for k in range(8, 16)] == [min(16, max(4, (1 << k) // 512)) for k in range(8, 16)]
+    assert default_warps(9216) == 16 and default_warps(3072) == 4 and default_warps(5120) == 8
+    assert ("gelu_quant", 8960) in TUNED_WARPS and not any(kind.endswith("_split") for kind, _ in TUNED_WARPS)
+    assert split_launch_config(8960) == split_launch_config(8960, "gelu_quant", True) == (8192, 1024, 16)
+    assert split_launch_config(3072, "gelu_quant", True) == (2048, 1024, 4)
+    # without a split: the whole row's configuration, its measured warps included
+    assert split_launch_config(7680, "gelu_quant", True) == (8192, 0, TUNED_WARPS[("gelu_quant", 7680)])
+    assert split_launch_config(7680) == (8192, 0, row_launch_config(7680)[1])
+
+
+def test_options_parse_splitrows():
+    fastest = PERF_LEVELS["fastest"]
+    assert not any(level.fp8_split_rows for level in PERF_LEVELS.values())  # unmeasured: in no level
+    assert PerfOptions.level("fastest,splitrows") == replace(fastest, fp8_split_rows=True)
+    assert mode_options("fastest+splitrows", "default") == replace(fastest, fp8_split_rows=True)
+    assert mode_options("fastest+splitrows", "max-autotune") == replace(fastest, fp8_split_rows=True,
+                                                                         compile="max-autotune")
+    assert PerfOptions.level("fp8,fp8fuse,splitrows").describe() == "fp8=row,fp8_fused,fp8_split_rows"
+    cpu = torch.device("cpu")
+    assert PerfOptions.level("fastest,splitrows").for_device(cpu) == PerfOptions(compile="default")
+    assert PerfOptions.level("fastest,splitrows").for_device(torch.device("cuda")).fp8_split_rows
+    for bad in ("fp8,splitrows", "safe,splitrows", "fast,splitrows", "fastest,splitrows,fp8=tensor"):
+        with pytest.raises(ValueError, match="fp8_split_rows extends the fused kernels of fp8_fused"):
+            PerfOptions.level(bad)
+    assert PerfOptions.level("fastest,fp8=tensor").fp8_split_rows is False
+    with pytest.raises(ValueError, match="needs fp8_fused"):
+        PerfOptions(fp8="row", fp8_split_rows=True)
+    with pytest.raises(ValueError, match="unknown optimisation 'splitrow'.*splitrows"):
+        PerfOptions.level("fastest,splitrow")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_split_rows_model_equals_whole_rows_and_sets_the_flag(dtype, monkeypatch):
+    """fastest's fp8 items (fp8 emulated on the CPU, where the kernels' reference runs) with and without splitrows:
+    the same output bit for bit; the item sets the FFN's second linear's flag, which reaches the GELU operator, and
+    the status says how the rows split (FFN 96 → 64 + 32), or that a width gains nothing (64, a power of two; 112,
+    whose 64 + 64 is its whole block)."""
+    import streamdit_core.perf as perf
+
+    seen = []
+    real = perf.gelu_quantize
+    monkeypatch.setattr(perf, "gelu_quantize",
+                        lambda h, b, tuned, split: seen.append(split) or real(h, b, tuned, split))
+    for ffn_dim, status in ((96, "2 GELU rows of 96 split into blocks of 64 + 32 (instead of 128)"),
+                            (64, "no effect: rows of 64 stay whole"), (112, "no effect: rows of 112 stay whole")):
+        model = _biased_model(dtype, ffn_dim=ffn_dim)
+        args = tiny_inputs(model.config, dtype)
+        for base in (FUSED, replace(ADDS, cross_residual=True, qk_fused=True, fp8_out_fused=True, tuned_warps=True)):
+            seen.clear()
+            expected = run(model, base, *args)
+            assert seen == [False] * 2 and not any(b.ffn[2].split_rows for b in model.blocks)
+            assert "fp8_split_rows" not in model.perf_status
+            seen.clear()
+            out = run(model, replace(base, fp8_split_rows=True), *args)
+            assert torch.equal(out, expected), (ffn_dim, base)
+            assert seen == [True] * 2 and all(b.ffn[2].split_rows and b.ffn[2].prologue == "gelu" for b in model.blocks)
+            assert model.perf_status["fp8_split_rows"].startswith(status), model.perf_status["fp8_split_rows"]
+            assert "split_rows" in repr(model.blocks[0].ffn[2])
+        model.set_perf(base)
+        assert not any(b.ffn[2].split_rows for b in model.blocks)
+
+
+def _check_split_rows_same_values(device, widths, rows):
+    """The split row kernel (``quantize_rows_triton(..., split=True)``) stores the same float32 scaled values and
+    scales as the whole row in one block (the same maths per element, amax over both pieces), GELU with and without
+    bias and the plain quantisation, in bf16 and float32; zero rows included."""
+    from streamdit_core.fp8_triton import quantize_rows_triton
+
+    for dtype in (torch.bfloat16, torch.float32):
+        for width in widths:
+            h = _rows(rows, width, dtype, seed=width, device=device) * 4
+            bias = torch.randn(width, generator=torch.Generator().manual_seed(width)).to(dtype).to(device)
+            for prologue, b in ((1, None), (1, bias), (0, None)):
+                whole = quantize_rows_triton(h, prologue, torch.float32, bias=b)
+                split = quantize_rows_triton(h, prologue, torch.float32, bias=b, split=True)
+                assert torch.equal(whole[0], split[0]) and torch.equal(whole[1], split[1]), (dtype, width, prologue)
+                assert b is not None or not split[0][:2].any()  # zero rows (without a bias) stay zero
+
+
+@pytest.mark.skipif(not INTERPRET, reason="needs triton and TRITON_INTERPRET=1 on a machine without CUDA")
+def test_split_rows_kernel_in_interpreter_equals_whole_row():
+    g = torch.Generator().manual_seed(7)
+    random_widths = torch.randint(17, 2500, (4,), generator=g).tolist()
+    _check_split_rows_same_values("cpu", (8960, 3072, 1000, 96, 3, *random_widths), 4)
+
+
+@pytest.mark.skipif(not CUDA, reason="needs CUDA and triton")
+def test_split_rows_kernel_on_cuda_equals_whole_row():
+    _check_split_rows_same_values("cuda", (8960, 3072, 1536, 5120, 7680, 1000, 96), 64)
