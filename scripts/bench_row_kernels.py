@@ -10,7 +10,10 @@ quantisation of the self-attention output and its quantisation of the cross-atte
 fp8_out_fused``). The ``(splitrows)`` rows hold the GELU row as two power-of-two pieces (``PerfOptions.
 fp8_split_rows``, ``triton_util.split_blocks``: Wan's 8,960 as 8,192 + 1,024); at the paper's 7,680, where the item
 keeps the whole row (4,096 + 4,096 is no smaller than 8,192), the split is forced, as a control of what two pieces
-cost at the same share of active lanes. The column "warps item" is the warp count the item ``warps``
+cost at the same share of active lanes. The ``(normrows)`` rows run the modulated LayerNorm kernels (norm1, and
+norm1 with ``crossres``) with several rows of one frame per program (``PerfOptions.norm_rows``,
+``triton_util.norm_rows``: the per-frame rows loaded once per program; the warps sweep the ``[ROWS, BLOCK]`` tile's).
+The column "warps item" is the warp count the item ``warps``
 (``PerfOptions.tuned_warps``, ``triton_util.TUNED_WARPS``) launches the kernel with.
 """
 
@@ -27,7 +30,7 @@ import torch
 
 from streamdit_core import fp8_triton, rope_triton
 from streamdit_core.attention import window_index
-from streamdit_core.triton_util import default_warps, split_blocks
+from streamdit_core.triton_util import default_warps, norm_rows, norm_rows_launch_config, split_blocks
 
 log = logging.getLogger("StreamDiT.bench_row_kernels")
 
@@ -38,6 +41,7 @@ CASES = {
 }
 WARPS = (1, 2, 4, 8, 16)
 SPLIT = "(splitrows)"  # the label of the split-row kernels' rows
+NROWS = "(normrows)"  # the label of the multi-row LayerNorm kernels' rows
 
 
 def _split_pieces(n_cols: int) -> tuple[int, int]:
@@ -96,6 +100,7 @@ def _kernels(case: str) -> dict[str, tuple[Callable[[], object], int, int, str |
     attn = q.view(-1, tokens if window == grid else window[0] * window[1] * window[2], heads, d // heads)
     row, row8 = tokens * d * 2, tokens * d  # bytes of a bf16 / fp8 activation
     nq = fp8_triton.norm_quant_triton
+    per = norm_rows(tokens // frames, tokens, d)  # rows per program with the item normrows
     return {
         "LayerNorm + modulation + fp8 (norm1)": (
             lambda: nq(x, 1e-6, tokens, frames, shift=mod[0], scale=mod[1]), row + row8, d, "norm_modulate_quant"),
@@ -113,6 +118,12 @@ def _kernels(case: str) -> dict[str, tuple[Callable[[], object], int, int, str |
             3 * row + row8, d, "residual_modulate_quant"),
         "residual + gate + LayerNorm + modulation + fp8 (norm1, crossres)": (
             lambda: nq(x, 1e-6, tokens, frames, residual=y, gate=mod[2], shift=mod[0], scale=mod[1]),
+            3 * row + row8, d, "residual_gate_modulate_quant"),
+        f"LayerNorm + modulation + fp8 (norm1, {per} rows per program) {NROWS}": (
+            lambda: nq(x, 1e-6, tokens, frames, shift=mod[0], scale=mod[1], rows=True), row + row8, d,
+            "norm_modulate_quant"),
+        f"residual + gate + LayerNorm + modulation + fp8 (norm1, crossres, {per} rows per program) {NROWS}": (
+            lambda: nq(x, 1e-6, tokens, frames, residual=y, gate=mod[2], shift=mod[0], scale=mod[1], rows=True),
             3 * row + row8, d, "residual_gate_modulate_quant"),
         "residual + LayerNorm + modulation, bf16 (normfuse)": (
             lambda: nq(x, 1e-6, tokens, frames, residual=y, shift=mod[0], scale=mod[1], quantize=False), 4 * row, d,
@@ -141,6 +152,7 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s: %(message)s")
     args.out.mkdir(parents=True, exist_ok=True)
     default, default_split = fp8_triton.row_launch_config, fp8_triton.split_launch_config
+    default_rows = fp8_triton.norm_rows_launch_config
     copy = torch.empty(256 << 20, dtype=torch.uint8, device="cuda")
     bandwidth = 2 * copy.numel() / _time_ms(lambda: copy.clone()) / 1e9  # TB/s (bytes per ms / 1e9)
     results: dict[str, object] = {"gpu": torch.cuda.get_device_name(), "copy_tbs": round(bandwidth, 2), "rows": []}
@@ -157,8 +169,11 @@ def main() -> None:
                 def split_config(n_cols: int, kind: str | None = None, tuned: bool = False,
                                  warps: int = warps) -> tuple[int, int, int]:
                     return (*_split_pieces(n_cols), warps)
+                def rows_config(n_cols: int, rows: int, warps: int = warps) -> tuple[int, int]:
+                    return default(n_cols)[0], warps
                 fp8_triton.row_launch_config = rope_triton.row_launch_config = config
                 fp8_triton.split_launch_config = split_config
+                fp8_triton.norm_rows_launch_config = rows_config
                 try:
                     us = _time_ms(launch) * 1e3
                 except Exception as exc:  # a configuration the kernel cannot run with: record it, go on
@@ -169,7 +184,11 @@ def main() -> None:
                 cells.append(f"{us:.0f} ({nbytes / us / 1e6 / bandwidth:.0%})")  # bytes per µs / 1e6 = TB/s
             fp8_triton.row_launch_config = rope_triton.row_launch_config = default
             fp8_triton.split_launch_config = default_split
-            if name.endswith(SPLIT):  # the split layout's own defaults (a forced split: the rule for its lanes)
+            fp8_triton.norm_rows_launch_config = default_rows
+            if name.endswith(NROWS):  # the tile's default rule; TUNED_WARPS (one row per program) does not apply
+                warps = tuned = norm_rows_launch_config(cols, norm_rows(CASES[case][0] // CASES[case][4][0],
+                                                                          CASES[case][0], cols))[1]
+            elif name.endswith(SPLIT):  # the split layout's own defaults (a forced split: the rule for its lanes)
                 split = split_blocks(cols)[1] > 0
                 warps = default_split(cols)[2] if split else default_warps(sum(_split_pieces(cols)))
                 tuned = default_split(cols, kind, True)[2] if split else warps

@@ -147,7 +147,7 @@ def _norm_modulate(
 
 
 def norm_modulate_reference(
-    x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float, tuned: bool = False
+    x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float, tuned: bool = False, rows: bool = False
 ) -> torch.Tensor:
     """adaLN input: ``modulate(LayerNorm(x).float(), shift, scale).type_as(x)``, ``Block.adaln_input``'s maths.
 
@@ -155,7 +155,8 @@ def norm_modulate_reference(
         x: ``[b, L, D]`` tokens, ``L = F·(tokens per frame)``.
         shift, scale: ``[b, F, D]`` float32 per-frame modulation.
         eps: the LayerNorm's epsilon (no affine parameters; statistics in float32).
-        tuned: the kernel's launch option (``triton_util.TUNED_WARPS``); unused here.
+        tuned, rows: the kernel's launch options (``triton_util.TUNED_WARPS``, ``triton_util.norm_rows``); unused
+            here.
     Returns:
         ``[b, L, D]`` in x's dtype, contiguous (like the kernel's output, whatever x's strides).
     """
@@ -163,10 +164,10 @@ def norm_modulate_reference(
 
 
 def norm_modulate_quant_reference(
-    x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float, tuned: bool = False
+    x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float, tuned: bool = False, rows: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`norm_modulate_reference` quantised per row (``x`` ``[b, L, D]``, ``shift``/``scale`` ``[b, F, D]``;
-    ``tuned`` unused here).
+    ``tuned``, ``rows`` unused here).
 
     Returns:
         ``(x8 [b·L, D] float8_e4m3fn, scale [b·L, 1] float32)``.
@@ -184,6 +185,7 @@ def residual_norm_reference(
     scale: torch.Tensor | None,
     eps: float,
     tuned: bool = False,
+    rows: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Residual add, then the next layer's normalised input: the maths of ``s = x + gate(y.float(), g).type_as(x)``
     (or ``x + y``) and ``modulate(LayerNorm(s).float(), …).type_as(x)`` (or ``LayerNorm(s)``).
@@ -195,7 +197,8 @@ def residual_norm_reference(
         weight, bias: ``[D]`` LayerNorm affine parameters (both or neither), read as float32.
         shift, scale: ``[b, F, D]`` float32 per-frame modulation, or ``None`` (both or neither).
         eps: the LayerNorm's epsilon (statistics in float32).
-        tuned: the kernel's launch option (``triton_util.TUNED_WARPS``); unused here.
+        tuned, rows: the kernel's launch options (``triton_util.TUNED_WARPS``, ``triton_util.norm_rows``); unused
+            here.
     Returns:
         ``(sum [b, L, D], normalised [b, L, D])`` in x's dtype, contiguous (like the kernel's outputs, whatever the
         inputs' strides: the first block's input is a transposed view).
@@ -215,6 +218,7 @@ def residual_norm_quant_reference(
     eps: float,
     y_bias: torch.Tensor | None = None,
     tuned: bool = False,
+    rows: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """:func:`residual_norm_reference` with the normalised input quantised per row (arguments as there). ``y_bias``
     ``[D]`` or ``None``: ``y`` is a linear's output before its bias, added first in y's dtype (the maths of
@@ -336,20 +340,23 @@ def _define(launch: tuple[Callable[..., Any], ...] | None) -> None:
                            tuned=tuned, split=split)
 
         def norm_modulate_quant(
-            x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float, tuned: bool = False
+            x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float, tuned: bool = False,
+            rows: bool = False,
         ) -> tuple[torch.Tensor, torch.Tensor]:
             if x.device.type != "cuda":
                 return norm_modulate_quant_reference(x, shift, scale, eps)
-            x8, s, _ = _norm_rows(x, None, None, None, None, shift, scale, eps, True, tuned=tuned)
+            x8, s, _ = _norm_rows(x, None, None, None, None, shift, scale, eps, True, tuned=tuned, rows=rows)
             assert s is not None
             return x8, s
 
         def norm_modulate(
-            x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float, tuned: bool = False
+            x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float, tuned: bool = False,
+            rows: bool = False,
         ) -> torch.Tensor:
             if x.device.type != "cuda":
                 return norm_modulate_reference(x, shift, scale, eps)
-            return _norm_rows(x, None, None, None, None, shift, scale, eps, False, tuned=tuned)[0].view(x.shape)
+            return _norm_rows(x, None, None, None, None, shift, scale, eps, False, tuned=tuned,
+                              rows=rows)[0].view(x.shape)
 
         def rows_quant(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             if x.device.type != "cuda":
@@ -364,22 +371,23 @@ def _define(launch: tuple[Callable[..., Any], ...] | None) -> None:
         def residual_norm_quant(
             x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor | None, weight: torch.Tensor | None,
             bias: torch.Tensor | None, shift: torch.Tensor | None, scale: torch.Tensor | None, eps: float,
-            y_bias: torch.Tensor | None = None, tuned: bool = False,
+            y_bias: torch.Tensor | None = None, tuned: bool = False, rows: bool = False,
         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
             if x.device.type != "cuda":
                 return residual_norm_quant_reference(x, y, gate, weight, bias, shift, scale, eps, y_bias)
-            x8, s, total = _norm_rows(x, y, gate, weight, bias, shift, scale, eps, True, y_bias, tuned)
+            x8, s, total = _norm_rows(x, y, gate, weight, bias, shift, scale, eps, True, y_bias, tuned, rows)
             assert s is not None and total is not None
             return total, x8, s
 
         def residual_norm(
             x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor | None, weight: torch.Tensor | None,
             bias: torch.Tensor | None, shift: torch.Tensor | None, scale: torch.Tensor | None, eps: float,
-            tuned: bool = False,
+            tuned: bool = False, rows: bool = False,
         ) -> tuple[torch.Tensor, torch.Tensor]:
             if x.device.type != "cuda":
                 return residual_norm_reference(x, y, gate, weight, bias, shift, scale, eps)
-            normed, _, total = _norm_rows(x, y, gate, weight, bias, shift, scale, eps, False, tuned=tuned)
+            normed, _, total = _norm_rows(x, y, gate, weight, bias, shift, scale, eps, False, tuned=tuned,
+                                          rows=rows)
             assert total is not None
             return total.view(x.shape), normed.view(x.shape)
 
@@ -401,7 +409,7 @@ def _define(launch: tuple[Callable[..., Any], ...] | None) -> None:
     ops = (
         ("gelu_quant", gelu_quant_reference, lambda h, bias, tuned=False, split=False: fake(h.shape[0], h)),
         ("norm_modulate_quant", norm_modulate_quant_reference,
-         lambda x, shift, scale, eps, tuned=False: fake(x.shape[0] * x.shape[1], x)),
+         lambda x, shift, scale, eps, tuned=False, rows=False: fake(x.shape[0] * x.shape[1], x)),
         ("rows_quant", rows_quant_reference, lambda x: fake(x.shape[0], x)),
         ("window_rows_quant", window_rows_quant_reference,
          lambda x, inverse: (x.new_empty((x.shape[0] * x.shape[1], x.shape[2] * x.shape[3]), dtype=torch.float8_e4m3fn),
@@ -427,18 +435,20 @@ def _norm_rows(
     quantize: bool,
     y_bias: torch.Tensor | None = None,
     tuned: bool = False,
+    rows: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """The LayerNorm row kernel on CUDA tensors (``fp8_triton.norm_quant_triton``): x, y ``[b, L, D]`` (y, the
     residual branch, or ``None``), the per-frame ``[b, F, D]`` and affine ``[D]`` arguments or ``None``, as the
     kernel reads them (rows contiguous, per-frame tensors float32); y's pending bias ``[D]`` (in y's dtype) or
-    ``None``; ``tuned``: the measured warp count (``triton_util.TUNED_WARPS``). Returns ``(out [b·L, D]
+    ``None``; ``tuned``: the measured warp count (``triton_util.TUNED_WARPS``); ``rows``: several rows of one frame
+    per program where per-frame rows are read (``triton_util.norm_rows``, item ``normrows``). Returns ``(out [b·L, D]
     float8_e4m3fn or x's dtype, scale [b·L, 1] float32 or None, sum [b·L, D] or None)``."""
     per_frame = next((t for t in (gate, shift) if t is not None), None)
     return _launch_norm(
         x.reshape(-1, x.shape[-1]).contiguous(), eps, x.shape[1], 1 if per_frame is None else per_frame.shape[1],
         residual=None if y is None else y.reshape(-1, y.shape[-1]).contiguous(), gate=_f32(gate),
         weight=_contiguous(weight), bias=_contiguous(bias), shift=_f32(shift), scale=_f32(scale), quantize=quantize,
-        residual_bias=None if y_bias is None else y_bias.to(x.dtype).contiguous(), tuned=tuned)
+        residual_bias=None if y_bias is None else y_bias.to(x.dtype).contiguous(), tuned=tuned, rows=rows)
 
 
 def _contiguous(t: torch.Tensor | None) -> torch.Tensor | None:
@@ -496,19 +506,21 @@ def gelu_quantize(
 
 
 def norm_modulate_quantize(
-    x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float, tuned: bool = False
+    x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float, tuned: bool = False, rows: bool = False
 ) -> QuantizedActivation:
     """``modulate(LayerNorm(x), shift, scale)`` quantised per row in one pass.
 
     Args:
         x: ``[b, L, D]``; shift, scale: ``[b, F, D]`` float32 with ``L`` a multiple of ``F``; eps: LayerNorm's.
         tuned: the kernel's measured warp count (``triton_util.TUNED_WARPS``; same values).
+        rows: several rows of one frame per Triton program, the per-frame rows loaded once
+            (``triton_util.norm_rows``, ``perf.PerfOptions.norm_rows``; same values).
     Returns:
         data ``[b, L, D]`` float8_e4m3fn, scale ``[b, L, 1]`` float32, dtype x's.
     """
     _check_norm_args("norm_modulate_quantize", x, shift, scale)
     ensure_ops()
-    x8, s = torch.ops.streamdit.norm_modulate_quant(x, shift, scale, eps, tuned)
+    x8, s = torch.ops.streamdit.norm_modulate_quant(x, shift, scale, eps, tuned, rows)
     return QuantizedActivation(x8.view(x.shape), s.view(*x.shape[:-1], 1), x.dtype)
 
 
@@ -554,6 +566,7 @@ def residual_norm_quantize(
     scale: torch.Tensor | None = None,
     y_bias: torch.Tensor | None = None,
     tuned: bool = False,
+    rows: bool = False,
 ) -> tuple[torch.Tensor, QuantizedActivation]:
     """The residual sum ``s = x + gate(y, g)`` (``x + y`` without ``gate``) and ``LayerNorm(s)`` (affine with
     ``weight``/``bias``, modulated with ``shift``/``scale`` when given) quantised per row, in one pass.
@@ -565,6 +578,8 @@ def residual_norm_quantize(
         y_bias: ``[D]`` or ``None``: ``y`` is a linear's output before its bias, which is added to it first, in
             y's dtype, like the linear would (``perf.PerfOptions.fp8_adds_fused``).
         tuned: the kernel's measured warp count (``triton_util.TUNED_WARPS``; same values).
+        rows: several rows of one frame per Triton program, the per-frame rows loaded once
+            (``triton_util.norm_rows``, ``perf.PerfOptions.norm_rows``; same values).
     Returns:
         ``s`` ``[b, L, D]`` in x's dtype, and data ``[b, L, D]`` float8_e4m3fn, scale ``[b, L, 1]`` float32.
     """
@@ -572,24 +587,27 @@ def residual_norm_quantize(
     if y_bias is not None and y_bias.shape != x.shape[-1:]:
         raise ValueError(f"the residual branch's bias must be [{x.shape[-1]}], got {list(y_bias.shape)}")
     ensure_ops()
-    total, x8, s = torch.ops.streamdit.residual_norm_quant(x, y, gate, weight, bias, shift, scale, eps, y_bias, tuned)
+    total, x8, s = torch.ops.streamdit.residual_norm_quant(x, y, gate, weight, bias, shift, scale, eps, y_bias, tuned,
+                                                           rows)
     return total.view(x.shape), QuantizedActivation(x8.view(x.shape), s.view(*x.shape[:-1], 1), x.dtype)
 
 
 def norm_modulate(
-    x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float, tuned: bool = False
+    x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float, tuned: bool = False, rows: bool = False
 ) -> torch.Tensor:
     """``modulate(LayerNorm(x), shift, scale)`` in x's dtype in one pass (no quantisation: the bf16 path).
 
     Args:
         x: ``[b, L, D]``; shift, scale: ``[b, F, D]`` float32 with ``L`` a multiple of ``F``; eps: LayerNorm's.
         tuned: the kernel's measured warp count (``triton_util.TUNED_WARPS``; same values).
+        rows: several rows of one frame per Triton program, the per-frame rows loaded once
+            (``triton_util.norm_rows``, ``perf.PerfOptions.norm_rows``; same values).
     Returns:
         ``[b, L, D]`` in x's dtype, equal to :func:`norm_modulate_reference` (bit-identical off CUDA).
     """
     _check_norm_args("norm_modulate", x, shift, scale)
     ensure_ops()
-    return torch.ops.streamdit.norm_modulate(x, shift, scale, eps, tuned)
+    return torch.ops.streamdit.norm_modulate(x, shift, scale, eps, tuned, rows)
 
 
 def residual_norm(
@@ -602,6 +620,7 @@ def residual_norm(
     shift: torch.Tensor | None = None,
     scale: torch.Tensor | None = None,
     tuned: bool = False,
+    rows: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The residual sum ``s = x + gate(y, g)`` (``x + y`` without ``gate``) and ``LayerNorm(s)`` (affine with
     ``weight``/``bias``, modulated with ``shift``/``scale`` when given) in x's dtype, in one pass (no
@@ -613,5 +632,5 @@ def residual_norm(
     """
     _check_residual_args("residual_norm", x, y, gate, weight, bias, shift, scale)
     ensure_ops()
-    total, normed = torch.ops.streamdit.residual_norm(x, y, gate, weight, bias, shift, scale, eps, tuned)
+    total, normed = torch.ops.streamdit.residual_norm(x, y, gate, weight, bias, shift, scale, eps, tuned, rows)
     return total, normed

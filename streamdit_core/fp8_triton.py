@@ -9,7 +9,9 @@ dtype).
 * ``_norm_quant_kernel``: an optional residual prologue (``x + y`` or ``x + gate·y``, the sum stored in x's dtype;
   ``y`` optionally a linear's output whose bias is added here first),
   LayerNorm (optionally with affine weight and bias), optional per-frame modulation, and then either the
-  quantisation (``QUANT``, the fp8 linears' inputs) or a store in x's dtype (the bf16 path, ``norm_fused``).
+  quantisation (``QUANT``, the fp8 linears' inputs) or a store in x's dtype (the bf16 path, ``norm_fused``); one
+  row per program, or with ``ROWS`` > 1 (item ``normrows``) that many rows of one frame as a ``[ROWS, BLOCK]``
+  tile, which reads the per-frame gate/shift/scale rows once per program (``_norm_quant_rows``).
 
 Imported only by :func:`streamdit_core.fp8_quant.ensure_ops`, through ``triton_util.import_launchers``, which
 catches the ``ImportError`` this module raises where Triton is not installed (the CPU wheel of torch, CI).
@@ -22,7 +24,7 @@ import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
-from .triton_util import norm_kind, row_launch_config, split_launch_config
+from .triton_util import norm_kind, norm_rows, norm_rows_launch_config, row_launch_config, split_launch_config
 
 __all__ = ["norm_quant_triton", "quantize_rows_triton", "window_rows_quant_triton"]
 
@@ -142,6 +144,60 @@ def _window_rows_quant_kernel(
 
 
 @triton.jit
+def _norm_quant_rows(
+    x_ptr, y_ptr, y_bias_ptr, gate_ptr, weight_ptr, norm_bias_ptr, shift_ptr, scale_ptr, sum_ptr, out_ptr,
+    out_scale_ptr, n_cols, tokens, tokens_per_frame, frames, eps,
+    RESIDUAL: tl.constexpr, HAS_Y_BIAS: tl.constexpr, HAS_AFFINE: tl.constexpr, HAS_MODULATION: tl.constexpr,
+    QUANT: tl.constexpr, BLOCK: tl.constexpr, ROWS: tl.constexpr,
+):
+    """``_norm_quant_kernel`` on ``ROWS`` consecutive rows of one frame as a ``[ROWS, BLOCK]`` tile (item
+    ``normrows``): the per-frame gate, shift and scale rows ``[BLOCK]`` (and the biases and affine parameters)
+    loaded once per program; per row the same float32 statistics, rounding points and stores as one row per
+    program. ``ROWS`` divides ``tokens_per_frame`` (so all the rows share one frame) and the row count."""
+    first = tl.program_id(0).to(tl.int64) * ROWS
+    rows = first + tl.arange(0, ROWS).to(tl.int64)  # [ROWS]
+    cols = tl.arange(0, BLOCK)
+    col_mask = cols < n_cols  # [BLOCK]
+    mask = tl.broadcast_to(col_mask[None, :], (ROWS, BLOCK))
+    offsets = rows[:, None] * n_cols + cols[None, :]  # [ROWS, BLOCK]
+    dtype = x_ptr.dtype.element_ty
+    per_frame = ((first // tokens) * frames + (first % tokens) // tokens_per_frame) * n_cols  # the rows' frame
+    x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+    if RESIDUAL > 0:
+        y = tl.load(y_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+        if HAS_Y_BIAS:
+            y_bias = tl.load(y_bias_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
+            y = (y + y_bias[None, :]).to(dtype).to(tl.float32)
+        if RESIDUAL == 2:
+            gate = tl.load(gate_ptr + per_frame + cols, mask=col_mask, other=0.0)
+            y = (y * gate[None, :]).to(dtype).to(tl.float32)
+        x = (x + y).to(dtype)
+        tl.store(sum_ptr + offsets, x, mask=mask)
+        x = x.to(tl.float32)
+    mean = tl.sum(x, axis=1) / n_cols  # [ROWS]
+    centred = tl.where(mask, x - mean[:, None], 0.0)
+    var = tl.sum(centred * centred, axis=1) / n_cols
+    y = centred * tl.rsqrt(var + eps)[:, None]
+    if HAS_AFFINE:
+        weight = tl.load(weight_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
+        norm_bias = tl.load(norm_bias_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
+        y = y * weight[None, :] + norm_bias[None, :]
+    y = y.to(dtype).to(tl.float32)
+    if HAS_MODULATION:
+        shift = tl.load(shift_ptr + per_frame + cols, mask=col_mask, other=0.0)
+        scale = tl.load(scale_ptr + per_frame + cols, mask=col_mask, other=0.0)
+        y = (y * (1.0 + scale)[None, :] + shift[None, :]).to(dtype).to(tl.float32)
+    if QUANT:
+        amax = tl.max(tl.where(mask, tl.abs(y), 0.0), axis=1)  # [ROWS]
+        s = tl.maximum(amax, 1e-12) / 448.0
+        q = tl.minimum(tl.maximum(y / s[:, None], -448.0), 448.0)
+        tl.store(out_ptr + offsets, q.to(out_ptr.dtype.element_ty), mask=mask)
+        tl.store(out_scale_ptr + rows, s)
+    else:
+        tl.store(out_ptr + offsets, y.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
 def _norm_quant_kernel(
     x_ptr,  # [rows, n_cols], row-major: the residual stream (RESIDUAL ≥ 1) or the LayerNorm's input
     y_ptr,  # [rows, n_cols] in x's dtype: the branch output added to x (RESIDUAL ≥ 1)
@@ -165,38 +221,44 @@ def _norm_quant_kernel(
     HAS_MODULATION: tl.constexpr,  # then ·(1 + scale) + shift per frame
     QUANT: tl.constexpr,  # quantise per row to out_ptr's dtype (and store the scale); else store in x's dtype
     BLOCK: tl.constexpr,  # next power of two ≥ n_cols
+    ROWS: tl.constexpr = 1,  # rows per program (item normrows); > 1 only where it divides tokens_per_frame
 ):
-    row = tl.program_id(0).to(tl.int64)
-    cols = tl.arange(0, BLOCK)
-    mask = cols < n_cols
-    dtype = x_ptr.dtype.element_ty
-    per_frame = ((row // tokens) * frames + (row % tokens) // tokens_per_frame) * n_cols  # [b, F, D] row offset
-    x = tl.load(x_ptr + row * n_cols + cols, mask=mask, other=0.0).to(tl.float32)
-    if RESIDUAL > 0:
-        y = tl.load(y_ptr + row * n_cols + cols, mask=mask, other=0.0).to(tl.float32)
-        if HAS_Y_BIAS:  # the producing linear's `out + bias` in x's dtype (fp8_adds_fused)
-            y = (y + tl.load(y_bias_ptr + cols, mask=mask, other=0.0).to(tl.float32)).to(dtype).to(tl.float32)
-        if RESIDUAL == 2:  # gate(y.float(), g).type_as(x)
-            y = (y * tl.load(gate_ptr + per_frame + cols, mask=mask, other=0.0)).to(dtype).to(tl.float32)
-        x = (x + y).to(dtype)  # the residual stream, rounded like `x + ...` in x's dtype
-        tl.store(sum_ptr + row * n_cols + cols, x, mask=mask)
-        x = x.to(tl.float32)
-    mean = tl.sum(x, axis=0) / n_cols
-    centred = tl.where(mask, x - mean, 0.0)
-    var = tl.sum(centred * centred, axis=0) / n_cols  # biased, like F.layer_norm
-    y = centred * tl.rsqrt(var + eps)
-    if HAS_AFFINE:
-        weight = tl.load(weight_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-        y = y * weight + tl.load(norm_bias_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-    y = y.to(dtype).to(tl.float32)  # LayerNorm(x).type_as(x)
-    if HAS_MODULATION:
-        shift = tl.load(shift_ptr + per_frame + cols, mask=mask, other=0.0)
-        scale = tl.load(scale_ptr + per_frame + cols, mask=mask, other=0.0)
-        y = (y * (1.0 + scale) + shift).to(dtype).to(tl.float32)  # modulate(...).type_as(x)
-    if QUANT:
-        _quantise_store(y, cols, mask, out_ptr, out_scale_ptr, row, n_cols)
-    else:  # already rounded to x's dtype: stored as it is
-        tl.store(out_ptr + row * n_cols + cols, y.to(out_ptr.dtype.element_ty), mask=mask)
+    if ROWS > 1:  # ROWS consecutive rows of one frame: the per-frame rows loaded once, the rest per row as below
+        _norm_quant_rows(x_ptr, y_ptr, y_bias_ptr, gate_ptr, weight_ptr, norm_bias_ptr, shift_ptr, scale_ptr,
+                         sum_ptr, out_ptr, out_scale_ptr, n_cols, tokens, tokens_per_frame, frames, eps,
+                         RESIDUAL, HAS_Y_BIAS, HAS_AFFINE, HAS_MODULATION, QUANT, BLOCK, ROWS)
+    else:  # one row per program
+        row = tl.program_id(0).to(tl.int64)
+        cols = tl.arange(0, BLOCK)
+        mask = cols < n_cols
+        dtype = x_ptr.dtype.element_ty
+        per_frame = ((row // tokens) * frames + (row % tokens) // tokens_per_frame) * n_cols  # [b, F, D] row offset
+        x = tl.load(x_ptr + row * n_cols + cols, mask=mask, other=0.0).to(tl.float32)
+        if RESIDUAL > 0:
+            y = tl.load(y_ptr + row * n_cols + cols, mask=mask, other=0.0).to(tl.float32)
+            if HAS_Y_BIAS:  # the producing linear's `out + bias` in x's dtype (fp8_adds_fused)
+                y = (y + tl.load(y_bias_ptr + cols, mask=mask, other=0.0).to(tl.float32)).to(dtype).to(tl.float32)
+            if RESIDUAL == 2:  # gate(y.float(), g).type_as(x)
+                y = (y * tl.load(gate_ptr + per_frame + cols, mask=mask, other=0.0)).to(dtype).to(tl.float32)
+            x = (x + y).to(dtype)  # the residual stream, rounded like `x + ...` in x's dtype
+            tl.store(sum_ptr + row * n_cols + cols, x, mask=mask)
+            x = x.to(tl.float32)
+        mean = tl.sum(x, axis=0) / n_cols
+        centred = tl.where(mask, x - mean, 0.0)
+        var = tl.sum(centred * centred, axis=0) / n_cols  # biased, like F.layer_norm
+        y = centred * tl.rsqrt(var + eps)
+        if HAS_AFFINE:
+            weight = tl.load(weight_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+            y = y * weight + tl.load(norm_bias_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+        y = y.to(dtype).to(tl.float32)  # LayerNorm(x).type_as(x)
+        if HAS_MODULATION:
+            shift = tl.load(shift_ptr + per_frame + cols, mask=mask, other=0.0)
+            scale = tl.load(scale_ptr + per_frame + cols, mask=mask, other=0.0)
+            y = (y * (1.0 + scale) + shift).to(dtype).to(tl.float32)  # modulate(...).type_as(x)
+        if QUANT:
+            _quantise_store(y, cols, mask, out_ptr, out_scale_ptr, row, n_cols)
+        else:  # already rounded to x's dtype: stored as it is
+            tl.store(out_ptr + row * n_cols + cols, y.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 def quantize_rows_triton(
@@ -251,6 +313,7 @@ def norm_quant_triton(
     quantize: bool = True,
     residual_bias: torch.Tensor | None = None,
     tuned: bool = False,
+    rows: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """Launch ``_norm_quant_kernel`` on ``x`` ``[rows, n_cols]`` (contiguous), ``rows = batch·tokens`` with
     ``tokens = frames·(tokens per frame)``.
@@ -267,27 +330,36 @@ def norm_quant_triton(
             first (rounded to x's dtype, like the linear's ``out + bias``), or ``None``; needs ``residual``.
         tuned: the measured warp count of this configuration where ``triton_util.TUNED_WARPS`` has one
             (``warps``; same values).
+        rows: where the kernel reads per-frame rows (gate or modulation), process ``triton_util.norm_rows``
+            consecutive rows per program, loading those once per program (item ``normrows``; the same values: per
+            row the same statistics, rounding and stores); its warp count is the default rule's for the
+            ``[ROWS, BLOCK]`` tile (``triton_util.norm_rows_launch_config``), ``tuned`` unused there.
     Returns:
         ``(out [rows, n_cols], scale [rows, 1] float32 or None, sum [rows, n_cols] x's dtype or None)``: ``out``
         in ``out_dtype`` and ``scale`` with ``quantize``, else ``out`` in x's dtype and no scale.
     """
-    rows, n_cols = x.shape
-    out = torch.empty((rows, n_cols), dtype=out_dtype if quantize else x.dtype, device=x.device)
-    out_scale = torch.empty((rows, 1), dtype=torch.float32, device=x.device) if quantize else None
+    n_rows, n_cols = x.shape
+    out = torch.empty((n_rows, n_cols), dtype=out_dtype if quantize else x.dtype, device=x.device)
+    out_scale = torch.empty((n_rows, 1), dtype=torch.float32, device=x.device) if quantize else None
     total = None if residual is None else torch.empty_like(x)
     if residual_bias is not None and residual is None:
         raise ValueError("residual_bias is the residual branch's bias: it needs residual")
     block, warps = row_launch_config(n_cols, norm_kind(residual is not None, gate is not None, weight is not None,
                                                        shift is not None, quantize), tuned)
+    per_row = 1
+    if rows and (gate is not None or shift is not None):  # only where per-frame rows are read
+        per_row = norm_rows(tokens // frames, n_rows, n_cols)
+        if per_row > 1:
+            block, warps = norm_rows_launch_config(n_cols, per_row)
     # unread placeholders: the input for what is read (never an output, so that the compiler's mutation analysis
     # sees no aliasing of what the kernel writes), the normalised output for the sum without a residual and for
     # the scales without quantisation (never written)
-    wrap_triton(_norm_quant_kernel)[(rows,)](
+    wrap_triton(_norm_quant_kernel)[(n_rows // per_row,)](
         x, *(x if t is None else t for t in (residual, residual_bias, gate, weight, bias, shift, scale)),
         out if total is None else total, out, out if out_scale is None else out_scale, n_cols, tokens,
         tokens // frames, frames, eps, RESIDUAL=0 if residual is None else (1 if gate is None else 2),
         HAS_Y_BIAS=residual_bias is not None,
-        HAS_AFFINE=weight is not None, HAS_MODULATION=shift is not None, QUANT=quantize, BLOCK=block,
+        HAS_AFFINE=weight is not None, HAS_MODULATION=shift is not None, QUANT=quantize, BLOCK=block, ROWS=per_row,
         num_warps=warps,
     )
     return out, out_scale, total

@@ -338,6 +338,9 @@ class Block(nn.Module):
         self.fused_norm = False
         # set by perf (tuned_warps): those row kernels launched with their measured warp counts
         self.tuned_warps = False
+        # set by perf (norm_rows): the LayerNorm kernels with per-frame rows process several rows of a frame per
+        # program (``triton_util.norm_rows``)
+        self.norm_rows = False
 
     def adaln_input(
         self, norm: nn.Module, x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor
@@ -352,9 +355,11 @@ class Block(nn.Module):
             x: ``[b, L, dim]``; shift, scale: ``[b, F, dim]`` float32 per-frame modulation.
         """
         if self.fused_fp8_input:
-            return norm_modulate_quantize(x, shift, scale, cast(LayerNorm, norm).eps, self.tuned_warps)  # fp8 data
+            return norm_modulate_quantize(x, shift, scale, cast(LayerNorm, norm).eps, self.tuned_warps,
+                                          self.norm_rows)  # fp8 data
         if self.fused_norm:
-            return norm_modulate(x, shift, scale, cast(LayerNorm, norm).eps, self.tuned_warps)  # [b, L, dim]
+            return norm_modulate(x, shift, scale, cast(LayerNorm, norm).eps, self.tuned_warps,
+                                 self.norm_rows)  # [b, L, dim]
         return modulate(norm(x).float(), shift, scale).type_as(x)  # [b, L, dim]
 
     def residual_input(
@@ -388,12 +393,13 @@ class Block(nn.Module):
             ln = cast(LayerNorm, norm)
             value, y_bias = (y.value, y.bias) if isinstance(y, BiasPending) else (y, None)
             return residual_norm_quantize(x, value, ln.eps, g, ln.weight, ln.bias, shift, scale, y_bias,
-                                          self.tuned_warps)
+                                          self.tuned_warps, self.norm_rows)
         y = _with_bias(y)
         adaln = shift is not None and scale is not None
         # norm3 may be an nn.Identity (no cross_attn_norm)
         if self.fused_norm and isinstance(norm, LayerNorm) and not (adaln and self.fused_fp8_input):
-            return residual_norm(x, y, norm.eps, g, norm.weight, norm.bias, shift, scale, self.tuned_warps)
+            return residual_norm(x, y, norm.eps, g, norm.weight, norm.bias, shift, scale, self.tuned_warps,
+                                 self.norm_rows)
         x = add_residual(x, y, g)  # [b, L, dim]
         return x, norm(x) if shift is None or scale is None else self.adaln_input(norm, x, shift, scale)
 

@@ -61,6 +61,10 @@ option             what it does                                                 
 ``tuned_warps``    the Triton row kernels launched with the warp counts measured best on     same values (the
                    an H100 (``triton_util.TUNED_WARPS``, from ``docs/bench/h100_row_``       kernels' maths do
                    ``kernels/``) instead of the default rule (item ``warps``)                not change)
+``norm_rows``      with ``norm_fused`` or ``fp8_fused``: the LayerNorm kernels that read     same values (per
+                   per-frame rows (modulation, gate) process 4 or 2 rows of one frame per    row the same
+                   program and load those rows once (``triton_util.norm_rows``; item         maths and
+                   ``normrows``; unmeasured, in no level)                                    rounding)
 =================  ========================================================================  ==================
 
 Levels (:data:`PERF_LEVELS`): ``plain`` (all off, the eager reference), ``safe`` (the default: both caches
@@ -79,7 +83,8 @@ fp8 output then needed its bias added in a pass of its own, and now saves 0.2–
 Triton items stay off (the status says why); off CUDA they are dropped (their kernels' reference is the unfused
 maths, better left to the compiler there), ``cross_residual`` with them.
 ``fp8_rows`` gained nothing and is in no level (``fastest,fp8rows``; in ``bench --modes``: ``fastest+fp8rows``);
-``fp8_split_rows`` is not measured yet and is in no level (``fastest,splitrows``; ``fastest+splitrows``).
+``fp8_split_rows`` is not measured yet and is in no level (``fastest,splitrows``; ``fastest+splitrows``), nor
+is ``norm_rows`` (``fastest,normrows``, ``fast,normrows``; ``fastest+normrows``).
 A GELU row kernel in two passes over chunks of the row was measured (Wan's ``fastest`` 3.5 % slower, see
 ``docs/BENCHMARKS.md``) and removed.
 ``fp8_out_fused`` needs ``window_gather`` for windows smaller than the grid, like ``qk_fused``.
@@ -178,6 +183,8 @@ class PerfOptions:
             where they are smaller together than the row's whole block (``triton_util.split_blocks``); needs
             ``fp8_fused``.
         tuned_warps: launch the Triton row kernels with their measured warp counts (``triton_util.TUNED_WARPS``).
+        norm_rows: the fused LayerNorm kernels that read per-frame rows (modulation, gate) process several rows of
+            one frame per program (``triton_util.norm_rows``); acts with ``norm_fused`` or ``fp8_fused``.
     """
 
     text_kv_cache: bool = True
@@ -196,6 +203,7 @@ class PerfOptions:
     fp8_adds_fused: bool = False
     tuned_warps: bool = False
     fp8_split_rows: bool = False
+    norm_rows: bool = False
 
     def __post_init__(self) -> None:
         if self.compile not in COMPILE_MODES:
@@ -221,7 +229,7 @@ class PerfOptions:
     def level(cls, name: str) -> PerfOptions:
         """A named level (:data:`PERF_LEVELS`) or a comma list such as ``"kv,layout,compile=default,graphs,fp8=row"``
         (``kv``/``layout``/``graphs``/``gather``/``fp8fuse``/``fp8rows``/``fp8resid``/``outquant``/``normfuse``/
-        ``crossres``/``qkrope``/``fuseadds``/``warps``/``splitrows`` switch on; ``compile`` alone means
+        ``crossres``/``qkrope``/``fuseadds``/``warps``/``splitrows``/``normrows`` switch on; ``compile`` alone means
         ``compile=default``; ``fp8`` alone means ``fp8=row``; a level name as an item, e.g. ``"safe,compile"``, sets
         every option to that level's at that point of the list; a list starts from everything off, like ``plain``).
         ``fp8=tensor`` after a level turns off that level's per-row items (``"fastest,fp8=tensor"``); listed together
@@ -233,7 +241,7 @@ class PerfOptions:
                     "fp8fuse": "fp8_fused", "fp8rows": "fp8_rows", "fp8resid": "fp8_residual",
                     "outquant": "fp8_out_fused", "normfuse": "norm_fused", "crossres": "cross_residual",
                     "qkrope": "qk_fused", "fuseadds": "fp8_adds_fused", "warps": "tuned_warps",
-                    "splitrows": "fp8_split_rows"}
+                    "splitrows": "fp8_split_rows", "normrows": "norm_rows"}
         listed: set[str] = set()  # the per-row items named in the list (not inherited from a level)
         for raw in filter(None, (p.strip() for p in name.split(","))):
             key, _, value = raw.partition("=")
@@ -253,20 +261,21 @@ class PerfOptions:
                 raise ValueError(
                     f"unknown optimisation {raw!r} in {name!r}; use a level {sorted(PERF_LEVELS)} or items "
                     "kv, layout, compile[=MODE], graphs, fp8[=row|tensor], gather, fp8fuse, fp8rows, fp8resid, "
-                    "outquant, normfuse, crossres, qkrope, fuseadds, warps, splitrows (a level name may start the "
-                    "list)"
+                    "outquant, normfuse, crossres, qkrope, fuseadds, warps, splitrows, normrows (a level name may "
+                    "start the list)"
                 )
         return cls(**opts)
 
     def for_device(self, device: torch.device) -> PerfOptions:
         """Drop what cannot help on ``device``: CUDA graphs, fp8, the fused norm kernels and the fused q/k kernel
         need CUDA (fp8 would only be emulated, the fused operators' reference hides the unfused maths from the
-        compiler), and so do the fused bias adds, the kernels' warp counts and the split GELU rows."""
+        compiler), and so do the fused bias adds, the kernels' warp counts, the split GELU rows and the multi-row
+        LayerNorm programs."""
         if device.type == "cuda":
             return self
         return replace(self, cuda_graphs=False, fp8="off", fp8_fused=False, fp8_rows=False, fp8_residual=False,
                        fp8_out_fused=False, norm_fused=False, cross_residual=False, qk_fused=False,
-                       fp8_adds_fused=False, tuned_warps=False, fp8_split_rows=False)
+                       fp8_adds_fused=False, tuned_warps=False, fp8_split_rows=False, norm_rows=False)
 
     def describe(self) -> str:
         on = [f.name if isinstance(getattr(self, f.name), bool) else f"{f.name}={getattr(self, f.name)}"
@@ -729,6 +738,24 @@ def _set_tuned_warps(model: StreamDiT, options: PerfOptions, status: dict[str, s
                                  f"(triton_util.TUNED_WARPS); {runs}")
 
 
+def _set_norm_rows(model: StreamDiT, options: PerfOptions, status: dict[str, str]) -> None:
+    """Let the fused LayerNorm kernels that read per-frame rows (modulation, gate) process several rows of one frame
+    per program (``norm_rows``; ``triton_util.norm_rows``), or one. Call after :func:`_set_fp8` and
+    :func:`_set_norm_fused` (it reports whether a fused norm kernel runs)."""
+    block: Any
+    for block in model.blocks:
+        block.norm_rows = options.norm_rows
+    if not options.norm_rows:
+        return
+    if not any(block.fused_fp8_input or block.fused_fp8_residual or block.fused_norm for block in model.blocks):
+        status["norm_rows"] = "no effect: no fused LayerNorm kernel (needs norm_fused or fp8_fused)"
+    elif triton_problem() is not None or model.patch_embedding.weight.device.type != "cuda":
+        status["norm_rows"] = "no effect: the reference implementations run (no Triton, or not on CUDA)"
+    else:
+        status["norm_rows"] = ("modulated/gated LayerNorm kernels: 4 or 2 rows of one frame per program where they "
+                               "divide the tokens per frame (triton_util.norm_rows), else one")
+
+
 # ----------------------------------------------------------------------------------------------------------
 # torch.compile
 # ----------------------------------------------------------------------------------------------------------
@@ -848,6 +875,7 @@ def apply_perf(model: StreamDiT, options: PerfOptions) -> dict[str, str]:
     _set_norm_fused(model, options, status)
     _set_qk_fused(model, options, status)
     _set_tuned_warps(model, options, status)
+    _set_norm_rows(model, options, status)
     if options.window_gather:
         status["window_gather"] = "on"
     _set_compile(model, options.compile, status)

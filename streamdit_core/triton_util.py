@@ -11,10 +11,13 @@ from typing import Any
 import torch
 
 __all__ = [
+    "NORM_ROWS_MAX_VALUES",
     "TUNED_WARPS",
     "default_warps",
     "import_launchers",
     "norm_kind",
+    "norm_rows",
+    "norm_rows_launch_config",
     "not_loaded",
     "row_launch_config",
     "split_blocks",
@@ -137,3 +140,31 @@ def split_launch_config(n_cols: int, kind: str | None = None, tuned: bool = Fals
     if tuned and kind is not None:
         warps = TUNED_WARPS.get((f"{kind}_split", n_cols), warps)
     return block, block2, warps
+
+
+# The most values a multi-row LayerNorm program holds (``norm_rows``): ROWS·BLOCK ≤ 16,384, so at most 32 float32
+# values per thread at 16 warps, like the one-row kernels at the model's widths.
+NORM_ROWS_MAX_VALUES = 16384
+
+
+def norm_rows(tokens_per_frame: int, n_rows: int, n_cols: int) -> int:
+    """Rows per program of the LayerNorm kernel with per-frame rows (gate, modulation) under the item ``normrows``
+    (``perf.PerfOptions.norm_rows``): 4 where 4 divides both ``tokens_per_frame`` (so a program's rows share one
+    frame and its per-frame rows, loaded once) and ``n_rows``, else 2 where 2 does, else 1 (one row per program,
+    the unchanged kernel) — each only while ``ROWS·BLOCK`` (BLOCK the next power of two ≥ ``n_cols``) stays within
+    ``NORM_ROWS_MAX_VALUES``. E.g. the paper's 1,024 tokens per frame (16,384 rows × 3,072) → 4, Wan 1.3B's 1,560
+    (24,960 × 1,536) → 4, 1,022 → 2, an odd number of tokens per frame → 1."""
+    block = 1 << max(0, n_cols - 1).bit_length()
+    for rows in (4, 2):
+        if tokens_per_frame % rows == 0 and n_rows % rows == 0 and rows * block <= NORM_ROWS_MAX_VALUES:
+            return rows
+    return 1
+
+
+def norm_rows_launch_config(n_cols: int, rows: int) -> tuple[int, int]:
+    """``(BLOCK, num_warps)`` of the LayerNorm kernel holding ``rows`` rows of ``n_cols`` values (``norm_rows``):
+    BLOCK as in :func:`row_launch_config`, the warps of :func:`default_warps` for the ``rows·BLOCK`` tile (at most
+    16; e.g. 4 × 4,096 → 16, 4 × 2,048 → 16, 2 × 2,048 → 8). ``TUNED_WARPS`` (one row per program) does not
+    apply."""
+    block = 1 << max(0, n_cols - 1).bit_length()
+    return block, default_warps(rows * block)
