@@ -294,7 +294,7 @@ PERF_LEVELS: dict[str, PerfOptions] = {
     # measured by `bench`
     "fastest": PerfOptions(
         compile="default", cuda_graphs=True, fp8="row", fp8_fused=True, fp8_residual=True, qk_fused=True,
-        fp8_out_fused=True, fp8_adds_fused=True, cross_residual=True, tuned_warps=True,
+        fp8_out_fused=True, fp8_adds_fused=True, cross_residual=True, tuned_warps=True, fp8_split_rows=True,
     ),
 }
 

@@ -64,8 +64,9 @@ def not_loaded(*args: Any, **kwargs: Any) -> Any:
 #   residual_gate_modulate_quant  residual + gate + LayerNorm + modulation + fp8 (norm1 with crossres): 3,072 → 2 (158
 #                              [8: 166]); 1,536 → 2 (115 [4: 119]); from the later sweep in
 #                              docs/bench/h100_outquant_fuseadds/row_kernels.md
-#   gelu_quant_split           the GELU row held as two pieces (``split_launch_config``, item ``splitrows``): none
-#                              measured yet (the whole row's entries do not apply to the split layout)
+#   gelu_quant_split           the GELU row held as two pieces (``split_launch_config``, item ``splitrows``): 8,960 as
+#                              8,192 + 1,024 → 4 (258 [16: 269]; whole row at 8 warps: 463); from the sweep in
+#                              docs/bench/h100_splitrows/row_kernels.md (the whole row's entries do not apply here)
 # Warps change how a row is spread over the threads, not the maths: the kernels' values are the same (the reductions'
 # order may differ, a float32 rounding; see tests/test_fused_quant.py).
 TUNED_WARPS: dict[tuple[str, int], int] = {
@@ -77,6 +78,7 @@ TUNED_WARPS: dict[tuple[str, int], int] = {
     ("residual_modulate", 1536): 8,
     ("gelu_quant", 7680): 4,
     ("gelu_quant", 8960): 8,
+    ("gelu_quant_split", 8960): 4,
     ("qkv_rope", 3072): 4,
     ("qkv_rope", 1536): 2,
     ("residual_gate_modulate_quant", 3072): 2,
@@ -130,8 +132,8 @@ def split_blocks(n_cols: int) -> tuple[int, int]:
 def split_launch_config(n_cols: int, kind: str | None = None, tuned: bool = False) -> tuple[int, int, int]:
     """``(BLOCK, BLOCK2, num_warps)`` of a row kernel that may hold its row as two pieces (``split_blocks``):
     where it splits, the warp count of :func:`default_warps` for ``BLOCK + BLOCK2`` lanes, or with ``tuned`` the
-    one measured for ``f"{kind}_split"`` at this width where ``TUNED_WARPS`` has one (none yet; the whole row's
-    entry is not used); where it does not, :func:`row_launch_config`'s ``(BLOCK, num_warps)`` with ``BLOCK2 = 0``."""
+    one measured for ``f"{kind}_split"`` at this width where ``TUNED_WARPS`` has one (the whole row's entry is not
+    used); where it does not, :func:`row_launch_config`'s ``(BLOCK, num_warps)`` with ``BLOCK2 = 0``."""
     block, block2 = split_blocks(n_cols)
     if not block2:
         block, warps = row_launch_config(n_cols, kind, tuned)
