@@ -57,20 +57,21 @@ option             what it does                                                 
 ``fp8_split_rows`` with ``fp8_fused``: the GELU kernel holds each FFN hidden row in two      same values and
                    power-of-two pieces where they are smaller than its whole block (Wan      scales as the
                    1.3B's 8,960: 8,192 + 1,024 lanes, not 16,384; ``triton_util.``           whole-row kernel
-                   ``split_blocks``; item ``splitrows``; unmeasured, in no level)
+                   ``split_blocks``; item ``splitrows``; in ``fastest``)
 ``tuned_warps``    the Triton row kernels launched with the warp counts measured best on     same values (the
                    an H100 (``triton_util.TUNED_WARPS``, from ``docs/bench/h100_row_``       kernels' maths do
                    ``kernels/``) instead of the default rule (item ``warps``)                not change)
 ``norm_rows``      with ``norm_fused`` or ``fp8_fused``: the LayerNorm kernels that read     same values (per
                    per-frame rows (modulation, gate) process 4 or 2 rows of one frame per    row the same
                    program and load those rows once (``triton_util.norm_rows``; item         maths and
-                   ``normrows``; unmeasured, in no level)                                    rounding)
+                   ``normrows``; measured, in no level)                                      rounding)
 =================  ========================================================================  ==================
 
 Levels (:data:`PERF_LEVELS`): ``plain`` (all off, the eager reference), ``safe`` (the default: both caches
 and ``window_gather``), ``fast`` (+ ``compile``, ``cuda_graphs``, ``norm_fused``, ``cross_residual`` and
 ``qk_fused``), ``fastest`` (+ ``compile``, ``cuda_graphs``, ``fp8=row``, ``fp8_fused``, ``fp8_residual``,
-``qk_fused``, ``fp8_out_fused``, ``fp8_adds_fused``, ``cross_residual`` and ``tuned_warps``). ``fp8_fused`` is in
+``qk_fused``, ``fp8_out_fused``, ``fp8_adds_fused``, ``cross_residual``, ``tuned_warps`` and ``fp8_split_rows``).
+``fp8_fused`` is in
 ``fastest`` since the H100 run in ``docs/bench/h100_fp8fuse/`` (−4.7 % per call at paper scale, −6.7 % for Wan
 1.3B with 4-frame windows, same error against ``plain``), ``fp8_residual`` since the one in
 ``docs/bench/h100_fp8resid/`` (a further −9.6 % and −7.6 %), ``qk_fused`` (both levels), ``norm_fused`` and
@@ -79,12 +80,16 @@ and ``window_gather``), ``fast`` (+ ``compile``, ``cuda_graphs``, ``norm_fused``
 and ``tuned_warps`` (``fastest``) since the one in ``docs/bench/h100_outquant_fuseadds/`` (together −3.7 % and
 −4.5 %: 168.6 → 162.3 ms and 145.9 → 139.3 ms; alone ``fp8_out_fused`` −1.9 % / −1.6 %, ``fp8_adds_fused``
 −2.1 % / −2.0 %; ``cross_residual`` had cost ``fastest`` 0.8–1.9 % before ``fp8_adds_fused``, because the FFN's
-fp8 output then needed its bias added in a pass of its own, and now saves 0.2–0.4 %). On CUDA without Triton the
+fp8 output then needed its bias added in a pass of its own, and now saves 0.2–0.4 %), ``fp8_split_rows``
+(``fastest``) since the one in ``docs/bench/h100_splitrows/`` (Wan 1.3B w4 139.1 → 134.0 ms, −3.7 %; confirmed
+in ``docs/bench/h100_splitrows_confirm/``, 139.8/140.4 → 135.2/134.0 ms; at the paper's width the row stays whole,
+no change). On CUDA without Triton the
 Triton items stay off (the status says why); off CUDA they are dropped (their kernels' reference is the unfused
 maths, better left to the compiler there), ``cross_residual`` with them.
 ``fp8_rows`` gained nothing and is in no level (``fastest,fp8rows``; in ``bench --modes``: ``fastest+fp8rows``);
-``fp8_split_rows`` is not measured yet and is in no level (``fastest,splitrows``; ``fastest+splitrows``), nor
-is ``norm_rows`` (``fastest,normrows``, ``fast,normrows``; ``fastest+normrows``).
+``norm_rows`` is in no level (``fastest,normrows``, ``fast,normrows``; ``fastest+normrows``): in
+``docs/bench/h100_splitrows/`` it made ``fastest`` 3.1 % / 1.6 % slower and ``fast`` 3.2 % faster at paper scale
+but 1.3 % slower for Wan (its kernels ran at the default 16 warps, the sweep's worst but one).
 A GELU row kernel in two passes over chunks of the row was measured (Wan's ``fastest`` 3.5 % slower, see
 ``docs/BENCHMARKS.md``) and removed.
 ``fp8_out_fused`` needs ``window_gather`` for windows smaller than the grid, like ``qk_fused``.
