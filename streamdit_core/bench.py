@@ -16,6 +16,14 @@ For each case (a preset at a latent size with a streaming scheme) it measures, i
   weights), the chunk decoded on its own and through the pack's streaming decode with the causal cache;
   ``skipped`` with the reason when diffusers is missing.
 
+With ``--rounds R`` (default 1) the modes are timed in ``R`` interleaved rounds, because one configuration timed
+twice in one process can differ by up to ~2 % at paper scale (docs/BENCHMARKS.md): round 1 is the measurement
+above; rounds 2..R set each mode again and time it again (warm-up included), in alternating order (round 2
+reversed, round 3 forward, …, :func:`round_order`) so that drift over the run cancels. Each mode then records
+``round_ms`` (one timing per round, ``None`` for a round that failed, with the error in ``round_errors``), and
+``ms_per_call`` with the speeds derived from it is the median over the rounds (:func:`median_ms`); the other fields
+(first call, relative error, memory, status) are round 1's. The baseline is timed once, in round 1 only.
+
 Results go to ``<out>/bench.json`` (merged with what is there, so one folder can collect several runs) and
 ``<out>/bench.md``; the JSON is rewritten after every measurement, so a crash or time-out keeps what was done.
 A failing mode is recorded with its error and the run goes on.
@@ -30,7 +38,7 @@ import platform
 import sys
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -299,6 +307,35 @@ def _time_calls(fn: Callable[[], Any], device: torch.device, repeats: int, warmu
     return sorted(times)[len(times) // 2], first
 
 
+def median_ms(values: Sequence[float]) -> float:
+    """The median of ``values`` (for an even count, the mean of the two middle values)."""
+    if not values:
+        raise ValueError("median_ms needs at least one value")
+    ordered = sorted(values)
+    mid = len(ordered) // 2
+    return ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
+
+
+def round_order(n_modes: int, round_index: int) -> list[int]:
+    """The order in which round ``round_index`` (0 = the first round) times ``n_modes`` modes: the given
+    order in even rounds (the 1st, 3rd, …) and reversed in odd ones (the 2nd, 4th, …), so that a drift over
+    the run (clocks, temperature, memory) affects every mode alike."""
+    if n_modes < 0 or round_index < 0:
+        raise ValueError(f"round_order needs n_modes >= 0 and round_index >= 0, got {n_modes}, {round_index}")
+    order = list(range(n_modes))
+    return order[::-1] if round_index % 2 else order
+
+
+def _speeds(ms: float, p: Partition, video_per_call: float, base_ms: float | None, flops: float) -> dict[str, Any]:
+    """The fields of a mode's entry derived from its milliseconds per call."""
+    return {
+        "latent_fps": 1000 * p.c / (p.s * ms),
+        "video_fps": 1000 * video_per_call / ms,
+        "speedup": (base_ms / ms) if base_ms else None,
+        "achieved_tflops": flops / ms / 1e9,
+    }
+
+
 def _error_text(exc: BaseException) -> str:
     text = str(exc).splitlines()[0][:300] if str(exc) else ""
     return f"{type(exc).__name__}: {text}"
@@ -436,6 +473,50 @@ def time_decoder(
 # ----------------------------------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class _Timed:
+    """A mode timed in round 1: its entry in ``row["modes"]`` (updated by later rounds), its options and its
+    model call."""
+
+    entry: dict[str, Any]
+    options: PerfOptions
+    call: Callable[[], torch.Tensor]
+
+
+def _later_round(
+    r: int,
+    rounds: int,
+    timed: list[_Timed],
+    model: StreamDiT,
+    device: torch.device,
+    repeats: int,
+    speeds: Callable[[float], dict[str, Any]],
+    emit: Callable[[], None],
+) -> None:
+    """Round ``r`` (0-based, ≥ 1) of ``rounds``: set each mode timed in round 1 again and time it again (warm-up
+    included), in :func:`round_order`; append the time to its ``round_ms`` (``None`` and an entry in
+    ``round_errors`` when the round fails) and set ``ms_per_call`` and ``speeds(ms)`` from the median of its
+    rounds. Modes whose round 1 failed (``error`` in the entry, as after a failed profile) are skipped."""
+    for i in round_order(len(timed), r):
+        t = timed[i]
+        if "error" in t.entry:
+            continue
+        log.info("round %d/%d: %s", r + 1, rounds, t.entry["mode"])
+        try:
+            model.set_perf(t.options)
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            ms: float | None = _time_calls(t.call, device, repeats, warmup=3)[0]
+        except Exception as exc:  # noqa: BLE001 - keep round 1's data and go on
+            ms = None
+            t.entry.setdefault("round_errors", []).append({"round": r + 1, "error": _error_text(exc)})
+            log.error("round %d of mode %s failed: %s", r + 1, t.entry["mode"], traceback.format_exc())
+        t.entry["round_ms"].append(ms)
+        median = median_ms([v for v in t.entry["round_ms"] if v is not None])
+        t.entry.update({"ms_per_call": median, **speeds(median)})
+        emit()
+
+
 def mode_options(mode: str, compile_mode: str) -> PerfOptions:
     """A mode name: a level (``plain``, ``safe``, ``fast``, ``fastest``) or option items joined by ``+``
     (``kv+layout+compile``); compiled modes use ``compile_mode``."""
@@ -458,10 +539,15 @@ def run_case(
     report: Callable[[dict[str, Any]], None] | None = None,
     profile: tuple[str, ...] = (),
     profile_dir: Path | None = None,
+    rounds: int = 1,
 ) -> dict[str, Any]:
     """Measure one case (see the module docstring). ``report(row)`` is called after every measurement with
     the row so far (the command writes it to disk). Modes named in ``profile`` are also run twice under
-    ``torch.profiler``; the kernel table goes to ``profile_dir/profile_<case>_<mode>.txt``."""
+    ``torch.profiler``; the kernel table goes to ``profile_dir/profile_<case>_<mode>.txt``. ``rounds`` > 1
+    times the modes that worked again in rounds 2..``rounds`` (:func:`_later_round`); the baseline is timed
+    once."""
+    if rounds < 1:
+        raise ValueError(f"rounds must be a positive integer, got {rounds!r}")
     cfg = preset(case.model)
     c, f, h, w = case.latent
     p = case.partition
@@ -510,7 +596,7 @@ def run_case(
         emit()
         ref = model(x, sigma, ctx, window=case.window or full, attention_backend="sdpa").float()
         base_ms = row["baseline"].get("ms_per_call")
-        best: tuple[float, PerfOptions, str] | None = None
+        timed: list[_Timed] = []
         for mode in modes:
             entry: dict[str, Any] = {"mode": mode}
             try:
@@ -528,18 +614,15 @@ def run_case(
                 entry.update({
                     "attention": attention,
                     "ms_per_call": ms,
-                    "latent_fps": 1000 * p.c / (p.s * ms),
-                    "video_fps": 1000 * video_per_call / ms,
-                    "speedup": (base_ms / ms) if base_ms else None,
-                    "achieved_tflops": flops / ms / 1e9,
+                    **({"round_ms": [ms]} if rounds > 1 else {}),
+                    **_speeds(ms, p, video_per_call, base_ms, flops),
                     "first_call_s": first,
                     "relative_error": _relative_error(out, ref),
                     "peak_gpu_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None,
                     "status": dict(model.perf_status),
                     "graph_error": model._graphs.error,
                 })
-                if best is None or ms < best[0]:
-                    best = (ms, options, attention)
+                timed.append(_Timed(entry, options, call))
                 if mode in profile and profile_dir is not None:  # without CUDA graphs: kernels stay visible
                     graphed = model.perf
                     model.perf = replace(graphed, cuda_graphs=False)
@@ -553,11 +636,16 @@ def run_case(
                 log.error("mode %s of %s failed: %s", mode, case.name, traceback.format_exc())
             row["modes"].append(entry)
             emit()
+        for r in range(1, rounds):
+            _later_round(r, rounds, timed, model, device, repeats,
+                         lambda ms: _speeds(ms, p, video_per_call, base_ms, flops), emit)
+        ok = [t for t in timed if "ms_per_call" in t.entry]
+        best = min(ok, key=lambda t: t.entry["ms_per_call"]) if ok else None  # the first of equals, as before
         if ttff and best is not None:
             try:
-                model.set_perf(best[1])
-                row["time_to_first_frame"] = {"mode": best[1].describe(), **time_to_first_frame(
-                    model, case, device, dtype, best[2])}
+                model.set_perf(best.options)
+                row["time_to_first_frame"] = {"mode": best.options.describe(), **time_to_first_frame(
+                    model, case, device, dtype, best.entry["attention"])}
             except Exception as exc:  # noqa: BLE001
                 row["time_to_first_frame"] = {"error": _error_text(exc)}
                 log.error("time to first frame of %s failed: %s", case.name, traceback.format_exc())
@@ -580,8 +668,17 @@ def _f(value: Any, fmt: str = ".1f") -> str:
     return format(value, fmt) if isinstance(value, (int, float)) and not isinstance(value, bool) else "–"
 
 
+def _ms_cell(mode: dict[str, Any]) -> str:
+    """The ms/call cell of a mode: the median, and with several rounds their range, ``162.8 (161.3–163.5)``."""
+    times = [v for v in mode.get("round_ms", []) if isinstance(v, (int, float))]
+    if len(times) < 2:
+        return _f(mode["ms_per_call"])
+    return f"{_f(mode['ms_per_call'])} ({_f(min(times))}–{_f(max(times))})"
+
+
 def to_markdown(rows: list[dict[str, Any]]) -> str:
-    """Tables: one line per case and mode; floors; time to first frame and decoder."""
+    """Tables: one line per case and mode (with ``--rounds``, ms/call is the median and its range); floors;
+    time to first frame and decoder."""
     lines = [
         "| case | mode | ms/call | video FPS | latent FPS | speed-up vs eager full | TFLOP/s | rel. error | "
         "peak GiB | first call s |",
@@ -599,7 +696,7 @@ def to_markdown(rows: list[dict[str, Any]]) -> str:
                 lines.append(f"| {r['case']} | {m['mode']} | failed: {m['error'][:120]} | | | | | | | |")
                 continue
             lines.append(
-                f"| {r['case']} | {m['mode']} | {_f(m['ms_per_call'])} | {_f(m['video_fps'])} | {_f(m['latent_fps'])}"
+                f"| {r['case']} | {m['mode']} | {_ms_cell(m)} | {_f(m['video_fps'])} | {_f(m['latent_fps'])}"
                 f" | {_f(m['speedup'], '.2f')} | {_f(m['achieved_tflops'])} | {_f(m['relative_error'], '.1e')}"
                 f" | {_f(m['peak_gpu_memory_gib'])} | {_f(m['first_call_s'])} |"
             )
@@ -728,6 +825,17 @@ def _meta(device: torch.device) -> dict[str, Any]:
     return meta
 
 
+def rounds_arg(text: str) -> int:
+    """``--rounds R``: a positive integer."""
+    try:
+        rounds = int(text)
+    except ValueError:
+        rounds = 0
+    if rounds < 1:
+        raise argparse.ArgumentTypeError(f"--rounds must be a positive integer (1 = time each mode once), got {text!r}")
+    return rounds
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from .pipeline import parse_dtype
 
@@ -751,6 +859,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         except (json.JSONDecodeError, OSError):
             log.warning("%s is not readable JSON; starting a new one", path)
     meta = _meta(device)
+    if args.rounds > 1:  # absent: one round
+        meta["rounds"] = args.rounds
     if device.type == "cuda" and not args.no_rates:
         meta["measured_rates"] = measure_rates(device)
         log.info("measured rates: %s", meta["measured_rates"])
@@ -774,7 +884,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         log.info("benchmarking %s on %s (%s), modes %s", name, device, dtype, ",".join(modes))
         run_case(CASES[name], device, dtype, args.repeats, modes, args.compile_mode, not args.no_ttff,
                  not args.no_decoder, rates, report=save,
-                 profile=tuple(m for m in (args.profile or "").split(",") if m), profile_dir=out)
+                 profile=tuple(m for m in (args.profile or "").split(",") if m), profile_dir=out, rounds=args.rounds)
     save()
     sys.stdout.write(to_markdown(data["rows"]) + "\n" + "\n".join(targets(data["rows"])) + "\n")
     return 0
@@ -787,6 +897,12 @@ def _add_bench(sub: Any) -> None:
     b.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     b.add_argument("--dtype", default=None, help="default: bfloat16 on CUDA, float32 on CPU")
     b.add_argument("--repeats", type=int, default=10)
+    b.add_argument(
+        "--rounds", type=rounds_arg, default=1, metavar="R",
+        help="time the modes in R interleaved rounds (round 2 in reverse order, round 3 forward, …) and report "
+        "each mode's median ms/call with the range over the rounds: one configuration timed twice in one process "
+        "can differ by ~2 %% (default 1: each mode timed once; the baseline is always timed once)",
+    )
     b.add_argument(
         "--modes", default=None,
         help=f"comma-separated speed-up levels {sorted(PERF_LEVELS)} or option lists joined by '+', which may "
@@ -810,8 +926,10 @@ __all__ = [
     "floors",
     "flop_parts",
     "measure_rates",
+    "median_ms",
     "model_bytes",
     "model_flops",
+    "round_order",
     "run_case",
     "time_decoder",
     "time_to_first_frame",

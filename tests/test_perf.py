@@ -15,6 +15,7 @@ import pytest
 import torch
 from torch import nn
 
+from streamdit_core import bench
 from streamdit_core.attention import (
     attention,
     window_index,
@@ -23,7 +24,17 @@ from streamdit_core.attention import (
     window_reverse,
     window_reverse_indexed,
 )
-from streamdit_core.bench import CASES, BenchCase, floors, mode_options, model_flops, run_case, to_markdown
+from streamdit_core.bench import (
+    CASES,
+    BenchCase,
+    floors,
+    median_ms,
+    mode_options,
+    model_flops,
+    round_order,
+    run_case,
+    to_markdown,
+)
 from streamdit_core.config import preset
 from streamdit_core.model import StreamDiT
 from streamdit_core.perf import (
@@ -462,9 +473,107 @@ def test_bench_case_runs_and_reports_every_mode():
     assert safe["status"]["window_gather"] == "on" and "window_gather" not in roll["status"]
     assert fp8["status"]["requested"] == "text_kv_cache"  # fp8 would only be emulated on a CPU: dropped
     assert row["time_to_first_frame"]["warm_start_calls"] == 2 and row["baseline"]["ms_per_call"] > 0
+    assert all("round_ms" not in m and "round_errors" not in m for m in row["modes"])  # one round: as before
     table = to_markdown([row])
     assert "| tiny | safe |" in table and "| tiny | baseline (eager, full attention) |" in table
     assert CASES["paper-4b"].temporal_factor == 4 and CASES["wan2.1-1.3b-w8"].window == (8, 30, 52)
+
+
+_TINY = BenchCase("tiny", "test-tiny", (3, 4, 8, 8), Partition(K=0, N=2, c=2, s=1), (2, 2, 2))
+
+
+def _scripted_times(monkeypatch, times):
+    """Make ``bench._time_calls`` return ``times`` in call order (an exception in the list is raised);
+    returns the list of calls made (their scripted values)."""
+    calls = []
+
+    def fake(fn, device, repeats, warmup=2):
+        value = times[len(calls)]
+        calls.append(value)
+        if isinstance(value, Exception):
+            raise value
+        return value, 0.5
+
+    monkeypatch.setattr(bench, "_time_calls", fake)
+    return calls
+
+
+def test_median_ms_of_odd_and_even_counts():
+    assert median_ms([3.0]) == 3.0
+    assert median_ms([5.0, 1.0, 3.0]) == 3.0
+    assert median_ms([4.0, 1.0, 3.0, 2.0]) == 2.5  # the mean of the two middle values
+    assert median_ms((163.5, 161.3)) == pytest.approx(162.4)
+    with pytest.raises(ValueError, match="at least one"):
+        median_ms([])
+
+
+def test_round_order_alternates_and_is_a_permutation():
+    assert round_order(3, 0) == [0, 1, 2] and round_order(3, 1) == [2, 1, 0] and round_order(3, 2) == [0, 1, 2]
+    for n in range(5):
+        for r in range(4):
+            assert sorted(round_order(n, r)) == list(range(n))
+            assert round_order(n, r + 1) == round_order(n, r)[::-1]
+    with pytest.raises(ValueError):
+        round_order(2, -1)
+
+
+def test_bench_rounds_report_the_median_and_its_range(monkeypatch):
+    # baseline; round 1 plain, safe; round 2 reversed: safe, plain; round 3: plain, safe
+    calls = _scripted_times(monkeypatch, [100.0, 10.0, 20.0, 21.0, 30.0, 31.0, 22.0])
+    row = run_case(_TINY, torch.device("cpu"), torch.float32, repeats=1, modes=("plain", "safe"), rounds=3)
+    assert len(calls) == 7 and row["baseline"]["ms_per_call"] == 100.0  # the baseline is timed once
+    plain, safe = row["modes"]
+    assert plain["round_ms"] == [10.0, 30.0, 31.0] and safe["round_ms"] == [20.0, 21.0, 22.0]
+    flops = model_flops(preset("test-tiny"), _TINY.latent, _TINY.window)
+    for m, median in ((plain, 30.0), (safe, 21.0)):
+        assert m["ms_per_call"] == median
+        assert m["video_fps"] == pytest.approx(1000 * 2 / median)  # c = 2 frames per call, s = 1
+        assert m["latent_fps"] == pytest.approx(1000 * 2 / median)
+        assert m["speedup"] == pytest.approx(100.0 / median)
+        assert m["achieved_tflops"] == pytest.approx(flops / median / 1e9)
+        assert m["first_call_s"] == 0.5 and "round_errors" not in m
+    assert plain["relative_error"] == 0 and safe["relative_error"] < 1e-5  # round 1's
+    # round 1 alone would pick plain (10 ms); the medians pick safe
+    safe_options = mode_options("safe", "default").for_device(torch.device("cpu"))
+    assert row["time_to_first_frame"]["mode"] == safe_options.describe()
+    table = to_markdown([row])
+    assert "| tiny | plain | 30.0 (10.0–31.0) | 66.7 |" in table and "| tiny | safe | 21.0 (20.0–22.0) |" in table
+    assert "| tiny | baseline (eager, full attention) | 100.0 |" in table
+
+
+def test_bench_rounds_skip_failed_modes_and_keep_going(monkeypatch):
+    # baseline; round 1 plain, safe (the bad mode fails before timing); round 2 reversed: safe fails, plain
+    calls = _scripted_times(monkeypatch, [100.0, 10.0, 20.0, RuntimeError("graph capture failed"), 13.0])
+    row = run_case(_TINY, torch.device("cpu"), torch.float32, repeats=1, modes=("plain", "no-such-item", "safe"),
+                   ttff=False, rounds=2)
+    assert len(calls) == 5
+    plain, bad, safe = row["modes"]
+    assert "error" in bad and "round_ms" not in bad
+    assert plain["round_ms"] == [10.0, 13.0] and plain["ms_per_call"] == 11.5
+    assert safe["round_ms"] == [20.0, None] and safe["ms_per_call"] == 20.0
+    assert safe["round_errors"] == [{"round": 2, "error": "RuntimeError: graph capture failed"}]
+    assert safe["speedup"] == pytest.approx(5.0) and "error" not in safe
+    table = to_markdown([row])
+    assert "| tiny | plain | 11.5 (10.0–13.0) |" in table and "| tiny | safe | 20.0 |" in table
+
+
+def test_bench_command_records_rounds_and_rejects_zero(monkeypatch, tmp_path, capsys):
+    import json
+
+    from streamdit_core.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["bench", "--rounds", "0"])
+    assert exit_info.value.code == 2 and "--rounds must be a positive integer" in capsys.readouterr().err
+    monkeypatch.setitem(CASES, "tiny", _TINY)
+    args = ["bench", "--device", "cpu", "--cases", "tiny", "--modes", "plain,safe", "--repeats", "1", "--no-ttff"]
+    assert main([*args, "--out", str(tmp_path / "one")]) == 0
+    one = json.loads((tmp_path / "one" / "bench.json").read_text())
+    assert "rounds" not in one["runs"][-1] and all("round_ms" not in m for m in one["rows"][0]["modes"])
+    assert main([*args, "--rounds", "2", "--out", str(tmp_path / "two")]) == 0
+    two = json.loads((tmp_path / "two" / "bench.json").read_text())
+    assert two["runs"][-1]["rounds"] == 2 and all(len(m["round_ms"]) == 2 for m in two["rows"][0]["modes"])
+    assert "–" in (tmp_path / "two" / "bench.md").read_text().split("| tiny | safe | ")[1].split(" |")[0]
 
 
 def test_cudnn_backend_trains_through_plain_sdpa():
