@@ -10,11 +10,13 @@ quantisation of the self-attention output and its quantisation of the cross-atte
 fp8_out_fused``). The ``(splitrows)`` rows hold the GELU row as two power-of-two pieces (``PerfOptions.
 fp8_split_rows``, ``triton_util.split_blocks``: Wan's 8,960 as 8,192 + 1,024); at the paper's 7,680, where the item
 keeps the whole row (4,096 + 4,096 is no smaller than 8,192), the split is forced, as a control of what two pieces
-cost at the same share of active lanes. The ``(normrows)`` rows run the modulated LayerNorm kernels (norm1, and
-norm1 with ``crossres``) with several rows of one frame per program (``PerfOptions.norm_rows``,
-``triton_util.norm_rows``: the per-frame rows loaded once per program; the warps sweep the ``[ROWS, BLOCK]`` tile's).
+cost at the same share of active lanes. The ``(normrows)`` rows run the LayerNorm kernels that read per-frame rows
+(fp8: norm1, norm1 with ``crossres``, norm2, norm3; bf16 store, ``normfuse``: norm2, norm3, norm1 with ``crossres``)
+with several rows of one frame per program (``PerfOptions.norm_rows``, ``triton_util.norm_rows``: the per-frame rows
+loaded once per program; the warps sweep the ``[ROWS, BLOCK]`` tile's).
 The column "warps item" is the warp count the item ``warps``
-(``PerfOptions.tuned_warps``, ``triton_util.TUNED_WARPS``) launches the kernel with.
+(``PerfOptions.tuned_warps``, ``triton_util.TUNED_WARPS``) launches the kernel with (for the ``(normrows)`` rows
+the multi-row kernel's own entry, ``triton_util.norm_rows_launch_config``).
 """
 
 from __future__ import annotations
@@ -30,7 +32,14 @@ import torch
 
 from streamdit_core import fp8_triton, rope_triton
 from streamdit_core.attention import window_index
-from streamdit_core.triton_util import default_warps, norm_rows, norm_rows_launch_config, split_blocks
+from streamdit_core.triton_util import (
+    default_warps,
+    norm_rows,
+    norm_rows_launch_config,
+    row_launch_config,
+    split_blocks,
+    split_launch_config,
+)
 
 log = logging.getLogger("StreamDiT.bench_row_kernels")
 
@@ -50,6 +59,40 @@ def _split_pieces(n_cols: int) -> tuple[int, int]:
     block = 1 << (n_cols.bit_length() - 1)
     rest = n_cols - block
     return split_blocks(n_cols) if split_blocks(n_cols)[1] else (block, 1 << (rest - 1).bit_length() if rest else 0)
+
+
+def _forced_configs(warps: int) -> tuple[Callable[..., tuple[int, int]], Callable[..., tuple[int, int, int]],
+                                          Callable[..., tuple[int, int]]]:
+    """Stand-ins for ``row_launch_config``, ``split_launch_config`` and ``norm_rows_launch_config`` (same
+    signatures) that keep each one's blocks (the split's pieces forced, :func:`_split_pieces`) and launch with
+    ``warps``."""
+    def config(n_cols: int, kind: str | None = None, tuned: bool = False) -> tuple[int, int]:
+        return row_launch_config(n_cols)[0], warps
+
+    def split_config(n_cols: int, kind: str | None = None, tuned: bool = False) -> tuple[int, int, int]:
+        return (*_split_pieces(n_cols), warps)
+
+    def rows_config(n_cols: int, rows: int, kind: str | None = None, tuned: bool = False) -> tuple[int, int]:
+        return norm_rows_launch_config(n_cols, rows)[0], warps
+
+    return config, split_config, rows_config
+
+
+def _warps_columns(case: str, name: str, cols: int, kind: str | None) -> tuple[int, int]:
+    """``(default warps, warps with the item warps)`` of the kernel ``name`` (its row width ``cols``, its
+    ``TUNED_WARPS`` name ``kind``) in ``case``: for a ``(normrows)`` row the ``[ROWS, BLOCK]`` tile's
+    (``norm_rows_launch_config``), for a ``(splitrows)`` row the split layout's (a forced split: the default rule
+    for its lanes), else the one-row kernel's."""
+    if name.endswith(NROWS):
+        tokens, grid = CASES[case][0], CASES[case][4]
+        per = norm_rows(tokens // grid[0], tokens, cols)
+        return norm_rows_launch_config(cols, per)[1], norm_rows_launch_config(cols, per, kind, True)[1]
+    if name.endswith(SPLIT):
+        if split_blocks(cols)[1]:
+            return split_launch_config(cols)[2], split_launch_config(cols, kind, True)[2]
+        warps = default_warps(sum(_split_pieces(cols)))
+        return warps, warps
+    return row_launch_config(cols)[1], row_launch_config(cols, kind, True)[1]
 
 
 def _time_ms(fn: Callable[[], object], repeats: int = 10, launches: int = 20) -> float:
@@ -125,9 +168,30 @@ def _kernels(case: str) -> dict[str, tuple[Callable[[], object], int, int, str |
         f"residual + gate + LayerNorm + modulation + fp8 (norm1, crossres, {per} rows per program) {NROWS}": (
             lambda: nq(x, 1e-6, tokens, frames, residual=y, gate=mod[2], shift=mod[0], scale=mod[1], rows=True),
             3 * row + row8, d, "residual_gate_modulate_quant"),
+        f"residual + gate + LayerNorm affine + fp8 (norm3, {per} rows per program) {NROWS}": (
+            lambda: nq(x, 1e-6, tokens, frames, residual=y, gate=mod[2], weight=w, bias=b, rows=True),
+            3 * row + row8, d, "residual_gate_affine_quant"),
+        f"residual + LayerNorm + modulation + fp8 (norm2, {per} rows per program) {NROWS}": (
+            lambda: nq(x, 1e-6, tokens, frames, residual=y, shift=mod[0], scale=mod[1], rows=True), 3 * row + row8,
+            d, "residual_modulate_quant"),
         "residual + LayerNorm + modulation, bf16 (normfuse)": (
             lambda: nq(x, 1e-6, tokens, frames, residual=y, shift=mod[0], scale=mod[1], quantize=False), 4 * row, d,
             "residual_modulate"),
+        f"residual + LayerNorm + modulation, bf16 (normfuse, {per} rows per program) {NROWS}": (
+            lambda: nq(x, 1e-6, tokens, frames, residual=y, shift=mod[0], scale=mod[1], quantize=False, rows=True),
+            4 * row, d, "residual_modulate"),
+        "residual + gate + LayerNorm affine, bf16 (normfuse norm3)": (
+            lambda: nq(x, 1e-6, tokens, frames, residual=y, gate=mod[2], weight=w, bias=b, quantize=False), 4 * row,
+            d, "residual_gate_affine"),
+        f"residual + gate + LayerNorm affine, bf16 (normfuse norm3, {per} rows per program) {NROWS}": (
+            lambda: nq(x, 1e-6, tokens, frames, residual=y, gate=mod[2], weight=w, bias=b, quantize=False,
+                       rows=True), 4 * row, d, "residual_gate_affine"),
+        "residual + gate + LayerNorm + modulation, bf16 (normfuse norm1, crossres)": (
+            lambda: nq(x, 1e-6, tokens, frames, residual=y, gate=mod[2], shift=mod[0], scale=mod[1], quantize=False),
+            4 * row, d, "residual_gate_modulate"),
+        f"residual + gate + LayerNorm + modulation, bf16 (normfuse norm1, crossres, {per} rows per program) {NROWS}": (
+            lambda: nq(x, 1e-6, tokens, frames, residual=y, gate=mod[2], shift=mod[0], scale=mod[1], quantize=False,
+                       rows=True), 4 * row, d, "residual_gate_modulate"),
         "bias + GELU + fp8 (FFN hidden)": (
             lambda: fp8_triton.quantize_rows_triton(h, 1, bias=h_bias), tokens * ffn * 3, ffn, "gelu_quant"),
         f"bias + GELU + fp8, row as {' + '.join(f'{b:,}' for b in _split_pieces(ffn))}"
@@ -163,14 +227,7 @@ def main() -> None:
         for name, (launch, nbytes, cols, kind) in _kernels(case).items():
             cells, row = [], {"case": case, "kernel": name, "bytes": nbytes, "us": {}}
             for warps in WARPS:
-                def config(n_cols: int, kind: str | None = None, tuned: bool = False,
-                           warps: int = warps) -> tuple[int, int]:
-                    return default(n_cols)[0], warps
-                def split_config(n_cols: int, kind: str | None = None, tuned: bool = False,
-                                 warps: int = warps) -> tuple[int, int, int]:
-                    return (*_split_pieces(n_cols), warps)
-                def rows_config(n_cols: int, rows: int, warps: int = warps) -> tuple[int, int]:
-                    return default(n_cols)[0], warps
+                config, split_config, rows_config = _forced_configs(warps)
                 fp8_triton.row_launch_config = rope_triton.row_launch_config = config
                 fp8_triton.split_launch_config = split_config
                 fp8_triton.norm_rows_launch_config = rows_config
@@ -185,15 +242,7 @@ def main() -> None:
             fp8_triton.row_launch_config = rope_triton.row_launch_config = default
             fp8_triton.split_launch_config = default_split
             fp8_triton.norm_rows_launch_config = default_rows
-            if name.endswith(NROWS):  # the tile's default rule; TUNED_WARPS (one row per program) does not apply
-                warps = tuned = norm_rows_launch_config(cols, norm_rows(CASES[case][0] // CASES[case][4][0],
-                                                                          CASES[case][0], cols))[1]
-            elif name.endswith(SPLIT):  # the split layout's own defaults (a forced split: the rule for its lanes)
-                split = split_blocks(cols)[1] > 0
-                warps = default_split(cols)[2] if split else default_warps(sum(_split_pieces(cols)))
-                tuned = default_split(cols, kind, True)[2] if split else warps
-            else:
-                warps, tuned = default(cols)[1], default(cols, kind, True)[1]
+            warps, tuned = _warps_columns(case, name, cols, kind)
             row["default_warps"], row["tuned_warps"] = warps, tuned
             results["rows"].append(row)  # type: ignore[attr-defined]
             lines.append(f"| {case} | {name} | {warps} | {tuned} | " + " | ".join(cells) + " |")

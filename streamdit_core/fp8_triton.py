@@ -333,7 +333,9 @@ def norm_quant_triton(
         rows: where the kernel reads per-frame rows (gate or modulation), process ``triton_util.norm_rows``
             consecutive rows per program, loading those once per program (item ``normrows``; the same values: per
             row the same statistics, rounding and stores); its warp count is the default rule's for the
-            ``[ROWS, BLOCK]`` tile (``triton_util.norm_rows_launch_config``), ``tuned`` unused there.
+            ``[ROWS, BLOCK]`` tile, or with ``tuned`` the one measured for the multi-row kernel of this
+            configuration where ``triton_util.TUNED_WARPS`` has one (``triton_util.norm_rows_launch_config``;
+            the one-row entries are not used there).
     Returns:
         ``(out [rows, n_cols], scale [rows, 1] float32 or None, sum [rows, n_cols] x's dtype or None)``: ``out``
         in ``out_dtype`` and ``scale`` with ``quantize``, else ``out`` in x's dtype and no scale.
@@ -344,13 +346,13 @@ def norm_quant_triton(
     total = None if residual is None else torch.empty_like(x)
     if residual_bias is not None and residual is None:
         raise ValueError("residual_bias is the residual branch's bias: it needs residual")
-    block, warps = row_launch_config(n_cols, norm_kind(residual is not None, gate is not None, weight is not None,
-                                                       shift is not None, quantize), tuned)
+    kind = norm_kind(residual is not None, gate is not None, weight is not None, shift is not None, quantize)
+    block, warps = row_launch_config(n_cols, kind, tuned)
     per_row = 1
     if rows and (gate is not None or shift is not None):  # only where per-frame rows are read
         per_row = norm_rows(tokens // frames, n_rows, n_cols)
         if per_row > 1:
-            block, warps = norm_rows_launch_config(n_cols, per_row)
+            block, warps = norm_rows_launch_config(n_cols, per_row, kind, tuned)
     # unread placeholders: the input for what is read (never an output, so that the compiler's mutation analysis
     # sees no aliasing of what the kernel writes), the normalised output for the sum without a residual and for
     # the scales without quantisation (never written)

@@ -67,6 +67,11 @@ def not_loaded(*args: Any, **kwargs: Any) -> Any:
 #   gelu_quant_split           the GELU row held as two pieces (``split_launch_config``, item ``splitrows``): 8,960 as
 #                              8,192 + 1,024 → 4 (258 [16: 269]; whole row at 8 warps: 463); from the sweep in
 #                              docs/bench/h100_splitrows/row_kernels.md (the whole row's entries do not apply here)
+#   norm_modulate_quant_rows4  norm1 with 4 rows of one frame per program (``norm_rows_launch_config``, item
+#                              ``normrows``): 3,072 → 4 (99 µs [16: 152]; 8: 99); 1,536 → 4 (67 [16: 99]); from the
+#                              sweep in docs/bench/h100_splitrows/row_kernels.md (the one-row entries do not apply here)
+#   residual_gate_modulate_quant_rows4  norm1 with crossres, 4 rows per program: 3,072 → 8 (142 [16: 191]); 1,536 → 4
+#                              (102 [16: 134]); the same sweep
 # Warps change how a row is spread over the threads, not the maths: the kernels' values are the same (the reductions'
 # order may differ, a float32 rounding; see tests/test_fused_quant.py).
 TUNED_WARPS: dict[tuple[str, int], int] = {
@@ -83,6 +88,10 @@ TUNED_WARPS: dict[tuple[str, int], int] = {
     ("qkv_rope", 1536): 2,
     ("residual_gate_modulate_quant", 3072): 2,
     ("residual_gate_modulate_quant", 1536): 2,
+    ("norm_modulate_quant_rows4", 3072): 4,
+    ("norm_modulate_quant_rows4", 1536): 4,
+    ("residual_gate_modulate_quant_rows4", 3072): 8,
+    ("residual_gate_modulate_quant_rows4", 1536): 4,
 }
 
 
@@ -163,10 +172,14 @@ def norm_rows(tokens_per_frame: int, n_rows: int, n_cols: int) -> int:
     return 1
 
 
-def norm_rows_launch_config(n_cols: int, rows: int) -> tuple[int, int]:
+def norm_rows_launch_config(n_cols: int, rows: int, kind: str | None = None, tuned: bool = False) -> tuple[int, int]:
     """``(BLOCK, num_warps)`` of the LayerNorm kernel holding ``rows`` rows of ``n_cols`` values (``norm_rows``):
     BLOCK as in :func:`row_launch_config`, the warps of :func:`default_warps` for the ``rows·BLOCK`` tile (at most
-    16; e.g. 4 × 4,096 → 16, 4 × 2,048 → 16, 2 × 2,048 → 8). ``TUNED_WARPS`` (one row per program) does not
-    apply."""
+    16; e.g. 4 × 4,096 → 16, 4 × 2,048 → 16, 2 × 2,048 → 8), or with ``tuned`` the one measured for
+    ``f"{kind}_rows{rows}"`` at this width where ``TUNED_WARPS`` has one (e.g. ``norm_modulate_quant_rows4`` at
+    3,072 → 4; the one-row entries of ``kind`` are not used)."""
     block = 1 << max(0, n_cols - 1).bit_length()
-    return block, default_warps(rows * block)
+    warps = default_warps(rows * block)
+    if tuned and kind is not None:
+        warps = TUNED_WARPS.get((f"{kind}_rows{rows}", n_cols), warps)
+    return block, warps

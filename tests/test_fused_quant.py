@@ -692,7 +692,8 @@ def test_tuned_warps_table_and_model_flags():
     assert norm_kind(True, False, False, True, False) == "residual_modulate"
     assert norm_kind(True, True, False, True, True) == "residual_gate_modulate_quant"
     kinds = {"norm_modulate_quant", "residual_gate_affine_quant", "residual_modulate_quant", "residual_modulate",
-             "gelu_quant", "qkv_rope", "residual_gate_modulate_quant", "gelu_quant_split"}
+             "gelu_quant", "qkv_rope", "residual_gate_modulate_quant", "gelu_quant_split",
+             "norm_modulate_quant_rows4", "residual_gate_modulate_quant_rows4"}
     assert {kind for kind, _ in TUNED_WARPS} == kinds and all(w in (1, 2, 4, 8, 16) for w in TUNED_WARPS.values())
     model = _biased_model()
     args = tiny_inputs(model.config)

@@ -14,7 +14,14 @@ from test_fused_quant import ADDS, FUSED, INTERPRET, _biased_model, _modulation,
 import streamdit_core.model as model_module
 from streamdit_core.bench import mode_options
 from streamdit_core.perf import PERF_LEVELS, PerfOptions
-from streamdit_core.triton_util import NORM_ROWS_MAX_VALUES, default_warps, norm_rows, norm_rows_launch_config
+from streamdit_core.triton_util import (
+    NORM_ROWS_MAX_VALUES,
+    TUNED_WARPS,
+    default_warps,
+    norm_rows,
+    norm_rows_launch_config,
+    row_launch_config,
+)
 
 from fused_models import run, tiny_inputs
 
@@ -33,6 +40,31 @@ def test_norm_rows_rule():
     assert NORM_ROWS_MAX_VALUES == 16384
     assert norm_rows_launch_config(3072, 4) == (4096, 16) and norm_rows_launch_config(1536, 4) == (2048, 16)
     assert norm_rows_launch_config(1536, 2) == (2048, 8) and norm_rows_launch_config(48, 4) == (64, default_warps(256))
+
+
+def test_norm_rows_tuned_warps():
+    """The multi-row kernels' measured warp counts (docs/bench/h100_splitrows/row_kernels.md) replace the tile's
+    default rule only with ``tuned``, a ``kind`` and the measured width and rows per program; the one-row entries
+    never apply to the tile, nor the tile's to the one-row kernel."""
+    assert norm_rows_launch_config(3072, 4, "norm_modulate_quant", True) == (4096, 4)
+    assert norm_rows_launch_config(3072, 4, "residual_gate_modulate_quant", True) == (4096, 8)
+    assert norm_rows_launch_config(1536, 4, "norm_modulate_quant", True) == (2048, 4)
+    assert norm_rows_launch_config(1536, 4, "residual_gate_modulate_quant", True) == (2048, 4)
+    for n_cols, rows in ((3072, 4), (1536, 4), (1536, 2), (5120, 2), (48, 4)):
+        default = norm_rows_launch_config(n_cols, rows)
+        assert default == (row_launch_config(n_cols)[0], default_warps(rows * default[0]))
+        for kind in ("norm_modulate_quant", "residual_gate_modulate_quant", "residual_modulate_quant", "nonesuch"):
+            assert norm_rows_launch_config(n_cols, rows, kind) == default  # untuned: the default rule
+            entry = TUNED_WARPS.get((f"{kind}_rows{rows}", n_cols))
+            assert norm_rows_launch_config(n_cols, rows, kind, True) == (default[0], entry or default[1])
+        assert norm_rows_launch_config(n_cols, rows, None, True) == default
+    # measured only at 4 rows and the two models' widths; the one-row entry (2 warps at 1,536) is not the tile's
+    assert norm_rows_launch_config(1536, 2, "norm_modulate_quant", True) == (2048, 8)
+    assert norm_rows_launch_config(5120, 2, "norm_modulate_quant", True) == (8192, 16)
+    assert norm_rows_launch_config(3072, 4, "residual_modulate_quant", True) == (4096, 16)  # not measured
+    assert row_launch_config(3072, "norm_modulate_quant_rows4", False) == (4096, 8)
+    assert {width for kind, width in TUNED_WARPS if "_rows" in kind} == {3072, 1536}
+    assert all(kind.endswith("_rows4") for kind, _ in TUNED_WARPS if "_rows" in kind)
 
 
 def test_options_parse_normrows():
@@ -132,3 +164,35 @@ def test_multi_row_kernel_in_interpreter_equals_one_row(dtype):
             for a, c in zip(one, many):
                 assert (a is None) == (c is None), name
                 assert a is None or torch.equal(a, c), (name, per, dtype)
+
+
+@pytest.mark.skipif(not INTERPRET, reason="needs triton and TRITON_INTERPRET=1 on a machine without CUDA")
+def test_multi_row_kernel_tuned_warps_in_interpreter_same_values(monkeypatch):
+    """At a measured width the multi-row kernel launched with ``tuned`` asks for its measured warps (the kernel's
+    configuration name passed on, fp8 and bf16 store alike) and gives the same values as without."""
+    import streamdit_core.fp8_triton as fp8_triton
+
+    calls = []
+
+    def spy(*args):
+        calls.append(args)
+        return norm_rows_launch_config(*args)
+
+    monkeypatch.setattr(fp8_triton, "norm_rows_launch_config", spy)
+    b, frames, per, width, dtype = 1, 2, 4, 1536, torch.bfloat16
+    tokens = frames * per
+    x = _rows(b * tokens, width, dtype, seed=5) * 3
+    configs = _configs(b, frames, per, width, dtype)
+    expected = {"norm1": ("norm_modulate_quant", 4), "norm1 crossres": ("residual_gate_modulate_quant", 4),
+                "norm2 bf16 store": ("residual_modulate", 16)}  # Wan's width; bf16 norm2's tile not measured
+    for name, (kind, warps) in expected.items():
+        kwargs = configs[name]
+        if kwargs.get("quantize", True):
+            kwargs = dict(kwargs, out_dtype=torch.float32)  # the scaled values before the fp8 cast
+        calls.clear()
+        untuned, tuned = (fp8_triton.norm_quant_triton(x, 1e-6, tokens, frames, rows=True, tuned=t, **kwargs)
+                          for t in (False, True))
+        assert calls == [(width, 4, kind, False), (width, 4, kind, True)], calls
+        assert norm_rows_launch_config(*calls[1]) == (2048, warps)
+        for a, c in zip(untuned, tuned):
+            assert (a is None) == (c is None) and (a is None or torch.equal(a, c)), name
