@@ -89,7 +89,8 @@ maths, better left to the compiler there), ``cross_residual`` with them.
 ``fp8_rows`` gained nothing and is in no level (``fastest,fp8rows``; in ``bench --modes``: ``fastest+fp8rows``);
 ``norm_rows`` is in no level (``fastest,normrows``, ``fast,normrows``; ``fastest+normrows``): in
 ``docs/bench/h100_splitrows/`` it made ``fastest`` 3.1 % / 1.6 % slower and ``fast`` 3.2 % faster at paper scale
-but 1.3 % slower for Wan (its kernels ran at the default 16 warps, the sweep's worst but one).
+but 1.3 % slower for Wan (its kernels ran at the default 16 warps, the sweep's worst but one; with
+``tuned_warps`` the fp8 norm1 kernels now use the counts measured for them, not yet timed in the model).
 A GELU row kernel in two passes over chunks of the row was measured (Wan's ``fastest`` 3.5 % slower, see
 ``docs/BENCHMARKS.md``) and removed.
 ``fp8_out_fused`` needs ``window_gather`` for windows smaller than the grid, like ``qk_fused``.
