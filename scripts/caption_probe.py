@@ -4,6 +4,7 @@ Usage::
 
     python scripts/caption_probe.py [--model FILE] [--clips 16] [--seed 0] [--sigmas 0.3 0.5 0.7 0.9]
                                     [--every-sigma] [--config configs/bundled_teacher.json] [--out probe.json]
+                                    [--events 0] [--event-prob 0.2]
 
 ``--model`` defaults to the shipped student ``streamdit_core/weights/streamdit-bundled.safetensors``; the
 teacher ``streamdit-bundled-teacher.safetensors`` (or any pixel-space checkpoint with the bundled text encoder)
@@ -29,7 +30,25 @@ shared by every condition, so each comparison below is paired (same clip, same n
 clips; the "mean" column weights every σ equally). ``--every-sigma`` noises every clip at every σ (``len(sigmas)``
 times the model calls).
 
-Prints a markdown table; ``--out FILE.json`` also writes the numbers as JSON and ``FILE.md`` beside it.
+3. Events (only with ``--events N``, N > 0; off by default, and then the run and its output are unchanged): N
+   further clips, each with at least one caption change, drawn from the world of ``--config`` with
+   ``event_prob`` set to ``--event-prob`` (default 0.2 per frame; training uses 0.019, the v9 part 0.06) from
+   generators seeded ``seed_for(seed, 0, 0, 4…6)``, batches of N clips until N clips with a change are found.
+   ``e`` is a clip's first frame whose caption differs from frame 0's; the first event's kind (colour, motion,
+   shape, appear) is read off the captions of frames 0 and ``e``. Paired conditions: the **true** per-frame
+   captions, and **held**: frame 0's caption in every frame (as if the prompt had not switched). Reported per
+   kind and over all clips: the flow-matching loss on the frames ``≥ e`` and on the frames ``< e`` with each
+   condition, and ``held / true − 1`` (a model that reads the caption after a switch: large and positive; one
+   that copies the clip's cleaner frames: about 0); also the change of the x0 error on the pixels of the object
+   the first event changes (or adds; found as in 2, by rendering without it), frames ``≥ e``. The σ columns
+   follow the σ assignment above (the whole clip at one σ); the staircase column noises each clip as streaming
+   inference does: chunk size 2 (``Partition(K, (B − K)/2, 2, 1)``), σ per chunk drawn by ``training_sigmas``.
+   Costs 4 more model calls of N clips (two conditions, each at its σ and on the staircase;
+   ``2·(len(sigmas) + 1)`` with ``--every-sigma``): about 27 s on one CPU thread for N = 16 with the bundled
+   models. With event_prob 0.2 a clip changes its caption about 3 times, so a row's kind is that of the first
+   change only.
+
+Prints markdown tables; ``--out FILE.json`` also writes the numbers as JSON and ``FILE.md`` beside it.
 """
 
 from __future__ import annotations
@@ -38,6 +57,7 @@ import argparse
 import dataclasses
 import hashlib
 import json
+import math
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -58,6 +78,7 @@ from streamdit_core.train import TrainConfig, load_config, noise_clip, shared_co
 from streamdit_core.world import (
     BACKGROUNDS,
     COLOURS,
+    EVENT_KINDS,
     MOTIONS,
     SHAPES,
     SIZES,
@@ -87,6 +108,13 @@ ATTRIBUTES: dict[str, tuple[str, ...]] = {
 # generator streams of seed_for(seed, 0, 0, stream); 0-2 as train.py's clips / small draws / noise
 _TRUTH, _SMALL, _NOISE, _SWAP = 0, 1, 2, 3
 _MASK_LEVEL = 0.05  # a pixel belongs to the object when removing it changes some channel by more than this
+# event clips: streams 4-6 of seed_for(seed, 0, 0, ·) (truth, noise, staircase σ); give up after this many batches
+_EVENT_TRUTH, _EVENT_NOISE, _EVENT_STAIR = 4, 5, 6
+_EVENT_MAX_BATCHES = 100
+EVENT_PROB = 0.2
+"""Default per-frame event probability of the world the event clips come from (training 0.019, the v9 part 0.06)."""
+STAIRCASE_CHUNK = 2
+"""Chunk size of the events section's streaming staircase (the inference partition)."""
 
 VelocityModel = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -148,6 +176,21 @@ def swap_attribute(captions: list[str], attribute: str, generator: torch.Generat
     return [_replace(c, attribute, new) for c in captions], _attribute_values(captions[0], attribute)[0], new
 
 
+def _render_clips(truth: WorldTruth, config: WorldConfig, slot: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Render clips of ``truth`` (leading dims ``[n, B]``): pixels ``x`` ``[n, 3, B, H, W]`` in [−1, 1] and the
+    bool mask ``[n, 1, B, H, W]`` of object ``slot[i]`` ``[n]`` of clip ``i`` (the pixels whose value changes by
+    more than ``_MASK_LEVEL`` in some channel when the frame is rendered without that object)."""
+    n, B = truth.background.shape
+    flat = WorldTruth(**{f.name: getattr(truth, f.name).flatten(0, 1) for f in dataclasses.fields(WorldTruth)})
+    without = dataclasses.replace(flat, present=flat.present.clone())
+    without.present[torch.arange(n * B), slot.repeat_interleave(B)] = False
+    H, W = config.height, config.width
+    frames = render_frames(flat, config, "cpu")  # [n·B, 3, H, W] in [0, 1]
+    mask = (frames - render_frames(without, config, "cpu")).abs().amax(1) > _MASK_LEVEL  # [n·B, H, W]
+    x = frames.view(n, B, 3, H, W).permute(0, 2, 1, 3, 4) * 2.0 - 1.0
+    return x, mask.view(n, B, 1, H, W).permute(0, 2, 1, 3, 4)
+
+
 def draw_clips(cfg: TrainConfig, clips: int, seed: int) -> ProbeDraw:
     """Clips, masks, noise, training σ and attribute swaps, all from generators seeded by ``seed``."""
     if clips < 2:
@@ -156,14 +199,7 @@ def draw_clips(cfg: TrainConfig, clips: int, seed: int) -> ProbeDraw:
     g_truth, g_small, g_noise, g_swap = (torch.Generator().manual_seed(seed_for(seed, 0, 0, s)) for s in range(4))
     truth = world.sample_truth(clips, cfg.buffer, g_truth)
     captions = [list(row) for row in captions_from_truth(truth)]
-    flat = WorldTruth(**{f.name: getattr(truth, f.name).flatten(0, 1) for f in dataclasses.fields(WorldTruth)})
-    without = dataclasses.replace(flat, present=flat.present.clone())
-    without.present[:, 0] = False
-    H, W, B = world.config.height, world.config.width, cfg.buffer
-    frames = render_frames(flat, world.config, "cpu")  # [n·B, 3, H, W] in [0, 1]
-    mask = (frames - render_frames(without, world.config, "cpu")).abs().amax(1) > _MASK_LEVEL  # [n·B, H, W]
-    x = frames.view(clips, B, 3, H, W).permute(0, 2, 1, 3, 4) * 2.0 - 1.0
-    object_mask = mask.view(clips, B, 1, H, W).permute(0, 2, 1, 3, 4)
+    x, object_mask = _render_clips(truth, world.config, torch.zeros(clips, dtype=torch.long))
     rows = []
     frames_free = cfg.buffer - cfg.reference_frames
     for _ in range(clips):  # as Trainer.sigmas
@@ -214,6 +250,20 @@ def _mean_loss(v_err: torch.Tensor, sigma: torch.Tensor) -> float:
     return float((v_err * weight).sum() / weight.sum().clamp(min=1.0))
 
 
+def _check_sigmas(sigmas: Sequence[float]) -> None:
+    if not sigmas or any(not 0.0 < s <= 1.0 for s in sigmas):
+        raise ValueError(f"sigmas must be a non-empty list of values in (0, 1], got {list(sigmas)}")
+
+
+def sigma_assignment(n: int, levels: int, every_sigma: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Which clip is noised at which σ: ``(index, level)``, both ``[rows]`` (long): row ``r`` noises clip
+    ``index[r]`` at ``sigmas[level[r]]``. By default one row per clip, clip ``i`` at level ``i mod levels``;
+    ``every_sigma``: ``levels·n`` rows, every clip at every level (level-major)."""
+    if every_sigma:
+        return torch.arange(n).repeat(levels), torch.arange(levels).repeat_interleave(n)
+    return torch.arange(n), torch.arange(n) % levels
+
+
 def probe(
     model: VelocityModel,
     text: TextEncoder,
@@ -229,16 +279,10 @@ def probe(
     true captions, region ``object`` / ``all``. ``attributes[name]`` holds ``example`` and ``object`` /
     ``all`` → key → relative change of the x0 error.
     """
-    if not sigmas or any(not 0.0 < s <= 1.0 for s in sigmas):
-        raise ValueError(f"sigmas must be a non-empty list of values in (0, 1], got {list(sigmas)}")
+    _check_sigmas(sigmas)
     n, B = draw.x.shape[0], draw.x.shape[2]
     K = len(sigmas)
-    if every_sigma:
-        index = torch.arange(n).repeat(K)
-        level = torch.arange(K).repeat_interleave(n)
-    else:
-        index = torch.arange(n)
-        level = torch.arange(n) % K
+    index, level = sigma_assignment(n, K, every_sigma)
     keys = [f"{s:g}" for s in sigmas]
     fixed = torch.tensor(sigmas, dtype=torch.float32)[level][:, None].expand(len(index), B).contiguous()
     x, noise, mask = draw.x[index], draw.noise[index], draw.object_mask[index]
@@ -289,6 +333,237 @@ def probe(
     result["clips_per_sigma"] = {key: int((level == k).sum()) for k, key in enumerate(keys)}
     result["object_pixel_share"] = float(draw.object_mask.float().mean())
     return result
+
+
+# ------------------------------------------------------------------------------------------------- events
+
+
+def first_change(captions: Sequence[str]) -> int | None:
+    """The first frame whose caption differs from frame 0's (``e``), or None when every frame has frame 0's."""
+    return next((f for f, caption in enumerate(captions) if caption != captions[0]), None)
+
+
+def caption_changes(captions: Sequence[str]) -> int:
+    """How many times the caption changes from one frame to the next."""
+    return sum(a != b for a, b in zip(captions, captions[1:]))
+
+
+def event_kind(before: str, after: str) -> str:
+    """The kind of change from caption ``before`` to ``after``: ``"appear"`` when ``after`` has more objects
+    (``"disappear"`` when fewer), else the changed attributes among colour, shape, motion, size (of any object)
+    and background, joined by ``+`` in that order; one world event gives one of ``EVENT_KINDS``. Raises
+    ``ValueError`` when both describe the same scene."""
+    a, b = parse_caption(before), parse_caption(after)
+    if len(b.objects) != len(a.objects):
+        return "appear" if len(b.objects) > len(a.objects) else "disappear"
+    changed = [
+        name for name in ("colour", "shape", "motion", "size")
+        if any(getattr(x, name) != getattr(y, name) for x, y in zip(a.objects, b.objects))
+    ]
+    changed += ["background"] if a.background != b.background else []
+    if not changed:
+        raise ValueError(f"captions {before!r} and {after!r} describe the same scene")
+    return "+".join(changed)
+
+
+def masked_mean(values: torch.Tensor, mask: torch.Tensor, counts: torch.Tensor | None = None) -> float:
+    """``Σ values[mask] / Σ counts[mask]``: the mean of the selected entries (``counts`` None: one each), or, with
+    ``counts`` (e.g. the pixels summed into each value), the mean per counted item. ``values``, ``mask`` (bool)
+    and ``counts`` share one shape (e.g. ``[n, F]``). NaN when nothing (or a zero count) is selected."""
+    weight = mask.to(values.dtype)
+    total = weight.sum() if counts is None else (counts.to(values.dtype) * weight).sum()
+    return float((values * weight).sum() / total) if float(total) > 0 else float("nan")
+
+
+def relative_change(new: float, reference: float) -> float:
+    """``new / reference − 1``; NaN unless ``reference > 0``."""
+    return new / reference - 1.0 if reference > 0 else float("nan")
+
+
+def frames_from(first: Sequence[int], frames: int) -> torch.Tensor:
+    """Bool ``[n, frames]``: frame ``f`` of clip ``i`` is at or after ``first[i]``."""
+    return torch.arange(frames)[None, :] >= torch.tensor(list(first), dtype=torch.long)[:, None]
+
+
+@dataclass(frozen=True)
+class EventDraw:
+    """The event clips of one probe run (CPU, float32); every clip's caption changes at least once.
+
+    Attributes:
+        x: clean clips ``[n, 3, B, H, W]`` in [−1, 1].
+        captions: ``captions[i][f]``, the world's caption of frame ``f`` of clip ``i``.
+        first_change: ``e`` per clip, the first frame whose caption differs from frame 0's (``1 ≤ e < B``).
+        kinds: the first event's kind per clip (:func:`event_kind` of frames 0 and ``e``).
+        event_mask: bool ``[n, 1, B, H, W]``, pixels of the object the first event changes or adds.
+        noise: ``[n, 3, B, H, W]`` standard normal, shared by both conditions.
+        staircase_sigma: ``[n, B]`` σ of the streaming partition (chunk size 2), cleanest frame first.
+        event_prob: the world's per-frame event probability they were drawn with.
+        drawn: clips drawn to find them.
+    """
+
+    x: torch.Tensor
+    captions: list[list[str]]
+    first_change: list[int]
+    kinds: list[str]
+    event_mask: torch.Tensor
+    noise: torch.Tensor
+    staircase_sigma: torch.Tensor
+    event_prob: float
+    drawn: int
+
+
+def _event_slot(truth: WorldTruth, first: Sequence[int]) -> torch.Tensor:
+    """Per clip ``[n]`` (long): the object slot whose attributes (or presence) change at frame ``first[i]``;
+    ``truth`` has leading dims ``[n, B]``."""
+    rows, e = torch.arange(len(first)), torch.tensor(list(first), dtype=torch.long)
+    changed = torch.zeros(truth.present.shape[0], truth.present.shape[2], dtype=torch.bool)  # [n, O]
+    for name in ("present", "colour", "shape", "size", "motion"):
+        value = getattr(truth, name)  # [n, B, O]
+        changed |= value[rows, e] != value[rows, e - 1]
+    return changed.int().argmax(-1)
+
+
+def draw_event_clips(cfg: TrainConfig, clips: int, seed: int, event_prob: float = EVENT_PROB) -> EventDraw:
+    """``clips`` world clips with a caption change, from generators seeded by ``seed`` (see the docstring)."""
+    if clips < 1:
+        raise ValueError(f"event clips must be >= 1, got {clips}")
+    frames_free = cfg.buffer - cfg.reference_frames
+    if frames_free % STAIRCASE_CHUNK:
+        raise ValueError(f"buffer − reference_frames = {frames_free} is not a multiple of {STAIRCASE_CHUNK}")
+    world = World(WorldConfig(**{**cfg.world, "event_prob": event_prob}))  # type: ignore[arg-type]
+    g_truth, g_noise, g_stair = (
+        torch.Generator().manual_seed(seed_for(seed, 0, 0, s)) for s in (_EVENT_TRUTH, _EVENT_NOISE, _EVENT_STAIR)
+    )
+    batches: list[WorldTruth] = []
+    keep: list[int] = []
+    while len(keep) < clips:
+        if len(batches) >= _EVENT_MAX_BATCHES:
+            raise RuntimeError(f"found {len(keep)} of {clips} clips with a caption change in "
+                               f"{len(batches) * clips} draws; is event_prob {event_prob} too small?")
+        batches.append(world.sample_truth(clips, cfg.buffer, g_truth))
+        found = [i for i, row in enumerate(captions_from_truth(batches[-1])) if first_change(row) is not None]
+        keep += [(len(batches) - 1) * clips + i for i in found]
+    every = WorldTruth(**{
+        f.name: torch.cat([getattr(b, f.name) for b in batches]) for f in dataclasses.fields(WorldTruth)
+    })
+    truth = every.index(torch.tensor(keep[:clips]))
+    captions = [list(row) for row in captions_from_truth(truth)]
+    first = [first_change(row) or 0 for row in captions]  # never 0: every kept clip changes
+    kinds = [event_kind(row[0], row[e]) for row, e in zip(captions, first)]
+    x, mask = _render_clips(truth, world.config, _event_slot(truth, first))
+    noise = torch.randn(x.shape, generator=g_noise)
+    stair = Partition(K=cfg.reference_frames, N=frames_free // STAIRCASE_CHUNK, c=STAIRCASE_CHUNK, s=1)
+    sigma = training_sigmas(stair, g_stair, cfg.shift, batch=clips)  # [n, B]
+    return EventDraw(x.contiguous(), captions, first, kinds, mask.contiguous(), noise, sigma, event_prob,
+                     len(batches) * clips)
+
+
+def _frame_errors(
+    model: VelocityModel, x: torch.Tensor, sigma: torch.Tensor, noise: torch.Tensor, ctx: torch.Tensor,
+    mask: torch.Tensor, batch: int,
+) -> dict[str, torch.Tensor]:
+    """Per clip and frame, all ``[n, F]``: the velocity MSE ``v`` (the loss's term per frame), the x0 squared
+    error summed over the pixels of ``mask`` ``[n, 1, F, H, W]`` (``x0``) and how many values it sums
+    (``count``: masked pixels × 3 channels). ``batch`` clips per model call."""
+    out: dict[str, list[torch.Tensor]] = {"v": [], "x0": [], "count": []}
+    for s in range(0, x.shape[0], batch):
+        xb, sb, nb, mb = x[s : s + batch], sigma[s : s + batch], noise[s : s + batch], mask[s : s + batch]
+        xt = noise_clip(xb, sb, nb)
+        v = model(xt, sb, ctx[s : s + batch]).float()  # [b, 3, F, H, W]
+        sq_x0 = (xt - sb[:, None, :, None, None] * v - xb).pow(2)  # [b, 3, F, H, W]
+        out["v"].append((v - (nb - xb)).pow(2).mean(dim=(1, 3, 4)))
+        out["x0"].append((sq_x0 * mb).sum(dim=(1, 3, 4)))
+        out["count"].append(mb.sum(dim=(1, 3, 4)).float() * 3)
+    return {k: torch.cat(v) for k, v in out.items()}
+
+
+Column = tuple[str, torch.Tensor]
+"""A report column: (``"sigma"`` or ``"staircase"``, bool ``[rows, B]`` selecting the frames it averages)."""
+
+
+def _columns(clips: torch.Tensor, frames: torch.Tensor, index: torch.Tensor, level: torch.Tensor,
+             keys: Sequence[str], staircase_sigma: torch.Tensor) -> dict[str, Column]:
+    """Columns of one group of clips (bool ``clips [n]``) and frames (bool ``frames [n, B]``): one per σ key over
+    the rows ``(index, level)`` of :func:`sigma_assignment`, and the staircase (frames with σ > 0)."""
+    columns = {key: ("sigma", (clips[index] & (level == k))[:, None] & frames[index]) for k, key in enumerate(keys)}
+    columns["staircase"] = ("staircase", clips[:, None] & frames & (staircase_sigma > 0))
+    return columns
+
+
+def _region(errors: dict[str, dict[str, dict[str, torch.Tensor]]], columns: dict[str, Column], keys: Sequence[str],
+            quantity: str) -> dict[str, dict[str, float]]:
+    """``{condition: {column: mean}, "change": {column: held / true − 1}}`` of ``quantity`` (``"v"``: per-frame
+    loss; ``"x0"``: per masked value); ``"mean"`` averages the σ columns that have frames."""
+    out: dict[str, dict[str, float]] = {}
+    for condition, by_setting in errors.items():
+        row = {}
+        for key, (setting, mask) in columns.items():
+            counts = by_setting[setting]["count"] if quantity == "x0" else None
+            row[key] = masked_mean(by_setting[setting][quantity], mask, counts)
+        finite = [row[k] for k in keys if math.isfinite(row[k])]
+        row["mean"] = sum(finite) / len(finite) if finite else float("nan")
+        out[condition] = row
+    out["change"] = {k: relative_change(out["held"][k], out["true"][k]) for k in out["true"]}
+    return out
+
+
+def probe_events(
+    model: VelocityModel,
+    text: TextEncoder,
+    draw: EventDraw,
+    sigmas: Sequence[float] = DEFAULT_SIGMAS,
+    every_sigma: bool = False,
+    batch: int = 16,
+) -> dict[str, Any]:
+    """The events section on ``draw`` (see the module docstring); JSON-ready.
+
+    ``groups[kind]`` (the first events' kinds present, then ``"all"``) holds ``clips`` and, for the regions
+    ``after`` (loss on frames ≥ e), ``before`` (loss on frames < e) and ``object_after`` (x0 error on the event
+    object's pixels, frames ≥ e): ``true`` / ``held`` / ``change`` → column (σ key, ``"mean"``,
+    ``"staircase"``) → value. ``per_clip`` lists each clip's ``e``, kind, captions at 0 and e, and σ key.
+    """
+    _check_sigmas(sigmas)
+    n, B = draw.x.shape[0], draw.x.shape[2]
+    index, level = sigma_assignment(n, len(sigmas), every_sigma)
+    keys = [f"{s:g}" for s in sigmas]
+    fixed = torch.tensor(sigmas, dtype=torch.float32)[level][:, None].expand(len(index), B).contiguous()
+    conditions = {"true": draw.captions, "held": [[row[0]] * B for row in draw.captions]}
+    errors: dict[str, dict[str, dict[str, torch.Tensor]]] = {}
+    with torch.inference_mode():
+        for name, captions in conditions.items():
+            ctx = _context(text, captions)
+            errors[name] = {
+                "sigma": _frame_errors(model, draw.x[index], fixed, draw.noise[index], ctx[index],
+                                       draw.event_mask[index], batch),
+                "staircase": _frame_errors(model, draw.x, draw.staircase_sigma, draw.noise, ctx, draw.event_mask,
+                                           batch),
+            }
+    after = frames_from(draw.first_change, B)  # [n, B]
+    kinds = [k for k in EVENT_KINDS if k in draw.kinds] + sorted(set(draw.kinds) - set(EVENT_KINDS))
+    members = {kind: torch.tensor([k == kind for k in draw.kinds]) for kind in kinds}
+    members["all"] = torch.ones(n, dtype=torch.bool)
+    groups: dict[str, Any] = {}
+    for kind, clips in members.items():
+        entry: dict[str, Any] = {"clips": int(clips.sum())}
+        for region, frames, quantity in (("after", after, "v"), ("before", ~after, "v"), ("object_after", after, "x0")):
+            columns = _columns(clips, frames, index, level, keys, draw.staircase_sigma)
+            entry[region] = _region(errors, columns, keys, quantity)
+        groups[kind] = entry
+    return {
+        "event_prob": draw.event_prob,
+        "clips": n,
+        "drawn": draw.drawn,
+        "staircase_chunk": STAIRCASE_CHUNK,
+        "clips_per_sigma": {key: int((level == k).sum()) for k, key in enumerate(keys)},
+        "mean_first_change": sum(draw.first_change) / n,
+        "mean_changes": sum(caption_changes(row) for row in draw.captions) / n,
+        "groups": groups,
+        "per_clip": [
+            {"first_change": e, "kind": kind, "changes": caption_changes(row), "before": row[0], "after": row[e],
+             "sigma": keys[i % len(keys)] if not every_sigma else "all"}
+            for i, (row, e, kind) in enumerate(zip(draw.captions, draw.first_change, draw.kinds))
+        ],
+    }
 
 
 def _sha256(paths: Sequence[Path]) -> str:
@@ -343,6 +618,57 @@ def markdown(result: dict[str, Any]) -> str:
         + ", ".join(f"σ={k}: {result['x0_error']['all'][k]:.4f}" for k in keys)
         + f". Object pixels are {result['object_pixel_share']:.1%} of all pixels.",
     ]
+    text = "\n".join(lines) + "\n"
+    return text + "\n" + events_markdown(result["events"]) if "events" in result else text
+
+
+def _cell(region: dict[str, dict[str, float]], key: str) -> str:
+    """``"true → held (change)"`` of one column, ``—`` where it has no frames."""
+    true, held, change = region["true"][key], region["held"][key], region["change"][key]
+    if not (math.isfinite(true) and math.isfinite(held)):
+        return "—"
+    return f"{true:.4f} → {held:.4f} ({change:+.1%})"
+
+
+def _change(region: dict[str, dict[str, float]], key: str) -> str:
+    value = region["change"][key]
+    return f"{value:+.1%}" if math.isfinite(value) else "—"
+
+
+def events_markdown(events: dict[str, Any]) -> str:
+    """The "Events" tables of a :func:`probe_events` result."""
+    keys = list(events["clips_per_sigma"])
+    head = [f"σ={k} (n={events['clips_per_sigma'][k]})" for k in keys]
+    columns = [*keys, "mean", "staircase"]
+    lines = [
+        f"**Events**: {events['clips']} clips whose caption changes (world event_prob {events['event_prob']:g}; "
+        f"found in {events['drawn']} drawn clips; first change at frame e = {events['mean_first_change']:.1f} and "
+        f"{events['mean_changes']:.1f} caption changes per clip on average). Flow-matching loss on the frames from "
+        "e on with the true per-frame captions → with frame 0's caption held in every frame (same clip, same "
+        "noise), and the change held / true − 1: large and positive where the model reads the caption after a "
+        "switch, about 0 where it copies the clip's cleaner frames. Rows: the kind of the first event. Staircase: "
+        f"streaming σ with chunk size {events['staircase_chunk']} (cleanest frames first).",
+        "",
+        "| first event | clips | " + " | ".join(head) + " | mean over σ | staircase |",
+        "|---|---:|" + "---:|" * len(columns),
+    ]
+    for kind, entry in events["groups"].items():
+        cells = [_cell(entry["after"], k) for k in columns]
+        lines.append(f"| {kind} | {entry['clips']} | " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        "Control and pixels: the loss change held / true − 1 on the frames before e (same captions there), and the "
+        "change of the x0 error ‖x̂0 − x‖² on the pixels of the object the first event changes or adds, frames "
+        "from e on (x0 error true → held).",
+        "",
+        "| first event | frames < e, mean over σ | frames < e, staircase | event object px ≥ e, mean over σ "
+        "| event object px ≥ e, staircase |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for kind, entry in events["groups"].items():
+        cells = [_change(entry["before"], "mean"), _change(entry["before"], "staircase"),
+                 _cell(entry["object_after"], "mean"), _cell(entry["object_after"], "staircase")]
+        lines.append(f"| {kind} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -357,7 +683,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--batch", type=int, default=16, help="clips per model call")
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
     ap.add_argument("--out", default=None, help="write JSON here and the markdown beside it (.md)")
+    ap.add_argument("--events", type=int, default=0, help="clips with a caption change for the events section "
+                    "(default 0: off)")
+    ap.add_argument("--event-prob", type=float, default=EVENT_PROB, help="per-frame event probability of the world "
+                    f"the event clips come from (default {EVENT_PROB})")
     args = ap.parse_args(argv)
+    if args.events < 0 or not 0.0 < args.event_prob < 1.0:
+        ap.error(f"--events must be >= 0 and --event-prob in (0, 1), got {args.events} and {args.event_prob}")
     log_to_stderr()
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
@@ -368,6 +700,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     draw = draw_clips(cfg, args.clips, args.seed)
     log.info("drew %d clips of %d frames; probing", args.clips, cfg.buffer)
     result = probe(pipe.model, pipe.text_encoder, draw, args.sigmas, args.every_sigma, args.batch)
+    if args.events > 0:
+        events = draw_event_clips(cfg, args.events, args.seed, args.event_prob)
+        log.info("drew %d clips with a caption change (of %d); probing events", args.events, events.drawn)
+        result["events"] = probe_events(pipe.model, pipe.text_encoder, events, args.sigmas, args.every_sigma,
+                                        args.batch)
     model_path = Path(args.model).resolve()
     config_path = Path(args.config).resolve()
     result = {
