@@ -205,7 +205,8 @@ def draw_clips(cfg: TrainConfig, clips: int, seed: int) -> ProbeDraw:
     for _ in range(clips):  # as Trainer.sigmas
         c = sample_chunk_size(frames_free, cfg.chunk_sizes, cfg.t2v_share, g_small)
         partition = Partition(K=cfg.reference_frames, N=frames_free // c, c=c, s=1)
-        rows.append(training_sigmas(partition, g_small, cfg.shift))
+        shift = cfg.t2v_shift if c == frames_free and cfg.t2v_shift is not None else cfg.shift
+        rows.append(training_sigmas(partition, g_small, shift))
     noise = torch.randn(x.shape, generator=g_noise)
     swaps: dict[str, list[list[str]]] = {}
     examples: dict[str, str] = {}
