@@ -24,6 +24,12 @@ reversed, round 3 forward, …, :func:`round_order`) so that drift over the run 
 ``ms_per_call`` with the speeds derived from it is the median over the rounds (:func:`median_ms`); the other fields
 (first call, relative error, memory, status) are round 1's. The baseline is timed once, in round 1 only.
 
+With ``--gpu-clocks`` (CUDA only) ``nvidia-smi`` samples the SM and memory clocks, power and temperature every
+100 ms while the baseline and each mode are timed (the timed calls only, after warm-up and compilation;
+:class:`~streamdit_core.gpu_clocks.ClockSampler`), and the entry records their summary as ``gpu_clocks``
+(with ``--rounds``: round 1's, and ``round_gpu_clocks`` aligned with ``round_ms``); a small table follows the
+main one. Sustained fp8 matmuls may draw enough power to lower the SM clock, which would slow everything else.
+
 Results go to ``<out>/bench.json`` (merged with what is there, so one folder can collect several runs) and
 ``<out>/bench.md``; the JSON is rewritten after every measurement, so a crash or time-out keeps what was done.
 A failing mode is recorded with its error and the run goes on.
@@ -39,6 +45,7 @@ import sys
 import time
 import traceback
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -49,6 +56,7 @@ from .attention import effective_window
 from .causal_decode import DecoderState, ModuleStepDecoder, decode_chunk
 from .cli import register_command
 from .config import ModelConfig, preset
+from .gpu_clocks import ClockSampler
 from .log import get_logger
 from .model import StreamDiT
 from .perf import PERF_LEVELS, PerfOptions, quantize_fp8
@@ -281,9 +289,16 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _time_calls(fn: Callable[[], Any], device: torch.device, repeats: int, warmup: int = 2) -> tuple[float, float]:
+def _time_calls(
+    fn: Callable[[], Any],
+    device: torch.device,
+    repeats: int,
+    warmup: int = 2,
+    timed: AbstractContextManager[Any] | None = None,
+) -> tuple[float, float]:
     """Median milliseconds of ``fn()`` over ``repeats`` runs after ``warmup`` calls; also the first call's
-    wall time in seconds (compilation, graph capture)."""
+    wall time in seconds (compilation, graph capture). ``timed`` (a :class:`ClockSampler`) is entered around
+    the timed runs only, after the warm-up."""
     t = time.perf_counter()
     fn()
     _sync(device)
@@ -292,18 +307,19 @@ def _time_calls(fn: Callable[[], Any], device: torch.device, repeats: int, warmu
         fn()
     _sync(device)
     times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            t = time.perf_counter()
-            fn()
-            times.append(1000 * (time.perf_counter() - t))
+    with timed if timed is not None else nullcontext():
+        for _ in range(repeats):
+            if device.type == "cuda":
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                fn()
+                end.record()
+                torch.cuda.synchronize()
+                times.append(start.elapsed_time(end))
+            else:
+                t = time.perf_counter()
+                fn()
+                times.append(1000 * (time.perf_counter() - t))
     return sorted(times)[len(times) // 2], first
 
 
@@ -492,11 +508,14 @@ def _later_round(
     repeats: int,
     speeds: Callable[[float], dict[str, Any]],
     emit: Callable[[], None],
+    clocks: ClockSampler | None = None,
 ) -> None:
     """Round ``r`` (0-based, ≥ 1) of ``rounds``: set each mode timed in round 1 again and time it again (warm-up
     included), in :func:`round_order`; append the time to its ``round_ms`` (``None`` and an entry in
     ``round_errors`` when the round fails) and set ``ms_per_call`` and ``speeds(ms)`` from the median of its
-    rounds. Modes whose round 1 failed (``error`` in the entry, as after a failed profile) are skipped."""
+    rounds. Modes whose round 1 failed (``error`` in the entry, as after a failed profile) are skipped. With
+    ``clocks``, the summary of the round's clock samples is appended to ``round_gpu_clocks`` (``None`` for a
+    failed round)."""
     for i in round_order(len(timed), r):
         t = timed[i]
         if "error" in t.entry:
@@ -506,15 +525,26 @@ def _later_round(
             model.set_perf(t.options)
             if device.type == "cuda":
                 torch.cuda.empty_cache()
-            ms: float | None = _time_calls(t.call, device, repeats, warmup=3)[0]
+            ms: float | None = _time_calls(t.call, device, repeats, warmup=3, timed=clocks)[0]
+            summary = clocks.summary() if clocks is not None else None
         except Exception as exc:  # noqa: BLE001 - keep round 1's data and go on
-            ms = None
+            ms, summary = None, None
             t.entry.setdefault("round_errors", []).append({"round": r + 1, "error": _error_text(exc)})
             log.error("round %d of mode %s failed: %s", r + 1, t.entry["mode"], traceback.format_exc())
         t.entry["round_ms"].append(ms)
+        if clocks is not None:
+            t.entry["round_gpu_clocks"].append(summary)
         median = median_ms([v for v in t.entry["round_ms"] if v is not None])
         t.entry.update({"ms_per_call": median, **speeds(median)})
         emit()
+
+
+def clock_sampler(enabled: bool, device: torch.device) -> ClockSampler | None:
+    """The sampler of ``--gpu-clocks`` for ``device``'s GPU (index ``None``, as of ``torch.device("cuda")``,
+    is GPU 0), or ``None`` when not enabled or not on CUDA."""
+    if not enabled or device.type != "cuda":
+        return None
+    return ClockSampler(device.index if device.index is not None else 0)
 
 
 def mode_options(mode: str, compile_mode: str) -> PerfOptions:
@@ -540,12 +570,14 @@ def run_case(
     profile: tuple[str, ...] = (),
     profile_dir: Path | None = None,
     rounds: int = 1,
+    gpu_clocks: bool = False,
 ) -> dict[str, Any]:
     """Measure one case (see the module docstring). ``report(row)`` is called after every measurement with
     the row so far (the command writes it to disk). Modes named in ``profile`` are also run twice under
     ``torch.profiler``; the kernel table goes to ``profile_dir/profile_<case>_<mode>.txt``. ``rounds`` > 1
     times the modes that worked again in rounds 2..``rounds`` (:func:`_later_round`); the baseline is timed
-    once."""
+    once. ``gpu_clocks`` on a CUDA device records ``gpu_clocks`` (and ``round_gpu_clocks``) in the baseline
+    and mode entries (:func:`clock_sampler`); elsewhere it does nothing."""
     if rounds < 1:
         raise ValueError(f"rounds must be a positive integer, got {rounds!r}")
     cfg = preset(case.model)
@@ -580,16 +612,19 @@ def run_case(
 
     model = build_model(cfg, device, dtype)
     x, sigma, ctx = bench_inputs(cfg, case.latent, device, dtype)
+    clocks = clock_sampler(gpu_clocks, device)
     full = (f, h, w)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     with torch.inference_mode():
         model.set_perf(PerfOptions.plain())
         try:
-            ms, _ = _time_calls(lambda: model(x, sigma, ctx, window=full, attention_backend="sdpa"), device, repeats)
+            ms, _ = _time_calls(lambda: model(x, sigma, ctx, window=full, attention_backend="sdpa"), device, repeats,
+                                timed=clocks)
             row["baseline"] = {"what": "eager, full attention, plain SDPA, no speed-ups", "ms_per_call": ms,
                                "video_fps": 1000 * video_per_call / ms,
-                               "achieved_tflops": model_flops(cfg, case.latent, None) / ms / 1e9}
+                               "achieved_tflops": model_flops(cfg, case.latent, None) / ms / 1e9,
+                               **({"gpu_clocks": clocks.summary()} if clocks is not None else {})}
         except Exception as exc:  # noqa: BLE001
             row["baseline"] = {"error": _error_text(exc)}
             log.error("baseline of %s failed: %s", case.name, traceback.format_exc())
@@ -609,7 +644,11 @@ def run_case(
                 def call(attention: str = attention) -> torch.Tensor:
                     return model(x, sigma, ctx, window=case.window or full, attention_backend=attention)
 
-                ms, first = _time_calls(call, device, repeats, warmup=3)
+                ms, first = _time_calls(call, device, repeats, warmup=3, timed=clocks)
+                if clocks is not None:
+                    entry["gpu_clocks"] = clocks.summary()
+                    if rounds > 1:
+                        entry["round_gpu_clocks"] = [entry["gpu_clocks"]]
                 out = call()
                 entry.update({
                     "attention": attention,
@@ -638,7 +677,7 @@ def run_case(
             emit()
         for r in range(1, rounds):
             _later_round(r, rounds, timed, model, device, repeats,
-                         lambda ms: _speeds(ms, p, video_per_call, base_ms, flops), emit)
+                         lambda ms: _speeds(ms, p, video_per_call, base_ms, flops), emit, clocks)
         ok = [t for t in timed if "ms_per_call" in t.entry]
         best = min(ok, key=lambda t: t.entry["ms_per_call"]) if ok else None  # the first of equals, as before
         if ttff and best is not None:
@@ -676,9 +715,33 @@ def _ms_cell(mode: dict[str, Any]) -> str:
     return f"{_f(mode['ms_per_call'])} ({_f(min(times))}–{_f(max(times))})"
 
 
+def _clock_cells(clocks: dict[str, Any]) -> str:
+    """The cells of a ``gpu_clocks`` summary: ``1755 (1700–1980) | 512 (690) | 63``, or the error."""
+    if "error" in clocks:
+        return f"failed: {str(clocks['error'])[:120]} | |"
+    return (f"{_f(clocks.get('sm_mhz_median'), '.0f')} ({_f(clocks.get('sm_mhz_min'), '.0f')}–"
+            f"{_f(clocks.get('sm_mhz_max'), '.0f')}) | {_f(clocks.get('power_w_median'), '.0f')} "
+            f"({_f(clocks.get('power_w_max'), '.0f')}) | {_f(clocks.get('temp_c_max'), '.0f')}")
+
+
+def clock_table(rows: list[dict[str, Any]]) -> list[str]:
+    """Markdown lines of the ``--gpu-clocks`` table (round 1's samples with ``--rounds``), or none when no
+    baseline or mode recorded ``gpu_clocks``."""
+    lines = []
+    for r in rows:
+        entries = [{"mode": "baseline", **r.get("baseline", {})}, *r.get("modes", [])]
+        lines += [f"| {r['case']} | {e['mode']} | {_clock_cells(e['gpu_clocks'])} |" for e in entries
+                  if isinstance(e.get("gpu_clocks"), dict)]
+    if not lines:
+        return []
+    return ["", "| case | mode | SM MHz median (min–max) | power W median (max) | temp °C max |", "|" + "---|" * 5,
+            *lines]
+
+
 def to_markdown(rows: list[dict[str, Any]]) -> str:
-    """Tables: one line per case and mode (with ``--rounds``, ms/call is the median and its range); floors;
-    time to first frame and decoder."""
+    """Tables: one line per case and mode (with ``--rounds``, ms/call is the median and its range); with
+    ``--gpu-clocks``, clocks, power and temperature (:func:`clock_table`); floors; time to first frame and
+    decoder."""
     lines = [
         "| case | mode | ms/call | video FPS | latent FPS | speed-up vs eager full | TFLOP/s | rel. error | "
         "peak GiB | first call s |",
@@ -700,6 +763,7 @@ def to_markdown(rows: list[dict[str, Any]]) -> str:
                 f" | {_f(m['speedup'], '.2f')} | {_f(m['achieved_tflops'])} | {_f(m['relative_error'], '.1e')}"
                 f" | {_f(m['peak_gpu_memory_gib'])} | {_f(m['first_call_s'])} |"
             )
+    lines += clock_table(rows)
     lines += ["", "| case | TFLOP/call (matmul + attention) | GB/call | floor bf16 ms | floor fp8 ms | memory floor ms "
               "| rates |", "|" + "---|" * 7]
     for r in rows:
@@ -861,6 +925,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     meta = _meta(device)
     if args.rounds > 1:  # absent: one round
         meta["rounds"] = args.rounds
+    if args.gpu_clocks and device.type != "cuda":
+        log.info("--gpu-clocks needs a CUDA device; ignored on %s", device)
     if device.type == "cuda" and not args.no_rates:
         meta["measured_rates"] = measure_rates(device)
         log.info("measured rates: %s", meta["measured_rates"])
@@ -884,7 +950,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         log.info("benchmarking %s on %s (%s), modes %s", name, device, dtype, ",".join(modes))
         run_case(CASES[name], device, dtype, args.repeats, modes, args.compile_mode, not args.no_ttff,
                  not args.no_decoder, rates, report=save,
-                 profile=tuple(m for m in (args.profile or "").split(",") if m), profile_dir=out, rounds=args.rounds)
+                 profile=tuple(m for m in (args.profile or "").split(",") if m), profile_dir=out, rounds=args.rounds,
+                 gpu_clocks=args.gpu_clocks)
     save()
     sys.stdout.write(to_markdown(data["rows"]) + "\n" + "\n".join(targets(data["rows"])) + "\n")
     return 0
@@ -913,6 +980,12 @@ def _add_bench(sub: Any) -> None:
     b.add_argument("--no-ttff", action="store_true", help="skip the time-to-first-frame runs")
     b.add_argument("--no-decoder", action="store_true", help="skip the decoder timing")
     b.add_argument("--no-rates", action="store_true", help="skip measuring the GPU's matmul/attention/copy rates")
+    b.add_argument(
+        "--gpu-clocks", action="store_true",
+        help="sample SM/memory clocks, power and temperature with nvidia-smi every 100 ms while the baseline and "
+        "each mode are timed (after warm-up) and report them per mode (CUDA only; a missing nvidia-smi is "
+        "recorded, not fatal)",
+    )
     b.add_argument("--profile", default=None, help="comma-separated modes to also run under torch.profiler")
     b.add_argument("--out", default="outputs/bench")
     b.set_defaults(func=cmd_bench)
@@ -923,6 +996,8 @@ __all__ = [
     "CASES",
     "NOMINAL_H100",
     "Rates",
+    "clock_sampler",
+    "clock_table",
     "floors",
     "flop_parts",
     "measure_rates",

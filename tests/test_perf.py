@@ -9,13 +9,15 @@ partitioning by gather (in every level but ``plain``) is compared bit for bit wi
 """
 
 import os
+import sys
+from contextlib import nullcontext
 from dataclasses import replace
 
 import pytest
 import torch
 from torch import nn
 
-from streamdit_core import bench
+from streamdit_core import bench, gpu_clocks
 from streamdit_core.attention import (
     attention,
     window_index,
@@ -36,6 +38,13 @@ from streamdit_core.bench import (
     to_markdown,
 )
 from streamdit_core.config import preset
+from streamdit_core.gpu_clocks import (
+    ClockSample,
+    ClockSampler,
+    nvidia_smi_command,
+    parse_clock_samples,
+    summarize_clocks,
+)
 from streamdit_core.model import StreamDiT
 from streamdit_core.perf import (
     FP8_MAX,
@@ -487,11 +496,12 @@ def _scripted_times(monkeypatch, times):
     returns the list of calls made (their scripted values)."""
     calls = []
 
-    def fake(fn, device, repeats, warmup=2):
+    def fake(fn, device, repeats, warmup=2, timed=None):
         value = times[len(calls)]
         calls.append(value)
-        if isinstance(value, Exception):
-            raise value
+        with timed if timed is not None else nullcontext():
+            if isinstance(value, Exception):
+                raise value
         return value, 0.5
 
     monkeypatch.setattr(bench, "_time_calls", fake)
@@ -574,6 +584,115 @@ def test_bench_command_records_rounds_and_rejects_zero(monkeypatch, tmp_path, ca
     two = json.loads((tmp_path / "two" / "bench.json").read_text())
     assert two["runs"][-1]["rounds"] == 2 and all(len(m["round_ms"]) == 2 for m in two["rows"][0]["modes"])
     assert "–" in (tmp_path / "two" / "bench.md").read_text().split("| tiny | safe | ")[1].split(" |")[0]
+
+
+_SMI_TEXT = "1980, 2619, 512.34, 61\n\n1755, 2619, 699.80, 63\r\n[N/A], 2619, [N/A], 62\n" \
+    "No devices were found\n1700, 2619, 690.00, 64\n1690, 26"  # a blank line, N/A, a message, a cut-off line
+
+
+def test_parse_clock_samples_of_nvidia_smi_text():
+    assert parse_clock_samples(_SMI_TEXT) == [
+        ClockSample(1980.0, 2619.0, 512.34, 61.0),
+        ClockSample(1755.0, 2619.0, 699.8, 63.0),
+        ClockSample(None, 2619.0, None, 62.0),
+        ClockSample(1700.0, 2619.0, 690.0, 64.0),
+    ]
+    assert parse_clock_samples("") == [] and parse_clock_samples("1980, 2619, 512.34, 61") == []  # unterminated
+    assert parse_clock_samples("[N/A], [N/A], [N/A], [N/A]\n1, 2, 3\n") == []
+    command = nvidia_smi_command(3, 50)
+    assert command[0] == "nvidia-smi" and command[-4:] == ["-lms", "50", "-i", "3"]
+    assert "--query-gpu=clocks.sm,clocks.mem,power.draw,temperature.gpu" in command
+
+
+def test_summarize_clocks_against_hand_computed_values():
+    summary = summarize_clocks(parse_clock_samples(_SMI_TEXT))
+    assert summary == {
+        "samples": 4,
+        "sm_mhz_median": 1755.0,  # of 1700, 1755, 1980 (the N/A sample has none)
+        "sm_mhz_min": 1700.0,
+        "sm_mhz_max": 1980.0,
+        "mem_mhz_median": 2619.0,
+        "power_w_median": pytest.approx(690.0),  # of 512.34, 690.0, 699.8
+        "power_w_max": pytest.approx(699.8),
+        "temp_c_max": 64.0,
+    }
+    two = summarize_clocks([ClockSample(1980.0, 2619.0, 500.0, 60.0), ClockSample(1700.0, 2619.0, 690.0, 62.0)])
+    assert two["sm_mhz_median"] == 1840.0 and two["power_w_median"] == 595.0  # even count: mean of the middle two
+    empty = summarize_clocks([])
+    assert empty["samples"] == 0 and all(v is None for k, v in empty.items() if k != "samples")
+
+
+def _python(code):
+    return [sys.executable, "-c", code]
+
+
+def test_clock_sampler_reads_a_command_and_never_raises(caplog, monkeypatch):
+    monkeypatch.setattr(gpu_clocks, "_WARNED", set())
+    with ClockSampler(command=_python("print('1980, 2619, 500.0, 60'); print('1700, 2619, 690.0, 62')")) as s:
+        pass
+    assert s.samples == [ClockSample(1980.0, 2619.0, 500.0, 60.0), ClockSample(1700.0, 2619.0, 690.0, 62.0)]
+    assert s.error is None and s.summary()["samples"] == 2 and s.summary()["sm_mhz_max"] == 1980.0
+    # a command that runs until stopped, as `nvidia-smi -lms` does: entering waits for the first sample
+    loop = "import time\nwhile True:\n    print('1800, 2619, 600.0, 61', flush=True)\n    time.sleep(0.02)"
+    with ClockSampler(command=_python(loop), startup_s=60.0) as s:  # returns at the first line
+        pass
+    assert s.error is None and len(s.samples) >= 1 and s.summary()["sm_mhz_median"] == 1800.0
+    with caplog.at_level("WARNING", logger="StreamDiT"):
+        with ClockSampler(command=["/nonexistent/nvidia-smi-for-tests"]) as s:
+            pass
+        with ClockSampler(command=["/nonexistent/nvidia-smi-for-tests"]) as s:
+            pass
+    assert s.samples == [] and s.summary() == {"error": s.error} and "could not start" in str(s.error)
+    assert len([r for r in caplog.records if "GPU clocks not recorded" in r.message]) == 1  # one warning
+    with ClockSampler(command=_python("import sys; sys.exit('No devices were found')")) as s:
+        pass
+    assert "exited with 1" in str(s.error) and "No devices were found" in str(s.error)
+
+
+def test_clock_sampler_follows_the_torch_device():
+    assert bench.clock_sampler(True, torch.device("cpu")) is None
+    assert bench.clock_sampler(False, torch.device("cuda")) is None
+    sampler = bench.clock_sampler(True, torch.device("cuda"))  # index None: GPU 0
+    assert sampler is not None and sampler.command[-2:] == ["-i", "0"]
+    sampler = bench.clock_sampler(True, torch.device("cuda", 1))
+    assert sampler is not None and sampler.command[-2:] == ["-i", "1"]
+
+
+def test_bench_gpu_clocks_on_cpu_changes_nothing(monkeypatch, tmp_path, caplog):
+    from streamdit_core.cli import main
+
+    _scripted_times(monkeypatch, [100.0, 10.0, 20.0] * 3)
+    rows = [run_case(_TINY, torch.device("cpu"), torch.float32, repeats=1, modes=("plain", "safe"), ttff=False,
+                     gpu_clocks=flag) for flag in (False, True)]
+    assert all("gpu_clocks" not in e for e in [rows[1]["baseline"], *rows[1]["modes"]])
+    assert to_markdown([rows[1]]) == to_markdown([rows[0]]) and "SM MHz" not in to_markdown([rows[1]])
+    monkeypatch.setitem(CASES, "tiny", _TINY)
+    with caplog.at_level("INFO", logger="StreamDiT"):
+        assert main(["bench", "--device", "cpu", "--cases", "tiny", "--modes", "plain,safe", "--repeats", "1",
+                     "--no-ttff", "--gpu-clocks", "--out", str(tmp_path)]) == 0
+    assert any("--gpu-clocks needs a CUDA device" in r.message for r in caplog.records)
+    assert "SM MHz" not in (tmp_path / "bench.md").read_text()
+
+
+def test_bench_gpu_clocks_are_recorded_per_mode_and_round(monkeypatch):
+    """The wiring, on the CPU: a sampler running a fake command stands in for nvidia-smi on a GPU."""
+    fake = ClockSampler(command=_python("print('1980, 2619, 500.0, 60'); print('1700, 2619, 690.0, 62')"))
+    monkeypatch.setattr(bench, "clock_sampler", lambda enabled, device: fake if enabled else None)
+    # baseline; round 1 plain, safe; round 2 reversed: safe fails, plain
+    _scripted_times(monkeypatch, [100.0, 10.0, 20.0, RuntimeError("graph capture failed"), 13.0])
+    row = run_case(_TINY, torch.device("cpu"), torch.float32, repeats=1, modes=("plain", "safe"), ttff=False,
+                   rounds=2, gpu_clocks=True)
+    expected = summarize_clocks(parse_clock_samples("1980, 2619, 500.0, 60\n1700, 2619, 690.0, 62\n"))
+    plain, safe = row["modes"]
+    assert row["baseline"]["gpu_clocks"] == expected and "round_gpu_clocks" not in row["baseline"]
+    assert plain["gpu_clocks"] == expected and plain["round_gpu_clocks"] == [expected, expected]
+    assert safe["round_ms"] == [20.0, None] and safe["round_gpu_clocks"] == [expected, None]
+    table = to_markdown([row])
+    assert "| case | mode | SM MHz median (min–max) | power W median (max) | temp °C max |" in table
+    assert "| tiny | baseline | 1840 (1700–1980) | 595 (690) | 62 |" in table
+    assert "| tiny | safe | 1840 (1700–1980) | 595 (690) | 62 |" in table
+    row["modes"][1]["gpu_clocks"] = {"error": "could not start nvidia-smi"}
+    assert "| tiny | safe | failed: could not start nvidia-smi | | |" in to_markdown([row])
 
 
 def test_cudnn_backend_trains_through_plain_sdpa():
