@@ -107,6 +107,7 @@ ATTRIBUTES: dict[str, tuple[str, ...]] = {
 
 # generator streams of seed_for(seed, 0, 0, stream); 0-2 as train.py's clips / small draws / noise
 _TRUTH, _SMALL, _NOISE, _SWAP = 0, 1, 2, 3
+X0_KEYS = {"object": "x0", "all": "x0_all"}  # region → the x0 error of _frame_errors summed over it
 _MASK_LEVEL = 0.05  # a pixel belongs to the object when removing it changes some channel by more than this
 # event clips: streams 4-6 of seed_for(seed, 0, 0, ·) (truth, noise, staircase σ); give up after this many batches
 _EVENT_TRUTH, _EVENT_NOISE, _EVENT_STAIR = 4, 5, 6
@@ -225,23 +226,24 @@ def _context(text: TextEncoder, captions: list[list[str]]) -> torch.Tensor:
     return shared_context(text.encode(unique), ids)
 
 
-def _sums(
+def _frame_errors(
     model: VelocityModel, x: torch.Tensor, sigma: torch.Tensor, noise: torch.Tensor, ctx: torch.Tensor,
     mask: torch.Tensor, batch: int,
 ) -> dict[str, torch.Tensor]:
-    """Per clip: the velocity error summed over each frame (``v [n, F]``, the loss's numerator per frame), and the
-    x0 error summed over object pixels and over all pixels (``x0_object``, ``x0_all`` ``[n]``). Runs the model on
-    ``batch`` clips at a time."""
-    out: dict[str, list[torch.Tensor]] = {"v": [], "x0_object": [], "x0_all": []}
+    """Per clip and frame, all ``[n, F]``: the velocity MSE ``v`` (the loss's term per frame), the x0 squared
+    error summed over the pixels of ``mask`` ``[n, 1, F, H, W]`` (``x0``) and how many values it sums
+    (``count``: masked pixels × 3 channels), and the x0 squared error summed over all pixels (``x0_all``).
+    ``batch`` clips per model call."""
+    out: dict[str, list[torch.Tensor]] = {"v": [], "x0": [], "count": [], "x0_all": []}
     for s in range(0, x.shape[0], batch):
         xb, sb, nb, mb = x[s : s + batch], sigma[s : s + batch], noise[s : s + batch], mask[s : s + batch]
         xt = noise_clip(xb, sb, nb)
-        v = model(xt, sb, ctx[s : s + batch]).float()
-        sq_v = (v - (nb - xb)).pow(2)
-        sq_x0 = (xt - sb[:, None, :, None, None] * v - xb).pow(2)
-        out["v"].append(sq_v.mean(dim=(1, 3, 4)))
-        out["x0_object"].append((sq_x0 * mb).sum(dim=(1, 2, 3, 4)))
-        out["x0_all"].append(sq_x0.sum(dim=(1, 2, 3, 4)))
+        v = model(xt, sb, ctx[s : s + batch]).float()  # [b, 3, F, H, W]
+        sq_x0 = (xt - sb[:, None, :, None, None] * v - xb).pow(2)  # [b, 3, F, H, W]
+        out["v"].append((v - (nb - xb)).pow(2).mean(dim=(1, 3, 4)))
+        out["x0"].append((sq_x0 * mb).sum(dim=(1, 3, 4)))
+        out["count"].append(mb.sum(dim=(1, 3, 4)).float() * 3)
+        out["x0_all"].append(sq_x0.sum(dim=(1, 3, 4)))
     return {k: torch.cat(v) for k, v in out.items()}
 
 
@@ -307,25 +309,25 @@ def probe(
     with torch.inference_mode():
         for name, captions in conditions.items():
             ctx = _context(text, captions)
-            sums = _sums(model, x, fixed, noise, ctx[index], mask, batch)
+            sums = _frame_errors(model, x, fixed, noise, ctx[index], mask, batch)
             v_per_clip = sums["v"].mean(dim=1)  # every frame has σ > 0 here
             loss = per_sigma(v_per_clip, torch.ones(len(index)))
             loss["mean"] = sum(loss[k] for k in keys) / K
-            train = _sums(model, draw.x, draw.train_sigma, draw.noise, ctx, draw.object_mask, batch)
+            train = _frame_errors(model, draw.x, draw.train_sigma, draw.noise, ctx, draw.object_mask, batch)
             loss["training"] = _mean_loss(train["v"], draw.train_sigma)
             result["loss"][name] = loss
             if name == "true":
                 fixed_true = sums
         counts = {"object": mask.sum(dim=(1, 2, 3, 4)).float() * 3, "all": torch.full((len(index),), float(pixels))}
         for region in ("object", "all"):
-            err = per_sigma(fixed_true[f"x0_{region}"], counts[region])
+            err = per_sigma(fixed_true[X0_KEYS[region]].sum(dim=1), counts[region])
             err["mean"] = sum(err[k] for k in keys) / K
             result["x0_error"][region] = err
         for attribute, captions in draw.swaps.items():
-            sums = _sums(model, x, fixed, noise, _context(text, captions)[index], mask, batch)
+            sums = _frame_errors(model, x, fixed, noise, _context(text, captions)[index], mask, batch)
             entry: dict[str, Any] = {"example": draw.swap_examples[attribute]}
             for region in ("object", "all"):
-                swapped = per_sigma(sums[f"x0_{region}"], counts[region])
+                swapped = per_sigma(sums[X0_KEYS[region]].sum(dim=1), counts[region])
                 true = result["x0_error"][region]
                 rel = {k: swapped[k] / true[k] - 1.0 if true[k] > 0 else float("nan") for k in keys}
                 rel["mean"] = sum(rel[k] for k in keys) / K
@@ -457,25 +459,6 @@ def draw_event_clips(cfg: TrainConfig, clips: int, seed: int, event_prob: float 
     sigma = training_sigmas(stair, g_stair, cfg.shift, batch=clips)  # [n, B]
     return EventDraw(x.contiguous(), captions, first, kinds, mask.contiguous(), noise, sigma, event_prob,
                      len(batches) * clips)
-
-
-def _frame_errors(
-    model: VelocityModel, x: torch.Tensor, sigma: torch.Tensor, noise: torch.Tensor, ctx: torch.Tensor,
-    mask: torch.Tensor, batch: int,
-) -> dict[str, torch.Tensor]:
-    """Per clip and frame, all ``[n, F]``: the velocity MSE ``v`` (the loss's term per frame), the x0 squared
-    error summed over the pixels of ``mask`` ``[n, 1, F, H, W]`` (``x0``) and how many values it sums
-    (``count``: masked pixels × 3 channels). ``batch`` clips per model call."""
-    out: dict[str, list[torch.Tensor]] = {"v": [], "x0": [], "count": []}
-    for s in range(0, x.shape[0], batch):
-        xb, sb, nb, mb = x[s : s + batch], sigma[s : s + batch], noise[s : s + batch], mask[s : s + batch]
-        xt = noise_clip(xb, sb, nb)
-        v = model(xt, sb, ctx[s : s + batch]).float()  # [b, 3, F, H, W]
-        sq_x0 = (xt - sb[:, None, :, None, None] * v - xb).pow(2)  # [b, 3, F, H, W]
-        out["v"].append((v - (nb - xb)).pow(2).mean(dim=(1, 3, 4)))
-        out["x0"].append((sq_x0 * mb).sum(dim=(1, 3, 4)))
-        out["count"].append(mb.sum(dim=(1, 3, 4)).float() * 3)
-    return {k: torch.cat(v) for k, v in out.items()}
 
 
 Column = tuple[str, torch.Tensor]
